@@ -1,0 +1,133 @@
+"""The model store: `<models>/dreambooth/<name>/` with config, diffusers weights, samples, logs, snapshots.
+
+Names are validated so that nothing can be read or written outside the models folder.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from .config import TrainingConfig, load, save
+from .errors import ConfigError
+
+CONFIG_FILE = "db_config.json"
+_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 ._+\-()\[\]]{0,99}$")
+# Names Windows refuses as file names whatever the extension.
+_RESERVED = {"con", "prn", "aux", "nul", *(f"com{i}" for i in range(10)), *(f"lpt{i}" for i in range(10))}
+
+
+def check_model_name(name: str) -> str:
+    """Return `name` if it is a safe folder name, else raise ConfigError saying what is allowed."""
+    if not isinstance(name, str) or not name.strip():
+        raise ConfigError("Model name is empty; give the model a name such as 'my-dog'.")
+    stem = name.split(".")[0].strip().lower()
+    if (not _NAME_PATTERN.match(name) or ".." in name or name.endswith((".", " "))
+            or stem in _RESERVED):
+        raise ConfigError(f"Model name {name!r} is not allowed: use letters, digits, spaces and . _ - + ( ) [ ], "
+                          "start with a letter or digit, no path separators or '..', at most 100 characters.")
+    return name
+
+
+@dataclass(frozen=True)
+class Layout:
+    """The host's folder layout under one models root (A1111: `<webui>/models`)."""
+
+    models_dir: Path
+    checkpoints_dir: Path
+    lora_dir: Path
+    dreambooth_dir: Path
+
+    @classmethod
+    def under(cls, models_dir: str | Path, checkpoints_dir: str | Path | None = None,
+              lora_dir: str | Path | None = None, dreambooth_dir: str | Path | None = None) -> Layout:
+        root = Path(models_dir)
+        return cls(root, Path(checkpoints_dir or root / "Stable-diffusion"), Path(lora_dir or root / "Lora"),
+                   Path(dreambooth_dir or root / "dreambooth"))
+
+    def ensure(self) -> Layout:
+        for folder in (self.checkpoints_dir, self.lora_dir, self.dreambooth_dir):
+            folder.mkdir(parents=True, exist_ok=True)
+        return self
+
+
+@dataclass(frozen=True)
+class ModelDir:
+    """Paths of one trainable model."""
+
+    root: Path
+
+    @property
+    def name(self) -> str:
+        return self.root.name
+
+    @property
+    def config_path(self) -> Path:
+        return self.root / CONFIG_FILE
+
+    @property
+    def working(self) -> Path:
+        return self.root / "working"
+
+    @property
+    def samples(self) -> Path:
+        return self.root / "samples"
+
+    @property
+    def logging(self) -> Path:
+        return self.root / "logging"
+
+    @property
+    def snapshots(self) -> Path:
+        return self.root / "snapshots"
+
+    @property
+    def class_images(self) -> Path:
+        return self.root / "classifiers"
+
+    @property
+    def cache(self) -> Path:
+        return self.root / "cache"
+
+    def exists(self) -> bool:
+        return self.config_path.is_file()
+
+    def load_config(self) -> TrainingConfig:
+        return load(self.config_path)
+
+    def save_config(self, config: TrainingConfig) -> None:
+        config.model_name = self.name
+        save(config, self.config_path)
+
+
+class ModelStore:
+    """All trainable models of one layout."""
+
+    def __init__(self, layout: Layout):
+        self.layout = layout
+
+    def model(self, name: str) -> ModelDir:
+        root = (self.layout.dreambooth_dir / check_model_name(name)).resolve()
+        base = self.layout.dreambooth_dir.resolve()
+        if root.parent != base:
+            raise ConfigError(f"Model name {name!r} resolves outside {base}; choose a plain name.")
+        return ModelDir(root)
+
+    def existing(self, name: str) -> ModelDir:
+        model = self.model(name)
+        if not model.exists():
+            known = ", ".join(self.names()) or "none yet"
+            raise ConfigError(f"No model named {name!r} in {self.layout.dreambooth_dir} (models: {known}); "
+                              "create it first.")
+        return model
+
+    def names(self) -> list[str]:
+        folder = self.layout.dreambooth_dir
+        if not folder.is_dir():
+            return []
+        return sorted(p.name for p in folder.iterdir() if (p / CONFIG_FILE).is_file())
+
+    def delete(self, name: str) -> None:
+        shutil.rmtree(self.existing(name).root)
