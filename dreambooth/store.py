@@ -24,7 +24,7 @@ def check_model_name(name: str) -> str:
     if not isinstance(name, str) or not name.strip():
         raise ConfigError("Model name is empty; give the model a name such as 'my-dog'.")
     stem = name.split(".")[0].strip().lower()
-    if (not _NAME_PATTERN.match(name) or ".." in name or name.endswith((".", " "))
+    if (not _NAME_PATTERN.fullmatch(name) or ".." in name or name.endswith((".", " "))
             or stem in _RESERVED):
         raise ConfigError(f"Model name {name!r} is not allowed: use letters, digits, spaces and . _ - + ( ) [ ], "
                           "start with a letter or digit, no path separators or '..', at most 100 characters.")

@@ -8,6 +8,7 @@ so a setting exists in exactly one place.
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, field
 from typing import Any
@@ -353,6 +354,8 @@ def _parse_bool(raw: Any) -> bool:
 def check_value(cls: type, f: dataclasses.Field, value: Any) -> None:
     """Raise ConfigError naming the field, the value and what is allowed, if `value` is out of bounds."""
     meta = f.metadata
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"Setting '{f.name}': {value!r} is not a finite number.")
     choices = meta.get("choices")
     if choices and value not in choices:
         raise ConfigError(f"Setting '{f.name}': {value!r} is not allowed; choose one of {', '.join(choices)}.")
@@ -383,6 +386,8 @@ def validate(config: TrainingConfig) -> TrainingConfig:
 
 def _check_resolutions(config: TrainingConfig) -> None:
     for resolution in training_resolutions(config):
+        if not 64 <= resolution <= 4096:
+            raise ConfigError(f"Setting 'resolution'/'extra_resolutions': {resolution} is outside 64-4096 pixels.")
         if resolution % 8:
             raise ConfigError(f"Setting 'resolution'/'extra_resolutions': {resolution} is not a multiple of 8; "
                               "use e.g. 512, 768 or 1024.")
@@ -395,7 +400,7 @@ def training_resolutions(config: TrainingConfig) -> list[int]:
         part = part.strip()
         if not part:
             continue
-        if not part.isdigit():
+        if not (part.isascii() and part.isdigit()):
             raise ConfigError(f"Setting 'extra_resolutions': {part!r} is not a whole number of pixels; "
                               "write e.g. '384,768'.")
         extra.append(int(part))

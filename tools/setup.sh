@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Create (or reuse) a virtual environment for one dependency set: tools/setup.sh latest|host
+# torch 2.13.0 is installed first and pinned by tools/constraints.txt so no later install can replace it
+# (any other torch pulls gigabytes of CUDA wheels).
+set -euo pipefail
+set_name=${1:-latest}
+root=$(cd "$(dirname "$0")/.." && pwd)
+venv="$root/.venv-$set_name"
+reqs="$root/tools/requirements-$set_name.txt"
+stamp="$venv/.requirements.sha"
+want=$(cat "$reqs" "$root/tools/constraints.txt" | sha256sum | cut -d' ' -f1)
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+  exit 0
+fi
+python3 -m venv "$venv"
+"$venv/bin/python" -m pip install -q --upgrade pip >/dev/null 2>&1 || true
+"$venv/bin/python" -m pip install -q -c "$root/tools/constraints.txt" torch==2.13.0
+"$venv/bin/python" -m pip install -q -c "$root/tools/constraints.txt" -r "$reqs"
+echo "$want" > "$stamp"
