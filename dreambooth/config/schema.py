@@ -8,6 +8,7 @@ so a setting exists in exactly one place.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import typing
 from dataclasses import dataclass, field
@@ -48,41 +49,74 @@ FAMILIES = ("sd1", "sd2", "sd2v", "sdxl")
 class Concept:
     """One subject or style to train, with its own images, prompts and class images."""
 
-    instance_data_dir: str = setting("", "Instance images folder", "Folder with the images of your subject. "
-                                     "Captions are read from same-named .txt or .caption files beside each image.",
+    instance_data_dir: str = setting("", "Instance images folder", "Folder with the images of your subject "
+                                     "(png, jpg, webp, bmp); captions are read from same-named .txt or "
+                                     ".caption files beside each image. Typical: 5-20 varied photos for a "
+                                     "person or object, 20-200 for a style. Change it to train a different "
+                                     "subject.",
                                      "Concept")
-    instance_prompt: str = setting("", "Instance prompt", "Prompt for the instance images, e.g. 'photo of sks dog'. "
-                                   "'[filewords]' is replaced by the image's caption file; the instance and class "
-                                   "tokens are inserted into captions that lack them.", "Concept")
-    instance_token: str = setting("", "Instance token", "The rare word that names your subject, e.g. 'sks'. "
-                                  "Used to build prompts from [filewords] captions.", "Concept")
-    class_token: str = setting("", "Class token", "The word for the subject's class, e.g. 'dog'.", "Concept")
-    class_data_dir: str = setting("", "Class images folder", "Folder for prior-preservation images of the class. "
-                                  "Empty: the model's class folder is used and missing images are generated.",
+    instance_prompt: str = setting("", "Instance prompt", "Prompt for the instance images, e.g. 'photo of "
+                                   "sks dog'. '[filewords]' is replaced by the image's caption file; the "
+                                   "instance and class tokens are inserted into captions that lack them. Use "
+                                   "[filewords] only when you want to name per-image details at generation "
+                                   "time.", "Concept")
+    instance_token: str = setting("", "Instance token", "The rare word that names your subject, e.g. 'sks' "
+                                  "or 'ohwx': a token the model knows little about. Used to build prompts "
+                                  "from [filewords] captions. Change it if the word already means something "
+                                  "in the base model.", "Concept")
+    class_token: str = setting("", "Class token", "The word for the subject's class, e.g. 'dog', 'woman' or "
+                               "'car'; inserted into [filewords] captions that lack it. Use the most "
+                               "specific common word the base model already draws well.", "Concept")
+    class_data_dir: str = setting("", "Class images folder", "Folder for prior-preservation images of the "
+                                  "class. Empty: the model's class folder is used and missing images are "
+                                  "generated. Set it to reuse class images across models or to supply real "
+                                  "photos of the class, e.g. 'class/dog'.",
                                   "Concept")
-    class_prompt: str = setting("", "Class prompt", "Prompt describing the class, e.g. 'photo of a dog'. Used to "
-                                "generate class images and as their caption.", "Concept")
+    class_prompt: str = setting("", "Class prompt", "Prompt describing the class, e.g. 'photo of a dog'. "
+                                "Used to generate class images and as their caption. Make it match the "
+                                "instance prompt without the instance token; leave empty only when the class "
+                                "folder already holds enough images.", "Concept")
     class_negative_prompt: str = setting("", "Class negative prompt", "Negative prompt used when generating "
-                                         "class images.", "Concept")
+                                         "class images, e.g. 'blurry, lowres, deformed'. Empty is typical; "
+                                         "add terms when generated class images show defects you would not "
+                                         "want the model to keep.", "Concept")
     num_class_images: int = setting(0, "Class images", "How many class images this concept trains with. "
-                                    "Typical: 100-200 per instance image (the wizard computes it). Missing ones "
-                                    "are generated before training.", "Concept", min=0, max=100000)
-    class_guidance_scale: float = setting(7.5, "Class CFG scale", "Guidance scale for generating class images.",
+                                    "Typical: 200 per instance image, 100 when training the text encoder "
+                                    "(the wizard computes it). Missing ones are generated before training. "
+                                    "Lower it to save generation time; with 0 this concept has no prior "
+                                    "images.", "Concept", min=0, max=100000)
+    class_guidance_scale: float = setting(7.5, "Class CFG scale", "Classifier-free guidance (CFG) scale for "
+                                          "generating class images. Typical: 7.5; lower (5-7) gives more "
+                                          "varied, natural class images, higher follows the class prompt "
+                                          "more strictly.",
                                           "Concept", min=1.0, max=30.0)
-    class_infer_steps: int = setting(20, "Class steps", "Sampling steps for generating class images.", "Concept",
+    class_infer_steps: int = setting(20, "Class steps", "Sampling steps per generated class image. Typical: "
+                                     "20-30; raise it if class images look unfinished, lower it to generate "
+                                     "many class images faster.", "Concept",
                                      min=1, max=150)
     repeats: int = setting(1, "Repeats", "How often each instance image is seen per epoch (kohya's N_ folder "
-                           "prefix). Raise it to balance a concept with few images against others.", "Concept",
+                           "prefix). Typical: 1. Raise it to balance a concept with few images against "
+                           "others, e.g. 4 for 5 images next to a concept with 20.", "Concept",
                            min=1, max=10000)
-    sample_prompt: str = setting("", "Sample prompt", "Prompt for this concept's preview images during training. "
-                                 "Empty: the instance prompt.", "Concept")
-    sample_negative_prompt: str = setting("", "Sample negative prompt", "Negative prompt for previews.", "Concept")
-    n_samples: int = setting(1, "Samples", "Preview images per sampling for this concept.", "Concept", min=0, max=16)
+    sample_prompt: str = setting("", "Sample prompt", "Prompt for this concept's preview images during "
+                                 "training. Empty: the instance prompt. Set it to check editability, e.g. "
+                                 "'sks dog wearing a hat on the moon'.", "Concept")
+    sample_negative_prompt: str = setting("", "Sample negative prompt", "Negative prompt for this concept's "
+                                          "previews, e.g. 'blurry, lowres'. Empty is typical; match what you "
+                                          "use when generating with the trained model.", "Concept")
+    n_samples: int = setting(1, "Samples", "Preview images rendered per sampling for this concept. Typical: "
+                             "1-4; 0 skips this concept's previews. Raise it to see more variety; each image "
+                             "costs time at every sampling.", "Concept", min=0, max=16)
     sample_seed: int = setting(-1, "Sample seed", "Seed of the preview images (-1: the run's seed), fixed so "
-                               "previews are comparable across steps.", "Concept", min=-1)
-    sample_guidance_scale: float = setting(7.5, "Sample CFG scale", "Guidance scale of the previews.", "Concept",
+                               "previews are comparable across steps. Set a value to compare runs with "
+                               "different settings on the same noise.", "Concept", min=-1)
+    sample_guidance_scale: float = setting(7.5, "Sample CFG scale", "Classifier-free guidance (CFG) scale of "
+                                           "the previews. Typical: 7.5 (5-7 for SDXL); the study saw "
+                                           "overtraining first as distortion at high CFG, so preview at the "
+                                           "CFG you will use.", "Concept",
                                            min=1.0, max=30.0)
-    sample_steps: int = setting(20, "Sample steps", "Sampling steps of the previews.", "Concept", min=1, max=150)
+    sample_steps: int = setting(20, "Sample steps", "Sampling steps of the previews. Typical: 20-30; lower "
+                                "it to render previews faster, raise it if they look unfinished.", "Concept", min=1, max=150)
 
 
 @dataclass
@@ -90,221 +124,403 @@ class TrainingConfig:
     """The training config of one model; saved as db_config.json in the model's folder."""
 
     # --- Model -----------------------------------------------------------------------------------
-    model_name: str = setting("", "Model name", "Name of the model folder under models/dreambooth.", "Model",
+    model_name: str = setting("", "Model name", "Name of the model folder under models/dreambooth, e.g. "
+                              "'my-dog-sd15'; letters, digits, spaces and . _ - + ( ) [ ]. Choose a new name "
+                              "to keep an earlier model; the exported checkpoint and LoRA are named after "
+                              "it.", "Model",
                               ui_only="names the folder; training reads the weights from it")
     base_checkpoint: str = setting("", "Base checkpoint", "The checkpoint this model was created from "
-                                   "(recorded in exported metadata).", "Model",
+                                   "(recorded in exported metadata), e.g. 'v1-5-pruned-emaonly.safetensors'. "
+                                   "Set when the model is created; change it only to correct the record.", "Model",
                                    ui_only="provenance; the weights are already in the model's working folder")
-    model_family: str = setting("sd1", "Model family", "Architecture: SD 1.x, SD 2.x (512, epsilon), SD 2.x 768 "
-                                "v-prediction, or SDXL. Detected when the model is created.", "Model",
+    model_family: str = setting("sd1", "Model family", "Architecture: sd1 (SD 1.x), sd2 (SD 2.x 512, "
+                                "epsilon), sd2v (SD 2.x 768 v-prediction) or sdxl. Detected when the model "
+                                "is created; change it only if detection chose wrong, since it decides the "
+                                "resolution, text encoders and export format.", "Model",
                                 choices=FAMILIES)
-    prediction_type: str = setting("epsilon", "Prediction type", "What the UNet predicts. v_prediction for SD 2.x "
-                                   "768-v models; detected on creation.", "Model",
+    prediction_type: str = setting("epsilon", "Prediction type", "What the UNet predicts: epsilon (the "
+                                   "noise; SD 1.x, SD 2.x-base, SDXL) or v_prediction (SD 2.x 768-v models). "
+                                   "Detected on creation; change it only if previews are pure noise or grey.", "Model",
                                    choices=("epsilon", "v_prediction"))
     # --- Method ----------------------------------------------------------------------------------
-    method: str = setting("dreambooth", "Method", "dreambooth: full weights with instance + class images. "
-                          "lora: small adapter saved to the LoRA folder. finetune: full weights on captions.",
+    method: str = setting("dreambooth", "Method", "dreambooth: full weights with instance + class images "
+                          "(best fidelity, needs 12+ GB). lora: small adapter saved to the LoRA folder (fits "
+                          "6-8 GB, files of 10-200 MB). finetune: full weights on captions of many images. "
+                          "Start with lora on small GPUs.",
                           "Method", choices=("dreambooth", "lora", "finetune"))
-    train_unet: bool = setting(True, "Train UNet", "Train the UNet (or its LoRA).", "Method")
-    train_text_encoder: bool = setting(True, "Train text encoder", "Also train the text encoder(s). Halves the "
-                                       "steps needed per image but uses more memory.", "Method")
-    stop_text_encoder: float = setting(1.0, "Stop text encoder at", "Fraction of the run after which the text "
-                                       "encoder is frozen (1.0: train it throughout; 0.75 is common).", "Method",
+    train_unet: bool = setting(True, "Train UNet", "Train the UNet (or its LoRA), the part that draws. On "
+                               "(typical). Turn it off only to train the text encoder alone, e.g. to teach a "
+                               "word without changing the look.", "Method")
+    train_text_encoder: bool = setting(True, "Train text encoder", "Also train the text encoder(s). The "
+                                       "study found it gives better likeness and halves the steps per image "
+                                       "(100 instead of 200 at LR 1e-5) and the class images, but it uses "
+                                       "more memory and overfits sooner. Turn off on small GPUs or when "
+                                       "caching text-encoder outputs.", "Method")
+    stop_text_encoder: float = setting(1.0, "Stop text encoder at", "Fraction of the run (0-1) after which "
+                                       "the text encoder is frozen. 1.0: train it throughout; 0.5-0.75 is "
+                                       "common. Lower it when prompts start ignoring everything but the "
+                                       "subject (text-encoder overfitting).", "Method",
                                        min=0.0, max=1.0)
     # --- Steps -----------------------------------------------------------------------------------
-    max_train_steps: int = setting(0, "Max steps", "Optimizer steps to train. 0: use epochs instead.", "Steps",
+    max_train_steps: int = setting(0, "Max steps", "Optimizer steps to train; 0: use epochs instead. "
+                                   "Typical: images x 200 at LR 1e-5 (x 100 with text-encoder training), "
+                                   "which the wizard computes with batch, accumulation, resolution and "
+                                   "scheduler corrections. Raise it if the subject does not appear, lower it "
+                                   "if previews overfit.", "Steps",
                                    min=0)
-    num_train_epochs: int = setting(100, "Epochs", "Passes over the dataset when max steps is 0.", "Steps", min=0)
-    train_batch_size: int = setting(1, "Batch size", "Images per forward pass. A batch never mixes bucket sizes.",
+    num_train_epochs: int = setting(100, "Epochs", "Passes over the dataset, used when max steps is 0; one "
+                                    "epoch = instance images x repeats / batch / accumulation steps. "
+                                    "Typical: 100-200 for 5-20 images. Use it instead of max steps when the "
+                                    "dataset grows and steps should grow with it.", "Steps", min=0)
+    train_batch_size: int = setting(1, "Batch size", "Images per forward pass. Typical: 1-4; memory grows "
+                                    "with it. The study found larger batches learn a concept in fewer but "
+                                    "slower steps (steps / sqrt(batch)); keep the image count divisible by "
+                                    "it. A batch never mixes bucket sizes.",
                                     "Steps", min=1, max=256)
-    gradient_accumulation_steps: int = setting(1, "Gradient accumulation", "Forward passes summed per optimizer "
-                                               "step; effective batch = batch size x this.", "Steps", min=1, max=1024)
+    gradient_accumulation_steps: int = setting(1, "Gradient accumulation", "Forward passes summed per "
+                                               "optimizer step; effective batch = batch size x this. "
+                                               "Typical: 1 (the study advises 1: it only approximates a "
+                                               "larger batch). Raise it to emulate a bigger batch when "
+                                               "memory is short; steps grow with sqrt(accumulation).", "Steps", min=1, max=1024)
     seed: int = setting(1234, "Seed", "Seed for noise, shuffling and augmentation; each epoch shuffles with "
-                        "seed + epoch. -1: a random seed each run.", "Steps", min=-1)
+                        "seed + epoch. Typical: any fixed number such as 1234, so a rerun reproduces the "
+                        "result; -1: a random seed each run. Change it to get a different sample of the same "
+                        "training.", "Steps", min=-1)
     # --- Learning rate ---------------------------------------------------------------------------
-    learning_rate: float = setting(2e-6, "UNet learning rate", "Learning rate of the UNet. Typical: 1e-6 to 5e-6 "
-                                   "for DreamBooth, 1e-4 for LoRA. Steps needed scale inversely with it.",
+    learning_rate: float = setting(2e-6, "UNet learning rate", "Learning rate of the UNet (per optimizer "
+                                   "step). Typical: 1e-6 to 5e-6 for DreamBooth, 1e-4 for LoRA, 1.0 for "
+                                   "prodigy. Steps needed scale inversely with it; lower it (and add images "
+                                   "or steps) for finer detail, raise it if the subject never appears.",
                                    "Learning rate", min=0.0, max=1.0)
     text_encoder_lr: float = setting(1e-6, "Text encoder learning rate", "Learning rate of the (first) text "
-                                     "encoder. Usually half the UNet's or less.", "Learning rate", min=0.0, max=1.0)
-    text_encoder_2_lr: float = setting(1e-6, "Text encoder 2 learning rate", "Learning rate of SDXL's second text "
-                                       "encoder (OpenCLIP bigG).", "Learning rate", min=0.0, max=1.0)
-    lr_scheduler: str = setting("constant_with_warmup", "LR scheduler", "How the LR changes over the run. cosine "
-                                "decays smoothly; rex decays slowly then fast; constant keeps it fixed.",
+                                     "encoder, used when it is trained. Typical: the UNet's LR or half of it "
+                                     "(5e-5 for LoRA). Lower it when prompts stop responding to anything but "
+                                     "the subject.", "Learning rate", min=0.0, max=1.0)
+    text_encoder_2_lr: float = setting(1e-6, "Text encoder 2 learning rate", "Learning rate of SDXL's second "
+                                       "text encoder (OpenCLIP bigG), used when text encoders are trained; "
+                                       "ignored for other families. Typical: equal to the first text "
+                                       "encoder's LR or lower; often 0-1e-6 because bigG overfits quickly.", "Learning rate", min=0.0, max=1.0)
+    lr_scheduler: str = setting("constant_with_warmup", "LR scheduler", "How the LR changes over the run. "
+                                "constant keeps it fixed (the study's reference); cosine decays smoothly; "
+                                "linear and polynomial decay steadily; rex decays slowly then fast. The "
+                                "study found decaying schedules need about 2x the steps of constant (the "
+                                "wizard adds this). Keep constant unless you have few images and want to "
+                                "refine detail.",
                                 "Learning rate", choices=SCHEDULERS)
-    lr_warmup_steps: int = setting(0, "Warmup steps", "Steps over which the LR ramps up from 0. -1: 2% of the run "
-                                   "(EveryDream2's default).", "Learning rate", min=-1)
-    lr_cycles: int = setting(1, "Scheduler cycles", "Restarts for cosine_with_restarts.", "Learning rate", min=1,
+    lr_warmup_steps: int = setting(0, "Warmup steps", "Steps over which the LR ramps up from 0 at the start. "
+                                   "Typical: 0 for constant, 2-5% of the run otherwise; -1: 2% of the run "
+                                   "(EveryDream2's default). Raise it if the first steps produce NaN or wild "
+                                   "previews; leave 0 with rex.", "Learning rate", min=-1)
+    lr_cycles: int = setting(1, "Scheduler cycles", "Number of cosine restarts for cosine_with_restarts "
+                             "(ignored by other schedulers). Typical: 1-4; more cycles revisit a high LR, "
+                             "which can shake a run out of a bad minimum at the cost of stability; raise it "
+                             "only for long runs.", "Learning rate", min=1,
                              max=100)
-    lr_power: float = setting(1.0, "Polynomial power", "Power of the polynomial decay (1.0 is linear).",
+    lr_power: float = setting(1.0, "Polynomial power", "Power of the polynomial scheduler's decay (ignored "
+                              "by others). 1.0 is linear (typical); raise it above 1 to drop the LR early, "
+                              "lower it below 1 to keep the LR high longer.",
                               "Learning rate", min=0.01, max=10.0)
-    lr_decay_past_end: float = setting(1.0, "Decay length factor", "The decaying schedules end at this multiple of "
-                                       "the run (EveryDream2 decays a little past the end: 1.25 keeps the LR off 0).",
+    lr_decay_past_end: float = setting(1.0, "Decay length factor", "The decaying schedules end at this "
+                                       "multiple of the run, so the LR never reaches 0 within it. Typical: "
+                                       "1.0; EveryDream2 uses about 1.25 to keep the final steps learning. "
+                                       "Raise it if the last steps change nothing.",
                                        "Learning rate", min=1.0, max=10.0)
-    scale_lr: str = setting("none", "Scale LR", "Scale learning rates by the effective batch: linear (x batch x "
-                            "accumulation) or sqrt (EveryDream2's (batch x accumulation)^0.55).", "Learning rate",
+    scale_lr: str = setting("none", "Scale LR", "Scale learning rates by the effective batch: linear (x "
+                            "batch x accumulation) or sqrt (EveryDream2's (batch x accumulation)^0.55). "
+                            "Typical: none. Use sqrt when you vary batch and accumulation and want a "
+                            "comparable LR; the wizard then enters the LR before scaling.", "Learning rate",
                             choices=("none", "linear", "sqrt"))
     # --- Optimizer -------------------------------------------------------------------------------
-    optimizer: str = setting("adamw", "Optimizer", "adamw is the reference; the 8-bit ones save memory; prodigy "
-                             "finds its own LR (set LR 1.0); adafactor and schedule-free need no scheduler tuning.",
+    optimizer: str = setting("adamw", "Optimizer", "adamw is the reference (8 bytes of state per trained "
+                             "parameter); adamw_8bit and lion_8bit save most of that memory with little "
+                             "loss; lion needs about 1/3-1/10 of AdamW's LR; prodigy finds its own LR (set "
+                             "LR 1.0); adafactor and schedule-free need no scheduler tuning. Choose 8-bit on "
+                             "GPUs under 16 GB.",
                              "Optimizer", choices=OPTIMIZERS)
-    weight_decay: float = setting(1e-2, "UNet weight decay", "Decoupled weight decay of the UNet parameters.",
+    weight_decay: float = setting(1e-2, "UNet weight decay", "Decoupled weight decay of the UNet parameters "
+                                  "(per step, scaled by the LR). Typical: 1e-2 for AdamW, 0.1-1 for lion, 0 "
+                                  "to turn it off. Raise it slightly if the model drifts far from the base.",
                                   "Optimizer", min=0.0, max=1.0)
-    text_encoder_weight_decay: float = setting(1e-2, "Text encoder weight decay", "Weight decay of the text "
-                                               "encoder parameters.", "Optimizer", min=0.0, max=1.0)
-    adam_beta1: float = setting(0.9, "Beta 1", "First moment decay of Adam-type optimizers.", "Optimizer",
+    text_encoder_weight_decay: float = setting(1e-2, "Text encoder weight decay", "Decoupled weight decay of "
+                                               "the text-encoder parameters. Typical: 1e-2 (the same as the "
+                                               "UNet's). Raise it if the text encoder overfits and prompts "
+                                               "lose meaning.", "Optimizer", min=0.0, max=1.0)
+    adam_beta1: float = setting(0.9, "Beta 1", "First-moment (momentum) decay of Adam-type optimizers. "
+                                "Typical: 0.9 (lion: 0.9-0.95). Rarely changed; lower values react faster "
+                                "but are noisier.", "Optimizer",
                                 min=0.0, max=0.9999)
-    adam_beta2: float = setting(0.999, "Beta 2", "Second moment decay of Adam-type optimizers.", "Optimizer",
+    adam_beta2: float = setting(0.999, "Beta 2", "Second-moment decay of Adam-type optimizers. Typical: "
+                                "0.999 (lion: 0.99). Lower it to 0.99 if training becomes unstable after LR "
+                                "changes.", "Optimizer",
                                 min=0.0, max=0.99999)
-    adam_epsilon: float = setting(1e-8, "Epsilon", "Numerical floor of Adam's denominator.", "Optimizer",
+    adam_epsilon: float = setting(1e-8, "Epsilon", "Numerical floor added to Adam's denominator. Typical: "
+                                  "1e-8. Raise it (1e-6) only if fp16 training produces NaN losses.", "Optimizer",
                                   min=0.0, max=1.0)
-    max_grad_norm: float = setting(1.0, "Clip grad norm", "Clip the gradient norm to this value (0: no clipping).",
+    max_grad_norm: float = setting(1.0, "Clip grad norm", "Clip the gradient norm to this value before each "
+                                   "optimizer step (0: no clipping). Typical: 1.0. Lower it if the loss "
+                                   "spikes; set 0 for prodigy or when comparing with unclipped runs.",
                                    "Optimizer", min=0.0)
     # --- Prior preservation ----------------------------------------------------------------------
-    with_prior_preservation: bool = setting(True, "Prior preservation", "Train on class images too so the model "
-                                            "keeps what the class looks like (DreamBooth's prior loss).",
+    with_prior_preservation: bool = setting(True, "Prior preservation", "Train on class images too so the "
+                                            "model keeps what the class looks like (DreamBooth's prior "
+                                            "loss): prevents every dog from becoming your dog. On for "
+                                            "dreambooth (typical); off for styles or when you have no class "
+                                            "images. Needs a class prompt or class folder.",
                                             "Prior preservation")
-    prior_loss_weight: float = setting(1.0, "Prior loss weight", "Weight of each class image's loss relative to an "
-                                       "instance image's. Lower it (0.3-0.75) if the subject does not stick.",
+    prior_loss_weight: float = setting(1.0, "Prior loss weight", "Weight of each class image's loss relative "
+                                       "to an instance image's. Typical: 1.0. Lower it (0.3-0.75) if the "
+                                       "subject does not stick; raise it if the whole class starts looking "
+                                       "like the subject.",
                                        "Prior preservation", min=0.0, max=10.0)
     # --- LoRA ------------------------------------------------------------------------------------
-    lora_rank: int = setting(16, "LoRA rank", "Rank of the LoRA matrices. 4-32 for a subject, higher for styles.",
+    lora_rank: int = setting(16, "LoRA rank", "Rank (dimension) of the LoRA matrices; file size and capacity "
+                             "grow with it. Typical: 4-32 for a subject, 32-128 for styles or many concepts. "
+                             "Raise it if the LoRA cannot capture detail, lower it for smaller files.",
                              "LoRA", min=1, max=1024)
-    lora_alpha: float = setting(16.0, "LoRA alpha", "Scales the LoRA by alpha/rank. Equal to rank: scale 1.",
+    lora_alpha: float = setting(16.0, "LoRA alpha", "Scales the LoRA by alpha/rank. Typical: equal to rank "
+                                "(scale 1) or rank/2; a lower alpha acts like a lower LR. Change it together "
+                                "with the rank to keep the effective strength.",
                                 "LoRA", min=0.0, max=2048.0)
-    lora_dropout: float = setting(0.0, "LoRA dropout", "Dropout on the LoRA's input during training.", "LoRA",
+    lora_dropout: float = setting(0.0, "LoRA dropout", "Probability (0-1) of dropping each LoRA input "
+                                  "feature during training. Typical: 0; try 0.05-0.1 if the LoRA overfits a "
+                                  "small dataset.", "LoRA",
                                   min=0.0, max=1.0)
-    lora_conv_rank: int = setting(0, "Conv rank (LoCon)", "Also adapt the 3x3 convolutions with this rank "
-                                  "(0: attention and linear layers only).", "LoRA", min=0, max=1024)
-    lora_conv_alpha: float = setting(1.0, "Conv alpha", "Alpha of the convolution LoRA.", "LoRA", min=0.0,
+    lora_conv_rank: int = setting(0, "Conv rank (LoCon)", "Also adapt the 3x3 convolutions (LoCon) with this "
+                                  "rank; 0: attention and linear layers only (typical). Try 4-16 for styles "
+                                  "and textures that attention layers alone do not capture.", "LoRA", min=0, max=1024)
+    lora_conv_alpha: float = setting(1.0, "Conv alpha", "Alpha of the convolution LoRA (scale alpha/conv "
+                                     "rank). Typical: 1 to the conv rank. Lower it if conv layers make the "
+                                     "LoRA too strong.", "LoRA", min=0.0,
                                      max=2048.0)
     use_dora: bool = setting(False, "DoRA", "Weight-decomposed LoRA (peft's use_dora): learns magnitude and "
-                             "direction separately.", "LoRA")
+                             "direction separately, often closer to full fine-tuning at the same rank. Off "
+                             "is typical; turn on for hard subjects at low rank; it trains somewhat slower.", "LoRA")
     # --- Data ------------------------------------------------------------------------------------
-    resolution: int = setting(512, "Resolution", "Training resolution in pixels (512 for SD1/SD2-base, 768 for "
-                              "SD2-v, 1024 for SDXL). A multiple of 8; of 64 with buckets.", "Data", min=64,
+    resolution: int = setting(512, "Resolution", "Training resolution in pixels (512 for SD1/SD2-base, 768 "
+                              "for SD2-v, 1024 for SDXL). A multiple of 8; of 64 with buckets. Memory and "
+                              "steps needed grow with its square (the study: 768 needs 2.25x the steps of "
+                              "512); lower it to fit memory.", "Data", min=64,
                               max=4096)
-    extra_resolutions: str = setting("", "Extra resolutions", "Comma-separated further resolutions for "
-                                     "multi-resolution training, e.g. '384,768'. Each image is seen at each.",
+    extra_resolutions: str = setting("", "Extra resolutions", "Comma-separated further resolutions in pixels "
+                                     "for multi-resolution training, e.g. '384,768'; empty: one resolution "
+                                     "(typical). Each image is seen at each; add the base resolution's "
+                                     "neighbours so the model works at several sizes.",
                                      "Data")
-    enable_bucketing: bool = setting(True, "Aspect-ratio buckets", "Train images at their aspect ratio instead of "
-                                     "a centre crop.", "Data")
-    bucket_min_resolution: int = setting(256, "Bucket min side", "Smallest bucket side in pixels.", "Data",
+    enable_bucketing: bool = setting(True, "Aspect-ratio buckets", "Train images at their aspect ratio (in "
+                                     "buckets of similar size) instead of a centre crop. On is typical; turn "
+                                     "off only if all images are square or crops should be identical.", "Data")
+    bucket_min_resolution: int = setting(256, "Bucket min side", "Smallest bucket side in pixels. Typical: "
+                                         "256 (512 for SDXL). Raise it if narrow images produce too small "
+                                         "buckets.", "Data",
                                          min=64, max=4096)
-    bucket_max_resolution: int = setting(1024, "Bucket max side", "Largest bucket side in pixels.", "Data",
+    bucket_max_resolution: int = setting(1024, "Bucket max side", "Largest bucket side in pixels. Typical: "
+                                         "1024 (2048 for SDXL). Lower it to stop very wide or tall buckets "
+                                         "from exhausting memory.", "Data",
                                          min=64, max=8192)
-    bucket_step: int = setting(64, "Bucket step", "Bucket sides are multiples of this.", "Data", min=8, max=256)
+    bucket_step: int = setting(64, "Bucket step", "Bucket sides are multiples of this many pixels. Typical: "
+                               "64; smaller steps (32) fit aspect ratios more closely but make more, smaller "
+                               "batches.", "Data", min=8, max=256)
     bucket_no_upscale: bool = setting(False, "No upscaling", "Never enlarge an image to fill a bucket; small "
-                                      "images get a smaller bucket.", "Data")
+                                      "images get a smaller bucket. Off is typical; turn on when the dataset "
+                                      "mixes small and large images and upscaled images look soft.", "Data")
     # --- Captions --------------------------------------------------------------------------------
-    caption_extension: str = setting(".txt", "Caption extension", "Sidecar caption extension (.txt or .caption).",
+    caption_extension: str = setting(".txt", "Caption extension", "Sidecar caption extension: .txt (typical) "
+                                     "or .caption, read beside each image with the same name. Change it to "
+                                     "match your captioning tool's output.",
                                      "Captions", choices=(".txt", ".caption"))
-    shuffle_tags: bool = setting(False, "Shuffle tags", "Shuffle comma-separated caption tags each time an image "
-                                 "is seen.", "Captions")
-    keep_tokens: int = setting(1, "Keep first tags", "Tags at the start of the caption that stay in place when "
-                               "shuffling.", "Captions", min=0, max=100)
-    caption_dropout: float = setting(0.0, "Caption dropout", "Probability that an image is trained with an empty "
-                                     "caption (EveryDream2's cond_dropout; 0.04-0.1 helps CFG).", "Captions",
+    shuffle_tags: bool = setting(False, "Shuffle tags", "Shuffle comma-separated caption tags each time an "
+                                 "image is seen, so no tag order is learnt. Off is typical; turn on for "
+                                 "tag-style captions (booru tags). Raise it if the trained model ignores CFG "
+                                 "or the negative prompt. Conflicts with text-encoder output caching.", "Captions")
+    keep_tokens: int = setting(1, "Keep first tags", "Tags at the start of the caption that stay in place "
+                               "when shuffling. Typical: 1 (the instance token), 2 with a class tag. Raise "
+                               "it to keep a fixed prefix.", "Captions", min=0, max=100)
+    caption_dropout: float = setting(0.0, "Caption dropout", "Probability (0-1) that an image is trained "
+                                     "with an empty caption (EveryDream2's cond_dropout). Typical: 0 for "
+                                     "DreamBooth, 0.04-0.1 for fine-tuning so CFG keeps working. Raise it if "
+                                     "the trained model ignores CFG or the negative prompt. Conflicts with "
+                                     "text-encoder output caching.", "Captions",
                                      min=0.0, max=1.0)
-    max_token_length: int = setting(75, "Max tokens", "Caption length in tokens: 75 is one CLIP chunk; 150 or 225 "
-                                    "encode longer captions in chunks as the web UI does.", "Captions",
+    max_token_length: int = setting(75, "Max tokens", "Caption length in tokens: 75 is one CLIP chunk "
+                                    "(typical); 150 or 225 encode longer captions in chunks as the web UI "
+                                    "does. Raise it for long descriptive captions that would otherwise be "
+                                    "cut.", "Captions",
                                     choices=None, min=75, max=225)
-    pad_tokens: bool = setting(True, "Pad tokens", "Pad captions to the full chunk length (as the web UI does at "
-                               "inference) rather than to the longest caption of the batch.", "Captions")
-    clip_skip: int = setting(1, "Clip skip", "Use the output of the N-th last text-encoder layer (2 for "
-                             "anime-style SD1 models).", "Captions", min=1, max=12)
+    pad_tokens: bool = setting(True, "Pad tokens", "Pad captions to the full chunk length (as the web UI "
+                               "does at inference) rather than to the longest caption of the batch. On is "
+                               "typical; the study found it strengthens how closely training images are "
+                               "repeated. Turn it off if results copy the training images too literally.", "Captions")
+    clip_skip: int = setting(1, "Clip skip", "Use the output of the N-th last text-encoder layer. Typical: "
+                             "1; 2 for anime-style SD1 models (NovelAI lineage) trained that way. Match what "
+                             "the base model and your generations use.", "Captions", min=1, max=12)
     # --- Augmentation ----------------------------------------------------------------------------
-    hflip: bool = setting(False, "Horizontal flip", "Randomly mirror images. Avoid for asymmetric subjects.",
+    hflip: bool = setting(False, "Horizontal flip", "Randomly mirror images (probability 0.5) each time they "
+                          "are seen, doubling the apparent data. Off is typical; turn on for symmetric "
+                          "subjects and styles, avoid for text, logos and asymmetric faces.",
                           "Augmentation")
-    random_crop: bool = setting(False, "Random crop", "Crop at a random position instead of the centre.",
+    random_crop: bool = setting(False, "Random crop", "Crop at a random position instead of the centre each "
+                                "time an image is seen. Off is typical; turn on for large images of textures "
+                                "or styles. Needs latent caching off.",
                                 "Augmentation")
     # --- Masked training -------------------------------------------------------------------------
-    masked_training: bool = setting(False, "Masked training", "Weight the loss by '<image>-masklabel.png' masks "
-                                    "(white: train, black: ignore).", "Masked training")
-    unmasked_probability: float = setting(0.1, "Unmasked probability", "Fraction of steps trained without the mask.",
+    masked_training: bool = setting(False, "Masked training", "Weight the loss by '<image>-masklabel.png' "
+                                    "masks (white: train, black: ignore). Off is typical; turn on to train "
+                                    "only the subject and not its background.", "Masked training")
+    unmasked_probability: float = setting(0.1, "Unmasked probability", "Fraction (0-1) of steps trained "
+                                          "without the mask. Typical: 0.1; raise it if the background around "
+                                          "the subject turns out badly.",
                                           "Masked training", min=0.0, max=1.0)
-    unmasked_weight: float = setting(0.1, "Unmasked weight", "Loss weight of the area outside the mask.",
+    unmasked_weight: float = setting(0.1, "Unmasked weight", "Loss weight (0-1) of the area outside the "
+                                     "mask. Typical: 0.1; 0 ignores the background entirely, higher values "
+                                     "keep more of it.",
                                      "Masked training", min=0.0, max=1.0)
-    normalize_masked_area_loss: bool = setting(False, "Normalise by mask area", "Divide the loss by the masked "
-                                               "area so small masks train as strongly as large ones.",
+    normalize_masked_area_loss: bool = setting(False, "Normalise by mask area", "Divide the loss by the "
+                                               "masked area so small masks train as strongly as large ones. "
+                                               "Off is typical; turn on when subjects fill very different "
+                                               "parts of the images.",
                                                "Masked training")
     # --- Validation ------------------------------------------------------------------------------
-    validation_split: float = setting(0.0, "Validation split", "Fraction of instance images held out to compute a "
-                                      "validation loss.", "Validation", min=0.0, max=0.5)
-    validation_every_n_steps: int = setting(0, "Validate every N steps", "How often the validation loss is "
-                                            "computed (0: at the end of each epoch).", "Validation", min=0)
+    validation_split: float = setting(0.0, "Validation split", "Fraction (0-0.5) of instance images held out "
+                                      "to compute a validation loss. Typical: 0 for DreamBooth (few images), "
+                                      "0.05-0.1 for fine-tuning on hundreds; set it when you want a rising "
+                                      "validation loss to signal overfitting.", "Validation", min=0.0, max=0.5)
+    validation_every_n_steps: int = setting(0, "Validate every N steps", "How often, in optimizer steps, the "
+                                            "validation loss is computed (0: at the end of each epoch). "
+                                            "Typical: 0 or about 1-5% of the run; lower values cost more "
+                                            "time.", "Validation", min=0)
     # --- Loss and noise --------------------------------------------------------------------------
-    loss_type: str = setting("l2", "Loss", "l2 (MSE), huber or smooth_l1: the latter two are robust to outliers.",
+    loss_type: str = setting("l2", "Loss", "l2 (MSE, typical), huber or smooth_l1: the latter two are robust "
+                             "to outliers and can help with noisy datasets. Change only when l2 gives "
+                             "blotchy results on varied data.",
                              "Loss and noise", choices=("l2", "huber", "smooth_l1"))
-    huber_c: float = setting(0.1, "Huber delta", "Threshold of the huber and smooth-L1 losses.", "Loss and noise",
+    huber_c: float = setting(0.1, "Huber delta", "Threshold of the huber and smooth-L1 losses (ignored by "
+                             "l2). Typical: 0.1; lower it to behave more like L1 on noisy data.", "Loss and noise",
                              min=0.0001, max=10.0)
-    min_snr_gamma: float = setting(0.0, "Min-SNR gamma", "Min-SNR loss weighting (5.0 is typical; 0: off). "
-                                   "Speeds up convergence.", "Loss and noise", min=0.0, max=100.0)
-    offset_noise: float = setting(0.0, "Offset noise", "Zero-frequency noise strength (0.02-0.1) so the model can "
-                                  "make very dark or bright images.", "Loss and noise", min=0.0, max=1.0)
-    pyramid_noise_iterations: int = setting(0, "Pyramid noise iterations", "Multi-resolution noise levels "
-                                            "(6-10 typical; 0: off).", "Loss and noise", min=0, max=16)
-    pyramid_noise_discount: float = setting(0.3, "Pyramid noise discount", "Strength falloff per pyramid level.",
+    min_snr_gamma: float = setting(0.0, "Min-SNR gamma", "Min-SNR loss weighting gamma (0: off). Typical: "
+                                   "5.0; it balances timesteps and speeds up convergence. Turn on for longer "
+                                   "runs; leave off to reproduce the study's step counts.", "Loss and noise", min=0.0, max=100.0)
+    offset_noise: float = setting(0.0, "Offset noise", "Zero-frequency noise strength so the model can make "
+                                  "very dark or bright images. Typical: 0 (off) or 0.02-0.1; higher values "
+                                  "shift overall brightness. Use with care on v-prediction models.", "Loss and noise", min=0.0, max=1.0)
+    pyramid_noise_iterations: int = setting(0, "Pyramid noise iterations", "Multi-resolution (pyramid) noise "
+                                            "levels; 0: off. Typical: 6-10 when on. Turn on for more "
+                                            "contrast and range on small datasets.", "Loss and noise", min=0, max=16)
+    pyramid_noise_discount: float = setting(0.3, "Pyramid noise discount", "Strength falloff per "
+                                            "pyramid-noise level (0-1). Typical: 0.1-0.3; ignored when "
+                                            "pyramid noise iterations is 0.",
                                             "Loss and noise", min=0.0, max=1.0)
-    zero_terminal_snr: bool = setting(False, "Zero terminal SNR", "Rescale the noise schedule so the last step is "
-                                      "pure noise (use with v-prediction).", "Loss and noise")
-    input_perturbation: float = setting(0.0, "Input perturbation", "Extra noise on the noisy input only (0.1 "
-                                        "typical; 0: off).", "Loss and noise", min=0.0, max=1.0)
+    zero_terminal_snr: bool = setting(False, "Zero terminal SNR", "Rescale the noise schedule so the last "
+                                      "step is pure noise (use with v-prediction). Off is typical; turn on "
+                                      "for v-prediction models meant to produce true blacks and whites.", "Loss and noise")
+    input_perturbation: float = setting(0.0, "Input perturbation", "Extra noise on the noisy input only, a "
+                                        "regulariser against exposure bias. Typical: 0 (off) or 0.1. Turn on "
+                                        "for longer fine-tunes that start to look washed out.", "Loss and noise", min=0.0, max=1.0)
     # --- Precision and memory --------------------------------------------------------------------
-    mixed_precision: str = setting("bf16", "Mixed precision", "Compute precision. Master weights stay fp32. bf16 is "
-                                   "fast on recent GPUs and CPUs; fp16 needs CUDA.", "Precision and memory",
+    mixed_precision: str = setting("bf16", "Mixed precision", "Compute precision; master weights stay fp32. "
+                                   "bf16 is fast on recent GPUs (Ampere and newer) and CPUs; fp16 needs CUDA "
+                                   "and suits older GPUs; no (fp32) is slowest but most exact. Typical: "
+                                   "bf16; use fp16 on pre-Ampere GPUs and no only to rule out precision "
+                                   "problems.", "Precision and memory",
                                    choices=("no", "fp16", "bf16"))
-    allow_tf32: bool = setting(True, "TF32", "Allow TF32 matmuls on Ampere and newer GPUs.", "Precision and memory")
-    gradient_checkpointing: bool = setting(False, "Gradient checkpointing", "Recompute activations in backward: "
-                                           "much less memory, about 20% slower.", "Precision and memory")
-    cache_latents: str = setting("memory", "Cache latents", "Encode each image once with the VAE instead of every "
-                                 "step: in memory or on disk (reused across runs).", "Precision and memory",
+    allow_tf32: bool = setting(True, "TF32", "Allow TF32 matmuls on Ampere and newer GPUs: about 2x faster "
+                               "fp32 maths with 10-bit mantissas. On is typical; turn off only for bit-exact "
+                               "comparisons.", "Precision and memory")
+    gradient_checkpointing: bool = setting(False, "Gradient checkpointing", "Recompute activations in the "
+                                           "backward pass: much less memory (activations fall to about 20%), "
+                                           "about 20% slower. Off is typical when memory allows; turn on for "
+                                           "large batches, high resolutions or small GPUs.", "Precision and memory")
+    cache_latents: str = setting("memory", "Cache latents", "Encode each image once with the VAE instead of "
+                                 "every step: in memory (typical) or on disk (reused across runs); off "
+                                 "re-encodes every step. Saves time and VAE memory; turn off for random "
+                                 "crop.", "Precision and memory",
                                  choices=("off", "memory", "disk"))
-    cache_text_encoder_outputs: bool = setting(False, "Cache text encoder outputs", "Encode captions once. Only when "
-                                               "the text encoder is frozen and captions are fixed.",
+    cache_text_encoder_outputs: bool = setting(False, "Cache text encoder outputs", "Encode each caption "
+                                               "once before training instead of at every step, saving time "
+                                               "and the text encoder's memory (much for SDXL). Off is "
+                                               "typical; turn on only when the text encoder is frozen and "
+                                               "captions are fixed (no tag shuffling or caption dropout).",
                                                "Precision and memory")
-    attention: str = setting("sdpa", "Attention", "sdpa (PyTorch's fused attention) or xformers (CUDA only; falls "
-                             "back to sdpa with a message).", "Precision and memory", choices=("sdpa", "xformers"))
+    attention: str = setting("sdpa", "Attention", "Attention implementation: sdpa (PyTorch's fused "
+                             "attention, typical) or xformers (CUDA only; falls back to sdpa with a "
+                             "message). Change only if xformers is faster on your GPU.", "Precision and memory", choices=("sdpa", "xformers"))
     # --- EMA -------------------------------------------------------------------------------------
-    use_ema: bool = setting(False, "EMA", "Keep an exponential moving average of the trained weights.", "EMA")
-    ema_decay: float = setting(0.999, "EMA decay", "Decay of the moving average.", "EMA", min=0.0, max=1.0)
-    ema_update_every: int = setting(1, "EMA every N steps", "Update the average every N optimizer steps.", "EMA",
+    use_ema: bool = setting(False, "EMA", "Keep an exponential moving average of the trained weights (an "
+                            "extra copy in memory). Off is typical; turn on for bigger datasets with several "
+                            "concepts: EMA reduces diversity.", "EMA")
+    ema_decay: float = setting(0.999, "EMA decay", "Decay of the moving average per update (0-1). Typical: "
+                               "0.999 for small datasets (0.998 even smaller), 0.9999 for hundreds or "
+                               "thousands of images. Lower it if the averaged weights lag behind training.", "EMA", min=0.0, max=1.0)
+    ema_update_every: int = setting(1, "EMA every N steps", "Update the average every N optimizer steps. "
+                                    "Typical: 1; raise it (5-10) to save time on large models, with a "
+                                    "slightly lower decay.", "EMA",
                                     min=1)
-    ema_for_output: bool = setting(True, "Use EMA for saves and samples", "Save and sample the averaged weights.",
+    ema_for_output: bool = setting(True, "Use EMA for saves and samples", "Save and sample the averaged "
+                                   "(EMA) weights instead of the raw ones. On is typical when EMA is used; "
+                                   "turn off to compare the raw weights.",
                                    "EMA")
     # --- Saving ----------------------------------------------------------------------------------
-    save_every_n_steps: int = setting(0, "Save every N steps", "Write a checkpoint/LoRA every N steps (0: off).",
+    save_every_n_steps: int = setting(0, "Save every N steps", "Write a checkpoint or LoRA every N optimizer "
+                                      "steps (0: off). Typical: 10-25% of the run, so you can pick the best "
+                                      "point; each save costs disk (2-7 GB per checkpoint). Set it when you "
+                                      "do not know the right step count yet.",
                                       "Saving", min=0)
-    save_every_n_epochs: int = setting(0, "Save every N epochs", "Write a checkpoint/LoRA every N epochs (0: off).",
+    save_every_n_epochs: int = setting(0, "Save every N epochs", "Write a checkpoint or LoRA every N epochs "
+                                       "(0: off). Typical: 0 when saving by steps; 10-50 for epoch-based "
+                                       "runs.",
                                        "Saving", min=0)
-    save_keep_last: int = setting(0, "Keep last N saves", "Delete older intermediate saves (0: keep all).",
+    save_keep_last: int = setting(0, "Keep last N saves", "Delete older intermediate saves, keeping the "
+                                  "newest N (0: keep all). Typical: 0 for short runs, 3-5 to bound disk use "
+                                  "on long ones.",
                                   "Saving", min=0)
-    snapshot_every_n_steps: int = setting(0, "Snapshot every N steps", "Save the full training state (optimizer, "
-                                          "RNG, data order) to resume from (0: only at stop).", "Saving", min=0)
-    save_precision: str = setting("fp16", "Save precision", "Precision of exported checkpoints and LoRAs. fp16 can "
-                                  "drop small updates: fp32 keeps everything.", "Saving",
+    snapshot_every_n_steps: int = setting(0, "Snapshot every N steps", "Save the full training state "
+                                          "(optimizer, RNG, data order) to resume from every N steps (0: "
+                                          "only at stop). Typical: 500-2000; snapshots are 2-3x a "
+                                          "checkpoint's size. Set it for long or interruptible runs.", "Saving", min=0)
+    save_precision: str = setting("fp16", "Save precision", "Precision of exported checkpoints and LoRAs. "
+                                  "fp16 (typical) halves the file; it can drop the small updates of very low "
+                                  "LRs, where fp32 keeps everything; bf16 keeps range but less detail. "
+                                  "Choose fp32 for LRs below about 1e-6.", "Saving",
                                   choices=("fp32", "fp16", "bf16"))
-    save_on_end: bool = setting(True, "Save at end", "Export the checkpoint or LoRA to the web UI's folders when "
-                                "training ends.", "Saving")
+    save_on_end: bool = setting(True, "Save at end", "Export the checkpoint or LoRA to the web UI's folders "
+                                "when training ends. On is typical; turn off when you only want intermediate "
+                                "saves or snapshots.", "Saving")
     # --- Samples ---------------------------------------------------------------------------------
-    sample_every_n_steps: int = setting(0, "Sample every N steps", "Render preview images every N steps (0: off).",
+    sample_every_n_steps: int = setting(0, "Sample every N steps", "Render preview images every N optimizer "
+                                        "steps (0: off). Typical: 10% of the run; each sampling pauses "
+                                        "training for a few seconds to minutes. Lower it to watch a new "
+                                        "setup closely, set 0 for speed.",
                                         "Samples", min=0)
-    sample_prompts: str = setting("", "Sample prompt lines", "Extra preview prompts, one per line, in sd-scripts "
-                                  "syntax: 'prompt --n negative --w 512 --h 512 --d seed --l cfg --s steps'.",
+    sample_prompts: str = setting("", "Sample prompt lines", "Extra preview prompts, one per line, in "
+                                  "sd-scripts syntax: 'prompt --n negative --w 512 --h 512 --d seed --l cfg "
+                                  "--s steps' (unknown flags are refused). Add prompts that test "
+                                  "editability, e.g. the subject in a new setting.",
                                   "Samples", multiline=True)
-    sample_scheduler: str = setting("ddim", "Sample scheduler", "Sampler of the previews.", "Samples",
+    sample_scheduler: str = setting("ddim", "Sample scheduler", "Sampler of the previews: ddim (typical, "
+                                    "deterministic), euler, euler_a or dpmpp_2m. Choose the one you generate "
+                                    "with so previews look like your results.", "Samples",
                                     choices=("ddim", "euler", "euler_a", "dpmpp_2m"))
     # --- Logging ---------------------------------------------------------------------------------
-    log_every_n_steps: int = setting(1, "Log every N steps", "How often loss and LR are logged (the loss is "
-                                     "averaged over the interval).", "Logging", min=1)
+    log_every_n_steps: int = setting(1, "Log every N steps", "How often, in optimizer steps, loss and LR are "
+                                     "logged (the loss is averaged over the interval). Typical: 1-10; raise "
+                                     "it for smoother curves and smaller logs on long runs.", "Logging", min=1)
     # --- Faults ----------------------------------------------------------------------------------
-    nan_policy: str = setting("stop", "On NaN loss", "stop: stop and keep the last good save. skip: skip the step, "
-                              "up to the limit below.", "Faults", choices=("stop", "skip"))
-    max_nan_skips: int = setting(10, "NaN skip limit", "Non-finite steps skipped before stopping.", "Faults",
+    nan_policy: str = setting("stop", "On NaN loss", "stop: stop and keep the last good save (typical). "
+                              "skip: skip the step with a non-finite loss, up to the limit below; use it for "
+                              "fp16 runs that hit rare overflows.", "Faults", choices=("stop", "skip"))
+    max_nan_skips: int = setting(10, "NaN skip limit", "Non-finite (NaN/inf) steps skipped before stopping "
+                                 "when the NaN policy is skip. Typical: 10; repeated NaNs mean the LR is too "
+                                 "high or fp16 overflows.", "Faults",
                                  min=0)
 
     concepts: list[Concept] = field(default_factory=list, metadata={"group": "Concepts", "label": "Concepts",
-                                                                     "help": "The concepts to train."})
+                                                                     "help": "The concepts to train: each "
+                                                                             "has its own instance images, "
+                                                                             "prompts and class images. "
+                                                                             "Typical: one concept per "
+                                                                             "subject; the study found "
+                                                                             "several concepts bleed into "
+                                                                             "each other less when they have "
+                                                                             "the same number of images."})
 
 
 def settings(cls: type = TrainingConfig) -> list[dataclasses.Field]:
@@ -313,8 +529,13 @@ def settings(cls: type = TrainingConfig) -> list[dataclasses.Field]:
 
 
 def field_type(cls: type, name: str) -> type:
-    hints = typing.get_type_hints(cls)
-    return hints[name]
+    return _type_hints(cls)[name]
+
+
+@functools.cache
+def _type_hints(cls: type) -> dict[str, Any]:
+    # Evaluating the string annotations is slow; validate() asks for every field of every concept.
+    return typing.get_type_hints(cls)
 
 
 def parse_value(cls: type, name: str, raw: Any) -> Any:

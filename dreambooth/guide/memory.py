@@ -1,0 +1,210 @@
+"""Estimate of the device memory a training config needs, and a monitor for collapsing it/s.
+
+The estimate adds up weights, gradients, optimizer state, activations and a fixed runtime overhead
+from the parameter counts of the real architectures and per-dtype / per-optimizer byte factors.  It is
+a planning aid (within roughly +-30 % of what the trainer peaks at), not a measurement.
+"""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass
+
+from ..config.schema import TrainingConfig
+
+GIB = 1024 ** 3
+
+# Parameter counts of the real architectures (diffusers models, counted with sum(p.numel())).
+PARAMS: dict[str, dict[str, int]] = {
+    "sd1": {"unet": 859_520_964, "te": 123_060_480, "vae": 83_653_863},
+    "sd2": {"unet": 865_910_724, "te": 340_387_840, "vae": 83_653_863},
+    "sd2v": {"unet": 865_910_724, "te": 340_387_840, "vae": 83_653_863},
+    "sdxl": {"unet": 2_567_463_684, "te": 123_060_480, "te2": 694_659_840, "vae": 83_653_863},
+}
+
+# Transformer layout per family for LoRA sizes: (channels, transformer blocks at that width) of the UNet,
+# the cross-attention width, and (layers, width, MLP width) of each text encoder.
+UNET_BLOCKS: dict[str, tuple[tuple[int, int], ...]] = {
+    "sd1": ((320, 5), (640, 5), (1280, 6)),
+    "sd2": ((320, 5), (640, 5), (1280, 6)),
+    "sd2v": ((320, 5), (640, 5), (1280, 6)),
+    "sdxl": ((640, 10), (1280, 60)),
+}
+UNET_TRANSFORMER_MODELS: dict[str, tuple[tuple[int, int], ...]] = {
+    "sd1": ((320, 5), (640, 5), (1280, 6)),
+    "sd2": ((320, 5), (640, 5), (1280, 6)),
+    "sd2v": ((320, 5), (640, 5), (1280, 6)),
+    "sdxl": ((640, 5), (1280, 6)),
+}
+CROSS_ATTENTION_WIDTH = {"sd1": 768, "sd2": 1024, "sd2v": 1024, "sdxl": 2048}
+TEXT_ENCODERS: dict[str, tuple[tuple[int, int, int], ...]] = {
+    "sd1": ((12, 768, 3072),),
+    "sd2": ((23, 1024, 4096),),
+    "sd2v": ((23, 1024, 4096),),
+    "sdxl": ((12, 768, 3072), (32, 1280, 5120)),
+}
+
+# Activation memory of one sample at the family's native resolution in 16-bit compute, without
+# checkpointing (SDPA attention).  Calibrated on published numbers: SD1.5 LoRA at 512 fits 6 GB only with
+# checkpointing; SDXL LoRA at 1024 needs ~24 GB without it and ~12 GB with it.
+ACTIVATIONS_PER_SAMPLE = {"sd1": 3.0 * GIB, "sd2": 3.2 * GIB, "sd2v": 3.2 * GIB, "sdxl": 10.0 * GIB}
+NATIVE_RESOLUTION = {"sd1": 512, "sd2": 512, "sd2v": 768, "sdxl": 1024}
+CHECKPOINTING_FACTOR = 0.2  # only the block inputs are kept; the rest is recomputed in backward
+TEXT_ENCODER_ACTIVATION_FRACTION = 0.05  # 77 tokens: small next to the UNet's
+RUNTIME_OVERHEAD = int(0.75 * GIB)  # CUDA context, allocator slack, the batch itself
+
+# Bytes per parameter of optimizer state.
+OPTIMIZER_STATE_BYTES = {
+    "adamw": 8.0, "adamw_8bit": 2.0, "lion": 4.0, "lion_8bit": 1.0, "prodigy": 16.0,
+    "adafactor": 0.05, "adamw_schedulefree": 8.0,
+}
+COMPUTE_BYTES = {"no": 4, "fp16": 2, "bf16": 2}
+MASTER_BYTES = 4  # trained weights and their gradients stay fp32
+
+
+@dataclass
+class MemoryEstimate:
+    """Bytes per part of a training run on one device."""
+
+    weights: int
+    gradients: int
+    optimizer: int
+    activations: int
+    overhead: int
+    activations_other_checkpointing: int
+    trainable_params: int
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.gradients + self.optimizer + self.activations + self.overhead
+
+    def parts(self) -> dict[str, int]:
+        return {"weights": self.weights, "gradients": self.gradients, "optimizer state": self.optimizer,
+                "activations": self.activations, "overhead": self.overhead}
+
+    def lines(self) -> list[str]:
+        rows = [f"{name:<16} {value / GIB:6.2f} GiB" for name, value in self.parts().items()]
+        return rows + [f"{'total':<16} {self.total / GIB:6.2f} GiB"]
+
+
+def family_of(config: TrainingConfig, family: str | None) -> str:
+    return family or config.model_family
+
+
+def lora_params_per_rank(family: str, text_encoder: bool) -> int:
+    """LoRA parameters per unit of rank: sum of (in + out) over the adapted linear layers.
+
+    UNet transformer block: self-attention q,k,v,out (8C), cross-attention q,out (4C) and k,v from the
+    text width D (2D + 2C), feed-forward GEGLU C->8C and 4C->C (14C); each transformer also has
+    proj_in/proj_out (4C).  Text-encoder layer: q,k,v,out (8W) and fc1/fc2 (2(W + M)).
+    """
+    cross = CROSS_ATTENTION_WIDTH[family]
+    unet = sum(n * (28 * c + 2 * cross) for c, n in UNET_BLOCKS[family])
+    unet += sum(n * 4 * c for c, n in UNET_TRANSFORMER_MODELS[family])
+    if not text_encoder:
+        return unet
+    te = sum(layers * (8 * width + 2 * (width + mlp)) for layers, width, mlp in TEXT_ENCODERS[family])
+    return unet + te
+
+
+def _text_encoder_params(family: str) -> int:
+    params = PARAMS[family]
+    return params["te"] + params.get("te2", 0)
+
+
+def _trainable_params(config: TrainingConfig, family: str) -> int:
+    train_te = config.train_text_encoder
+    if config.method == "lora":
+        return config.lora_rank * lora_params_per_rank(family, train_te) * (2 if config.use_dora else 1)
+    trainable = PARAMS[family]["unet"] if config.train_unet else 0
+    return trainable + (_text_encoder_params(family) if train_te else 0)
+
+
+def _frozen_on_device(config: TrainingConfig, family: str) -> int:
+    """Parameters held on the device in compute precision without being trained."""
+    params = PARAMS[family]
+    frozen = 0
+    if config.method == "lora" or not config.train_unet:
+        frozen += params["unet"]
+    te_needed = not config.cache_text_encoder_outputs or config.train_text_encoder
+    if te_needed and (config.method == "lora" or not config.train_text_encoder):
+        frozen += _text_encoder_params(family)
+    if config.cache_latents == "off":
+        frozen += params["vae"]
+    return frozen
+
+
+def _activations(config: TrainingConfig, family: str, checkpointing: bool) -> int:
+    area = (config.resolution / NATIVE_RESOLUTION[family]) ** 2
+    per_sample = ACTIVATIONS_PER_SAMPLE[family] * area
+    if config.train_text_encoder:
+        per_sample *= 1 + TEXT_ENCODER_ACTIVATION_FRACTION
+    scale = COMPUTE_BYTES[config.mixed_precision] / 2
+    factor = CHECKPOINTING_FACTOR if checkpointing else 1.0
+    return int(per_sample * config.train_batch_size * scale * factor)
+
+
+def estimate_memory(config: TrainingConfig, family: str | None = None) -> MemoryEstimate:
+    """Bytes the config needs on one device (defaults to the config's model family)."""
+    family = family_of(config, family)
+    trainable = _trainable_params(config, family)
+    frozen = _frozen_on_device(config, family)
+    ema = trainable * MASTER_BYTES if config.use_ema else 0
+    weights = trainable * MASTER_BYTES + frozen * COMPUTE_BYTES[config.mixed_precision] + ema
+    state = int(trainable * OPTIMIZER_STATE_BYTES.get(config.optimizer, 8.0))
+    checkpointing = config.gradient_checkpointing
+    return MemoryEstimate(weights=weights, gradients=trainable * MASTER_BYTES, optimizer=state,
+                          activations=_activations(config, family, checkpointing), overhead=RUNTIME_OVERHEAD,
+                          activations_other_checkpointing=_activations(config, family, not checkpointing),
+                          trainable_params=trainable)
+
+
+def warn_if_exceeds(estimate: MemoryEstimate, device_bytes: int | None) -> str | None:
+    """A one-line warning naming the settings to change when the estimate exceeds the device."""
+    if not device_bytes or estimate.total <= device_bytes:
+        return None
+    need, have = estimate.total / GIB, device_bytes / GIB
+    parts = ", ".join(f"{name} {value / GIB:.1f}" for name, value in estimate.parts().items())
+    return (f"Estimated memory {need:.1f} GiB exceeds the device's {have:.1f} GiB ({parts} GiB): turn on "
+            "'gradient_checkpointing', pick an 8-bit 'optimizer', lower 'train_batch_size' or 'resolution', "
+            "or use method 'lora' (a preset for your memory does this).")
+
+
+class ItSlowdownMonitor:
+    """Warns once when it/s collapses below a fraction of its running median after a warm-up.
+
+    On Windows the NVIDIA driver spills VRAM into shared system memory instead of failing with out of
+    memory; training then continues several times slower.  A sustained drop (not one slow step for a
+    save or a sample) is the symptom.
+    """
+
+    def __init__(self, warmup_steps: int = 10, ratio: float = 0.4, sustain: int = 5, window: int = 200) -> None:
+        self.warmup_steps = warmup_steps
+        self.ratio = ratio
+        self.sustain = sustain
+        self.window = window
+        self._history: list[float] = []
+        self._slow_run = 0
+        self.warned = False
+
+    def feed(self, its: float) -> str | None:
+        """Record one step's it/s; returns the warning the first time the collapse is sustained."""
+        if its <= 0:
+            return None
+        if len(self._history) < self.warmup_steps:
+            self._history.append(its)
+            return None
+        median = statistics.median(self._history[-self.window:])
+        if its < self.ratio * median:
+            self._slow_run += 1
+        else:
+            self._slow_run = 0
+            self._history.append(its)
+        if self._slow_run >= self.sustain and not self.warned:
+            self.warned = True
+            return (f"Training slowed to {its:.2f} it/s from a median of {median:.2f} it/s: the GPU memory is "
+                    "probably full and spilling into shared system memory (Windows does this instead of failing)."
+                    " Lower 'train_batch_size' or 'resolution', turn on 'gradient_checkpointing', or choose the"
+                    " preset for your VRAM; on NVIDIA you can also set 'CUDA - Sysmem Fallback Policy' to"
+                    " 'Prefer No Sysmem Fallback'.")
+        return None

@@ -1,0 +1,150 @@
+"""Export a model as one `.safetensors` file in the original layout A1111 1.10 and Forge load.
+
+All three components are written (a file without a text encoder makes A1111 silently keep the
+previous model's), the text encoder always with the `text_model.` prefix transformers 4.30 needs,
+and every extra key of the base file (scheduler tables, EMA counters, SD2's unused last text layer)
+is copied byte for byte; a model without them gets the standard fp32 tables, because A1111 keeps
+the previous model's tables otherwise and fp16 tables change the images.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..atomic import save_safetensors, write_text
+from ..errors import ModelError
+from .components import Components
+from .convert import CLIP_L_PREFIXES, OPEN_CLIP_PREFIXES, clip_l_to_ldm, open_clip_to_ldm, unet_to_ldm, vae_to_ldm
+
+logger = logging.getLogger(__name__)
+
+PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "resources" / "configs"
+V_YAML = CONFIG_DIR / "sd2v" / "v2-inference-v.yaml"
+# Warn when a half-precision file would keep less than half of what training changed.
+LOSS_WARNING_FRACTION = 0.5
+
+
+def text_encoders_to_ldm(components: Components) -> dict[str, torch.Tensor]:
+    encoders = [encoder.state_dict() for encoder in components.text_encoders]
+    if components.family == "sd1":
+        return clip_l_to_ldm(encoders[0], CLIP_L_PREFIXES["sd1"])
+    if components.family in ("sd2", "sd2v"):
+        return open_clip_to_ldm(encoders[0], OPEN_CLIP_PREFIXES["sd2"])
+    return {**clip_l_to_ldm(encoders[0], CLIP_L_PREFIXES["sdxl"]),
+            **open_clip_to_ldm(encoders[1], OPEN_CLIP_PREFIXES["sdxl"])}
+
+
+def model_to_ldm(components: Components) -> dict[str, torch.Tensor]:
+    """UNet, VAE and text encoder weights under their original keys (no extras)."""
+    return {**unet_to_ldm(components.unet.state_dict(), components.unet.config),
+            **vae_to_ldm(components.vae.state_dict(), components.vae.config),
+            **text_encoders_to_ldm(components)}
+
+
+def ldm_scheduler_tables(beta_start: float = 0.00085, beta_end: float = 0.012,
+                         steps: int = 1000) -> dict[str, torch.Tensor]:
+    """The 12 schedule buffers ldm's LatentDiffusion stores, computed as it does (float64 -> fp32)."""
+    betas = torch.linspace(beta_start ** 0.5, beta_end ** 0.5, steps, dtype=torch.float64) ** 2
+    alphas = 1.0 - betas
+    cumprod = torch.cumprod(alphas, dim=0)
+    previous = torch.cat([torch.ones(1, dtype=torch.float64), cumprod[:-1]])
+    posterior_variance = betas * (1.0 - previous) / (1.0 - cumprod)
+    tables = {"betas": betas, "alphas_cumprod": cumprod, "alphas_cumprod_prev": previous,
+              "sqrt_alphas_cumprod": cumprod.sqrt(), "sqrt_one_minus_alphas_cumprod": (1.0 - cumprod).sqrt(),
+              "log_one_minus_alphas_cumprod": (1.0 - cumprod).log(),
+              "sqrt_recip_alphas_cumprod": (1.0 / cumprod).sqrt(),
+              "sqrt_recipm1_alphas_cumprod": (1.0 / cumprod - 1).sqrt(),
+              "posterior_variance": posterior_variance,
+              "posterior_log_variance_clipped": posterior_variance.clamp(min=1e-20).log(),
+              "posterior_mean_coef1": betas * previous.sqrt() / (1.0 - cumprod),
+              "posterior_mean_coef2": (1.0 - previous) * alphas.sqrt() / (1.0 - cumprod)}
+    return {name: value.to(torch.float32) for name, value in tables.items()}
+
+
+def extra_tensors(components: Components) -> dict[str, torch.Tensor]:
+    """The base file's other keys, plus the standard tables for SD1/SD2 when it has none (SDXL files have none)."""
+    if "alphas_cumprod" in components.extras or components.is_sdxl:
+        return dict(components.extras)
+    config = components.noise_scheduler.config
+    return {**ldm_scheduler_tables(config.beta_start, config.beta_end, config.num_train_timesteps),
+            **components.extras}
+
+
+def _cast(tensors: Mapping[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    return {key: (value.to(dtype) if value.is_floating_point() else value).detach().contiguous()
+            for key, value in tensors.items()}
+
+
+def checkpoint_state_dict(components: Components, precision: str = "fp32") -> dict[str, torch.Tensor]:
+    """The whole single file: model weights in `precision`, extras unchanged."""
+    if precision not in PRECISIONS:
+        raise ModelError(f"Export precision {precision!r} is unknown; use fp32, fp16 or bf16.")
+    weights = _cast(model_to_ldm(components), PRECISIONS[precision])
+    extras = {key: value.detach().contiguous() for key, value in extra_tensors(components).items()
+              if key not in weights}
+    return {**extras, **weights}
+
+
+def precision_loss_fraction(trained: Mapping[str, torch.Tensor] | torch.Tensor,
+                            base: Mapping[str, torch.Tensor] | torch.Tensor, precision: str) -> float:
+    """Of the elements training changed, the fraction a save in `precision` would turn back to the base value."""
+    dtype = PRECISIONS[precision]
+    pairs = [(trained, base)] if isinstance(trained, torch.Tensor) else [
+        (value, base[key]) for key, value in trained.items() if key in base and value.is_floating_point()]
+    changed = lost = 0
+    for new, old in pairs:
+        new, old = new.detach().float(), old.detach().to(new.device).float()
+        moved = new != old
+        changed += int(moved.sum())
+        lost += int((moved & (new.to(dtype) == old.to(dtype))).sum())
+    return lost / changed if changed else 0.0
+
+
+def precision_warning(components: Components, base: Components | Mapping[str, torch.Tensor],
+                      precision: str) -> str | None:
+    """A warning when a half-precision export would lose most of the training change, else None."""
+    if precision == "fp32":
+        return None
+    base_weights = model_to_ldm(base) if isinstance(base, Components) else base
+    fraction = precision_loss_fraction(model_to_ldm(components), base_weights, precision)
+    if fraction <= LOSS_WARNING_FRACTION:
+        return None
+    return (f"A {precision} export keeps only {100 * (1 - fraction):.0f}% of the weight changes training made "
+            f"(the rest round back to the base model); export in fp32 to keep them all.")
+
+
+def checkpoint_metadata(components: Components, metadata: Mapping[str, Any] | None) -> dict[str, str]:
+    combined = {"dreambooth_family": components.family, "dreambooth_prediction_type": components.prediction_type}
+    combined.update({str(key): value if isinstance(value, str) else json.dumps(value)
+                     for key, value in (metadata or {}).items()})
+    return combined
+
+
+def export_checkpoint(components: Components, out_path: str | Path, precision: str = "fp32",
+                      metadata: Mapping[str, Any] | None = None,
+                      base: Components | Mapping[str, torch.Tensor] | None = None,
+                      warn: Callable[[str], None] | None = None) -> Path:
+    """Write `out_path` (.safetensors, original layout) atomically; SD2-768-v also gets its .yaml beside it.
+
+    With `base` (the model before training) a half-precision export that would lose most of the
+    change is reported through `warn` (default: the module logger).
+    """
+    out = Path(out_path)
+    if out.suffix != ".safetensors":
+        raise ModelError(f"Export file {out} must end in .safetensors.")
+    if base is not None:
+        message = precision_warning(components, base, precision)
+        if message:
+            (warn or logger.warning)(message)
+    save_safetensors(checkpoint_state_dict(components, precision), out,
+                     metadata=checkpoint_metadata(components, metadata))
+    if components.prediction_type == "v_prediction" and components.family != "sdxl":
+        write_text(out.with_suffix(".yaml"), V_YAML.read_text(encoding="utf-8"))
+    return out

@@ -1,0 +1,83 @@
+"""Training noise: per-sample seeded Gaussian noise, offset (zero-frequency) noise, pyramid noise,
+input perturbation, timestep sampling and the zero-terminal-SNR rescale of the schedule.
+
+Noise is drawn per sample from that sample's own seed, so a sample gets the same noise whether it is
+trained alone, in a bigger batch, on another rank or after a resume.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+
+def sample_generator(seed: int, step: int) -> torch.Generator:
+    """A CPU generator for one sample at one optimizer step (deterministic, independent of batch layout)."""
+    mixed = (int(seed) * 1_000_003 + int(step) * 7919) % (2**63 - 1)
+    return torch.Generator("cpu").manual_seed(mixed)
+
+
+def pyramid_noise(shape: tuple[int, ...], generator: torch.Generator, iterations: int,
+                  discount: float) -> torch.Tensor:
+    """Multi-resolution noise: white noise plus upscaled coarser noise at discount**level, rescaled to unit std.
+
+    Follows the multires-noise recipe (kohya's multires_noise_iterations/discount): each level halves the
+    resolution (down to 1 pixel), its noise is bilinearly upsampled and weighted by discount**level.
+    """
+    channels, height, width = shape
+    noise = torch.randn(shape, generator=generator)
+    for level in range(1, iterations + 1):
+        scale = 2**level
+        low_h, low_w = max(1, height // scale), max(1, width // scale)
+        coarse = torch.randn((1, channels, low_h, low_w), generator=generator)
+        noise = noise + F.interpolate(coarse, size=(height, width), mode="bilinear")[0] * discount**level
+        if low_h == 1 and low_w == 1:
+            break
+    return noise / noise.std()
+
+
+def sample_noise(shape: tuple[int, ...], generator: torch.Generator, offset: float, pyramid_iterations: int,
+                 pyramid_discount: float) -> torch.Tensor:
+    """Noise for one latent (C,H,W): Gaussian or pyramid, plus offset noise constant per channel."""
+    if pyramid_iterations > 0:
+        noise = pyramid_noise(shape, generator, pyramid_iterations, pyramid_discount)
+    else:
+        noise = torch.randn(shape, generator=generator)
+    if offset > 0:
+        # Zero-frequency noise: one value per channel shifts the whole image's mean brightness/colour.
+        noise = noise + offset * torch.randn((shape[0], 1, 1), generator=generator)
+    return noise
+
+
+def sample_timestep(generator: torch.Generator, num_train_timesteps: int) -> int:
+    return int(torch.randint(0, num_train_timesteps, (1,), generator=generator))
+
+
+def batch_noise(latent_shape: tuple[int, ...], seeds: list[int], step: int, config: Any,
+                num_train_timesteps: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(noise, input noise, timesteps) for a batch; input noise adds the input perturbation, if any."""
+    noises, inputs, steps = [], [], []
+    for seed in seeds:
+        generator = sample_generator(seed, step)
+        steps.append(sample_timestep(generator, num_train_timesteps))
+        noise = sample_noise(latent_shape, generator, config.offset_noise, config.pyramid_noise_iterations,
+                             config.pyramid_noise_discount)
+        noises.append(noise)
+        inputs.append(perturb(noise, config.input_perturbation, generator))
+    return torch.stack(noises), torch.stack(inputs), torch.tensor(steps, dtype=torch.long)
+
+
+def perturb(noise: torch.Tensor, amount: float, generator: torch.Generator) -> torch.Tensor:
+    """Input perturbation (Ning et al.): the noisy input gets extra noise, the target keeps the original."""
+    if amount <= 0:
+        return noise
+    return noise + amount * torch.randn(noise.shape, generator=generator)
+
+
+def training_scheduler(scheduler: Any, zero_terminal_snr: bool) -> Any:
+    """The noise scheduler used for training: a copy with rescaled zero-terminal-SNR betas when asked."""
+    if not zero_terminal_snr:
+        return scheduler
+    return type(scheduler).from_config(scheduler.config, rescale_betas_zero_snr=True)

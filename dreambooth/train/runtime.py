@@ -1,0 +1,108 @@
+"""Device, precision, attention and which parameters train: the setup the loop runs on."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from ..errors import ConfigError
+
+DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+TEXT_GROUPS = ("text_encoder", "text_encoder_2")
+
+
+def compute_dtype(config: Any) -> torch.dtype:
+    return DTYPES[config.mixed_precision]
+
+
+def check_precision(config: Any, device: torch.device) -> None:
+    if config.mixed_precision == "fp16" and device.type != "cuda":
+        raise ConfigError("Setting 'mixed_precision': fp16 needs a CUDA GPU; use bf16 (fast on recent CPUs) "
+                          "or no.")
+
+
+def autocast(config: Any, device: torch.device) -> contextlib.AbstractContextManager[Any]:
+    if config.mixed_precision == "no":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=compute_dtype(config))
+
+
+def set_tf32(allowed: bool) -> None:
+    torch.backends.cuda.matmul.allow_tf32 = allowed
+    torch.backends.cudnn.allow_tf32 = allowed
+
+
+def setup_attention(unet: Any, config: Any, device: torch.device, warn: Callable[[str], None]) -> str:
+    """'xformers' when asked, on CUDA, and importable; otherwise PyTorch SDPA (diffusers' default)."""
+    if config.attention != "xformers":
+        return "sdpa"
+    reason = None
+    if device.type != "cuda":
+        reason = "it needs a CUDA GPU"
+    else:
+        try:
+            unet.enable_xformers_memory_efficient_attention()
+            return "xformers"
+        except Exception as error:  # not installed or built for another torch/CUDA
+            reason = f"it cannot be used here ({error})"
+    warn(f"Setting 'attention': xformers is not used because {reason}; training uses PyTorch SDPA attention, "
+         "which is as fast on most setups.")
+    return "sdpa"
+
+
+def full_trainable(components: Any, config: Any) -> dict[str, list[torch.nn.Parameter]]:
+    """Full fine-tune: every UNet weight and/or every text-encoder weight trains."""
+    groups: dict[str, list[torch.nn.Parameter]] = {}
+    if config.train_unet:
+        groups["unet"] = list(components.unet.parameters())
+    if config.train_text_encoder:
+        for name, encoder in zip(TEXT_GROUPS, components.text_encoders, strict=False):
+            groups[name] = list(encoder.parameters())
+    return groups
+
+
+def trainable_parameters(components: Any, config: Any) -> dict[str, list[torch.nn.Parameter]]:
+    modules = [components.unet, components.vae, *components.text_encoders]
+    for module in modules:
+        module.requires_grad_(False)
+    if config.method == "lora":
+        from .lora import add_lora
+
+        groups = add_lora(components, config)
+        groups = {name: params for name, params in groups.items()
+                  if params and (config.train_unet if name == "unet" else config.train_text_encoder)}
+    else:
+        groups = full_trainable(components, config)
+    for params in groups.values():
+        for param in params:
+            param.requires_grad_(True)
+    return {name: params for name, params in groups.items() if params}
+
+
+def cast_frozen(components: Any, trainable: dict[str, list[torch.nn.Parameter]], dtype: torch.dtype,
+                device: torch.device) -> None:
+    """Frozen weights in the compute dtype (half the memory, faster); trained ones stay fp32 masters."""
+    trained = {id(p) for params in trainable.values() for p in params}
+    for module in (components.unet, components.vae, *components.text_encoders):
+        # An fp16 VAE overflows into NaN (SDXL's especially): it stays fp32 then.
+        frozen_dtype = torch.float32 if module is components.vae and dtype == torch.float16 else dtype
+        module.to(device)
+        for param in module.parameters():
+            param.data = param.data.float() if id(param) in trained else param.data.to(frozen_dtype)
+
+
+def freeze(params: list[torch.nn.Parameter]) -> None:
+    for param in params:
+        param.requires_grad_(False)
+        param.grad = None
+
+
+def set_train_mode(components: Any, trainable: dict[str, list[torch.nn.Parameter]]) -> None:
+    """Trained modules in train mode (LoRA dropout acts), the rest in eval mode."""
+    components.vae.eval()
+    components.unet.train("unet" in trainable)
+    for name, encoder in zip(TEXT_GROUPS, components.text_encoders, strict=False):
+        encoder.train(name in trainable)

@@ -1,0 +1,140 @@
+"""Extension installer, run by the web UI (as `python install.py`) before it starts.
+
+Installs only what is missing, at versions that fit the host, and never installs, upgrades or
+downgrades a package the host owns (torch, torchvision, xformers, gradio, transformers, accelerate, ...):
+pip gets a constraints file pinning every host-owned package at its installed version. When everything
+is satisfied, pip is not called at all.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from importlib import metadata
+
+# Packages the web UI installs and pins; we never ask pip for them and pin them for pip's resolver.
+HOST_OWNED = ("torch", "torchvision", "torchaudio", "xformers", "gradio", "gradio_client", "transformers",
+              "accelerate", "numpy", "pillow", "fastapi", "pydantic", "starlette", "httpx", "huggingface_hub",
+              "tokenizers", "protobuf", "open_clip_torch")
+
+
+@dataclass(frozen=True)
+class Need:
+    """One package we use: what an installed version must satisfy, and what pip gets when it is missing."""
+
+    name: str
+    accepts: str  # PEP 440 specifier an installed version must satisfy (else a warning, never a change)
+    install: str  # requirement string passed to pip when the package is missing
+    optional: bool = False  # a failed install only disables a feature (8-bit optimizers, prodigy, ...)
+    feature: str = ""
+
+
+def installed_versions(names: tuple[str, ...]) -> dict[str, str | None]:
+    versions: dict[str, str | None] = {}
+    for name in names:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def major(version: str | None) -> int | None:
+    if not version:
+        return None
+    head = version.split(".")[0]
+    return int(head) if head.isdigit() else None
+
+
+def needs_for(versions: Mapping[str, str | None], platform: str = sys.platform) -> list[Need]:
+    """Our packages, capped where the host's transformers needs it (A1111 1.10 pins transformers 4.30)."""
+    legacy = major(versions.get("transformers")) == 4
+    found = [
+        # diffusers > 0.31 and peft > 0.13.2 import APIs transformers 4.30 lacks.
+        Need("diffusers", ">=0.31.0", "diffusers<=0.31.0" if legacy else "diffusers>=0.31.0"),
+        Need("peft", ">=0.13.2", "peft<=0.13.2" if legacy else "peft>=0.13.2"),
+        Need("safetensors", ">=0.4.0", "safetensors>=0.4.0"),
+        Need("prodigyopt", ">=1.0", "prodigyopt>=1.0", optional=True, feature="the prodigy optimizer"),
+        Need("schedulefree", ">=1.2", "schedulefree>=1.2", optional=True, feature="adamw_schedulefree"),
+    ]
+    if platform != "darwin":  # no bitsandbytes wheels for macOS
+        found.append(Need("bitsandbytes", ">=0.43.0", "bitsandbytes>=0.43.0", optional=True,
+                          feature="8-bit optimizers"))
+    return found
+
+
+def satisfies(version: str, specifier: str) -> bool:
+    try:
+        from packaging.specifiers import SpecifierSet
+        from packaging.version import InvalidVersion, Version
+    except ImportError:  # no packaging: an installed package is taken as good enough
+        return True
+    try:
+        return Version(version) in SpecifierSet(specifier)
+    except InvalidVersion:
+        return True  # a local build with an odd version string: trust it rather than touch it
+
+
+def plan(needs: list[Need], versions: Mapping[str, str | None]) -> tuple[list[Need], list[str]]:
+    """(missing packages to install, warnings about installed ones outside our range)."""
+    missing, warnings = [], []
+    for need in needs:
+        version = versions.get(need.name)
+        if version is None:
+            missing.append(need)
+        elif not satisfies(version, need.accepts):
+            warnings.append(f"[dreambooth] {need.name} {version} is installed but {need.name}{need.accepts} is "
+                            "expected; it is left as it is (the web UI or another extension may need it).")
+    return missing, warnings
+
+
+def host_constraints(versions: Mapping[str, str | None]) -> str:
+    """pip constraints pinning every installed host-owned package, so pip cannot replace one."""
+    return "".join(f"{name}=={version}\n" for name, version in versions.items()
+                   if name in HOST_OWNED and version)
+
+
+PipRunner = Callable[[list[str]], int]
+
+
+def run_pip(args: list[str]) -> int:
+    return subprocess.call([sys.executable, "-m", "pip", *args])
+
+
+def install(needs: list[Need], constraints: str, runner: PipRunner) -> int:
+    with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as handle:
+        handle.write(constraints)
+    try:
+        return runner(["install", "--constraint", handle.name, *[need.install for need in needs]])
+    finally:
+        os.unlink(handle.name)
+
+
+def main(runner: PipRunner = run_pip, versions: Mapping[str, str | None] | None = None,
+         platform: str = sys.platform) -> int:
+    if versions is None:
+        versions = installed_versions(HOST_OWNED + ("diffusers", "peft", "safetensors", "prodigyopt",
+                                                    "schedulefree", "bitsandbytes"))
+    needs = needs_for(versions, platform)
+    missing, warnings = plan(needs, versions)
+    for warning in warnings:
+        print(warning)
+    constraints = host_constraints(versions)
+    required = [need for need in missing if not need.optional]
+    optional = [need for need in missing if need.optional]
+    status = 0
+    if required:
+        print(f"[dreambooth] installing {', '.join(need.install for need in required)}")
+        status = install(required, constraints, runner)
+    for need in optional:  # one by one: a missing wheel only costs its own feature
+        if install([need], constraints, runner) != 0:
+            print(f"[dreambooth] could not install {need.install}; {need.feature} will be unavailable.")
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

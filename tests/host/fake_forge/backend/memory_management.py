@@ -1,0 +1,9 @@
+calls = []
+
+
+def unload_all_models():
+    calls.append("unload_all_models")
+
+
+def soft_empty_cache():
+    calls.append("soft_empty_cache")

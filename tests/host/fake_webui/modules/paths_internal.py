@@ -1,0 +1,1 @@
+from modules.paths import models_path  # noqa: F401

@@ -1,0 +1,236 @@
+"""The web UI adapter against fake `modules` packages (A1111 1.10 names, Forge and SD.Next variants)."""
+
+from __future__ import annotations
+
+import importlib
+import threading
+import types
+from pathlib import Path
+
+import pytest
+from tests_host_support import HERE, purge_fakes
+
+from dreambooth.host.base import GenerationRequest, Host
+from dreambooth.host.webui import A1111, FORGE, SDNEXT, HostError, WebuiHost, call_tolerant, detect_flavour
+from dreambooth.service import TrainingService
+from dreambooth.store import ModelStore
+from dreambooth.train.events import LossRecord
+
+
+@pytest.fixture
+def webui(tmp_path: Path, monkeypatch):
+    """The fake A1111 on sys.path with a models folder holding one checkpoint; yields its modules."""
+    purge_fakes()
+    monkeypatch.syspath_prepend(str(HERE / "fake_webui"))
+    models = tmp_path / "models"
+    (models / "Stable-diffusion").mkdir(parents=True)
+    (models / "Stable-diffusion" / "base.safetensors").write_bytes(b"x")
+    shared = importlib.import_module("modules.shared")
+    shared.models_path = str(models)
+    importlib.import_module("modules.paths").models_path = str(models)
+    fakes = types.SimpleNamespace(shared=shared, models=models, tmp=tmp_path,
+                                  sd_models=importlib.import_module("modules.sd_models"),
+                                  processing=importlib.import_module("modules.processing"),
+                                  call_queue=importlib.import_module("modules.call_queue"),
+                                  networks=importlib.import_module("networks"))
+    yield fakes
+    purge_fakes()
+
+
+@pytest.fixture
+def forge(webui, monkeypatch):
+    monkeypatch.syspath_prepend(str(HERE / "fake_forge"))
+    webui.main_entry = importlib.import_module("modules_forge.main_entry")
+    webui.memory = importlib.import_module("backend.memory_management")
+    return webui
+
+
+def names(calls) -> list[str]:
+    return [call[0] for call in calls]
+
+
+def test_detects_a1111_and_builds_the_layout(webui):
+    host = WebuiHost()
+    assert host.flavour == A1111 and isinstance(host, Host)
+    assert host.name.startswith("AUTOMATIC1111")
+    assert host.layout.checkpoints_dir == webui.models / "Stable-diffusion"
+    assert host.layout.lora_dir == webui.models / "Lora"
+    assert host.layout.dreambooth_dir == webui.models / "dreambooth"
+
+
+def test_honours_ckpt_dir_lora_dir_and_our_flags(webui):
+    options = webui.shared.cmd_opts
+    options.ckpt_dir, options.lora_dir = str(webui.tmp / "ckpts"), str(webui.tmp / "loras")
+    options.dreambooth_models_path = str(webui.tmp / "db")
+    options.dreambooth_data_roots = f"{webui.tmp / 'a'}:{webui.tmp / 'b'}"
+    (webui.tmp / "ckpts").mkdir()
+    (webui.tmp / "ckpts" / "other.ckpt").write_bytes(b"x")
+    host = WebuiHost()
+    assert host.layout.checkpoints_dir == webui.tmp / "ckpts"
+    assert host.layout.lora_dir == webui.tmp / "loras" and host.layout.dreambooth_dir == webui.tmp / "db"
+    assert host.data_roots() == [webui.tmp / "a", webui.tmp / "b"]
+    assert sorted(p.name for p in host.list_checkpoints()) == ["base.safetensors", "other.ckpt"]
+
+
+def test_refresh_calls_list_models_and_lora_networks(webui):
+    host = WebuiHost()
+    new = webui.models / "Stable-diffusion" / "trained.safetensors"
+    new.write_bytes(b"x")
+    assert new in host.list_checkpoints()
+    host.refresh_loras()
+    assert "list_models" in names(webui.sd_models.calls) and webui.networks.refreshed == [True]
+
+
+def test_api_credentials_from_api_auth(webui):
+    webui.shared.cmd_opts.api_auth = "u:p"
+    assert WebuiHost().api_credentials() == {"u": "p"}
+
+
+def test_generate_builds_txt2img_with_the_measured_arguments(webui):
+    host = WebuiHost()
+    checkpoint = webui.models / "Stable-diffusion" / "base.safetensors"
+    images = host.generate(GenerationRequest("a dog", "blurry", seed=10, steps=12, cfg_scale=6.5, width=64,
+                                             height=48, count=5, batch_size=2, checkpoint=checkpoint))
+    assert [image.getpixel((0, 0))[0] for image in images] == [10, 11, 12, 13, 14]  # grid left out
+    created = webui.processing.created
+    assert [p.kwargs["batch_size"] for p in created] == [2, 2, 1]
+    assert [p.kwargs["seed"] for p in created] == [10, 12, 14]
+    first = created[0].kwargs
+    assert first["prompt"] == "a dog" and first["negative_prompt"] == "blurry" and first["n_iter"] == 1
+    assert (first["steps"], first["cfg_scale"], first["width"], first["height"]) == (12, 6.5, 64, 48)
+    assert first["do_not_save_samples"] is True and first["do_not_save_grid"] is True
+    assert first["sampler_name"] and "sd_model" in first
+    assert first["override_settings"] == {"sd_model_checkpoint": "base.safetensors [abc]"}
+    assert first["override_settings_restore_afterwards"] is True
+    assert all(p.closed for p in created)
+
+
+def test_generate_stops_when_the_host_is_interrupted(webui):
+    webui.shared.state.interrupted = True
+    assert WebuiHost().generate(GenerationRequest("x", count=3)) == []
+
+
+def test_unknown_checkpoint_is_a_clear_error(webui):
+    with pytest.raises(Exception, match="not in AUTOMATIC1111"):
+        WebuiHost().generate(GenerationRequest("x", checkpoint=webui.tmp / "elsewhere.safetensors"))
+
+
+def test_release_trashes_every_model_and_restore_reloads_it(webui):
+    sd_models = webui.sd_models
+    info = sd_models.CheckpointInfo(str(webui.models / "Stable-diffusion" / "base.safetensors"))
+    model, other = sd_models.FakeModel(info), sd_models.FakeModel(info)
+    sd_models.model_data.sd_model, sd_models.model_data.loaded_sd_models = model, [model, other]
+    sd_models.checkpoints_loaded["x"] = {"weights": 1}
+    host = WebuiHost()
+    host.release_model()
+    assert model.device == other.device == "meta"
+    assert sd_models.model_data.sd_model is None and sd_models.model_data.loaded_sd_models == []
+    assert sd_models.checkpoints_loaded == {} and "unload_model_weights" not in names(sd_models.calls)
+    host.restore_model()
+    assert sd_models.calls[-1] == ("load_model", info) and webui.shared.sd_model.sd_checkpoint_info is info
+
+
+def test_gpu_lock_takes_queue_lock_once_per_thread(webui):
+    host = WebuiHost()
+    lock = webui.call_queue.queue_lock
+    with host.gpu_lock():
+        with host.gpu_lock():  # nested use (service + trainer) must not take it again
+            assert lock.owner == threading.get_ident()
+        host.generate(GenerationRequest("x", count=1))  # generate never takes the lock itself
+    assert lock.acquisitions == 1 and lock.owner is None
+
+
+def test_training_through_the_service_never_takes_queue_lock_twice(webui):
+    host = WebuiHost()
+    info = webui.sd_models.CheckpointInfo(str(webui.models / "Stable-diffusion" / "base.safetensors"))
+    webui.sd_models.load_model(info)
+
+    class SamplingTrainer:
+        def __init__(self, config, host_arg, callbacks, commands):
+            self.host, self.callbacks = host_arg, callbacks
+
+        def run(self):
+            with self.host.gpu_lock():
+                self.host.generate(GenerationRequest("sample", count=1))
+            self.host.progress(0.5, "half way")
+            self.callbacks.on_loss(LossRecord(1, 0.1, {"unet": 1e-6}))
+
+    from dreambooth.config.schema import TrainingConfig
+
+    store = ModelStore(host.layout.ensure())
+    store.model("m").save_config(TrainingConfig())
+    service = TrainingService(host, store, trainer_factory=SamplingTrainer)
+    service.start("m")
+    status = service.wait(5)
+    assert status.state == "finished", status.error
+    assert webui.call_queue.queue_lock.acquisitions == 1
+    assert webui.shared.state.textinfo and webui.shared.sd_model is not None  # restored after the run
+    assert names(webui.sd_models.calls).count("load_model") == 2
+    assert webui.networks.refreshed  # the new LoRA/checkpoint lists were refreshed
+
+
+def test_progress_and_interrupt_use_shared_state(webui):
+    host = WebuiHost()
+    host.progress(0.25, "step 25/100")
+    state = webui.shared.state
+    assert state.sampling_step / state.sampling_steps == 0.25 and state.textinfo == "step 25/100"
+    assert state.job_count >= 1 and not host.interrupted()
+    state.interrupted = True
+    assert host.interrupted()
+
+
+def test_forge_selects_checkpoints_through_main_entry_and_releases_lazily(forge):
+    host = WebuiHost()
+    assert host.flavour == FORGE and host.name.startswith("Forge")
+    checkpoint = forge.models / "Stable-diffusion" / "base.safetensors"
+    host.generate(GenerationRequest("x", count=1, checkpoint=checkpoint))
+    created = forge.processing.created[0]
+    assert created.kwargs["override_settings"] == {}
+    assert created.checkpoint_during_processing == "base.safetensors [abc]"
+    assert forge.main_entry.changes[0] == ("base.safetensors [abc]", False, True)
+    assert forge.shared.opts.sd_model_checkpoint == "base.safetensors [abc]"  # the previous one, restored
+    forge.sd_models.model_data.sd_model = object()
+    forge.sd_models.model_data.forge_hash = "loaded"
+    host.release_model()
+    assert forge.sd_models.model_data.sd_model is None and forge.sd_models.model_data.forge_hash is None
+    assert forge.memory.calls == ["unload_all_models", "soft_empty_cache"]
+    host.restore_model()
+    assert forge.main_entry.refreshes and "load_model" not in names(forge.sd_models.calls)
+
+
+def test_sdnext_folders_from_opts_and_unload_reload(webui):
+    webui.shared.opts.ckpt_dir = str(webui.tmp / "sdnext-ckpt")
+    webui.shared.opts.lora_dir = str(webui.tmp / "sdnext-lora")
+    host = WebuiHost(flavour=SDNEXT)
+    assert host.layout.checkpoints_dir == webui.tmp / "sdnext-ckpt"
+    assert host.layout.lora_dir == webui.tmp / "sdnext-lora"
+    host.release_model()
+    host.restore_model()
+    assert webui.sd_models.calls[-2:] == [("unload_model_weights", "model"), ("reload_model_weights", "model")]
+
+
+def test_detect_flavour_markers(monkeypatch):
+    import importlib.util as util
+
+    real = util.find_spec
+    for marker, expected in (("modules_forge", FORGE), ("modules.modeldata", SDNEXT), (None, A1111)):
+        monkeypatch.setattr(util, "find_spec", lambda name, *a, m=marker: object() if name == m else None)
+        assert detect_flavour() == expected
+    monkeypatch.setattr(util, "find_spec", real)
+
+
+def test_missing_host_parts_name_the_host(webui, monkeypatch):
+    host = WebuiHost()
+    monkeypatch.delattr(webui.sd_models, "send_model_to_trash")
+    with pytest.raises(HostError, match=r"AUTOMATIC1111 .*send_model_to_trash"):
+        host.release_model()
+    with pytest.raises(HostError, match="modules.nonexistent"):
+        host.module("nonexistent")
+
+
+def test_call_tolerant_drops_unknown_keywords():
+    def old(name, save=True):
+        return (name, save)
+
+    assert call_tolerant(old, "x", save=False, refresh=True, preset=None) == ("x", False)
+    assert call_tolerant(lambda name, **kw: kw, "x", a=1) == {"a": 1}

@@ -1,0 +1,124 @@
+from __future__ import annotations
+
+import pickle
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from dreambooth.errors import ModelError
+from dreambooth.models.components import load_components
+from dreambooth.models.export import export_checkpoint
+from dreambooth.models.loading import create_model, detect_family, load_checkpoint, load_source, read_checkpoint
+from dreambooth.store import Layout, ModelStore
+
+
+def test_detect_family(demo_files: dict[str, Path]) -> None:
+    detected = {family: detect_family(read_checkpoint(path)[0]) for family, path in demo_files.items()}
+    assert detected == {"sd1": "sd1", "sd2": "sd2", "sd2v": "sd2", "sdxl": "sdxl"}
+
+
+def test_not_stable_diffusion_is_refused(tmp_path: Path) -> None:
+    save_file({"lora_unet_down.weight": torch.ones(2)}, str(tmp_path / "lora.safetensors"))
+    with pytest.raises(ModelError, match="not a Stable Diffusion checkpoint"):
+        load_checkpoint(tmp_path / "lora.safetensors")
+
+
+def test_truncated_safetensors_is_refused(demo_files: dict[str, Path], tmp_path: Path) -> None:
+    data = demo_files["sd1"].read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ModelError, match="cut.safetensors"):
+        load_checkpoint(tmp_path / "cut.safetensors")
+    (tmp_path / "noise.safetensors").write_bytes(b"\x00\x01garbage")
+    with pytest.raises(ModelError, match="noise.safetensors"):
+        load_checkpoint(tmp_path / "noise.safetensors")
+    with pytest.raises(ModelError, match="does not exist"):
+        load_checkpoint(tmp_path / "missing.safetensors")
+
+
+class _Exploit:
+    """Unpickling this object would create a marker file, proving code ran."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[object, tuple[str]]:
+        return (exec, (f"open({str(self.marker)!r}, 'w').write('pwned')",))
+
+
+def test_malicious_ckpt_is_refused_without_running(tmp_path: Path) -> None:
+    marker = tmp_path / "marker"
+    with open(tmp_path / "evil.ckpt", "wb") as handle:
+        pickle.dump({"state_dict": {"x": _Exploit(marker)}}, handle)
+    torch.save({"state_dict": {"w": torch.ones(1)}, "payload": _Exploit(marker)}, tmp_path / "evil2.ckpt")
+    for name in ("evil.ckpt", "evil2.ckpt"):
+        with pytest.raises(ModelError, match="never run"):
+            load_checkpoint(tmp_path / name)
+    assert not marker.exists()
+
+
+def test_ckpt_loads_like_safetensors(demo_files: dict[str, Path], tmp_path: Path) -> None:
+    tensors, _ = read_checkpoint(demo_files["sd1"])
+    torch.save({"state_dict": tensors, "global_step": 470000}, tmp_path / "model.ckpt")
+    assert read_checkpoint(tmp_path / "model.ckpt")[0].keys() == tensors.keys()
+    # A .ckpt has no metadata, so the tiny demo needs its configs; the file still gets read safely.
+    with pytest.raises(ModelError, match="unet"):
+        load_checkpoint(tmp_path / "model.ckpt")
+
+
+def _strip_metadata(source: Path, target: Path) -> Path:
+    tensors, metadata = read_checkpoint(source)
+    keep = {"dreambooth_configs": metadata["dreambooth_configs"]}
+    save_file(tensors, str(target), metadata=keep)
+    return target
+
+
+def test_v_prediction_from_yaml_metadata_or_caller(demo_files: dict[str, Path], tmp_path: Path) -> None:
+    assert load_checkpoint(demo_files["sd2v"]).prediction_type == "v_prediction"  # metadata
+    plain = _strip_metadata(demo_files["sd2v"], tmp_path / "plain.safetensors")
+    assert load_checkpoint(plain).family == "sd2"  # nothing tells: epsilon, as A1111 defaults
+    assert load_checkpoint(plain, prediction_type="v_prediction").family == "sd2v"  # the caller's choice
+    assert load_checkpoint(plain, family="sd2v").prediction_type == "v_prediction"
+    shutil.copy(demo_files["sd2v"].with_suffix(".yaml"), plain.with_suffix(".yaml"))
+    assert load_checkpoint(plain).family == "sd2v"  # the yaml beside it
+
+
+def test_family_mismatch_is_refused(demo_files: dict[str, Path]) -> None:
+    with pytest.raises(ModelError, match="sdxl"):
+        load_checkpoint(demo_files["sd1"], family="sdxl")
+
+
+@pytest.mark.parametrize("family", ["sd1", "sd2v", "sdxl"])
+def test_demo_create_export_round_trip(family: str, demo_files: dict[str, Path], tmp_path: Path) -> None:
+    store = ModelStore(Layout.under(tmp_path / "models").ensure())
+    model = create_model(store, "my-model", demo_files[family])
+    config = model.load_config()
+    assert (config.model_family, config.resolution) == (family, {"sd1": 512, "sd2v": 768, "sdxl": 1024}[family])
+    assert config.prediction_type == ("v_prediction" if family == "sd2v" else "epsilon")
+    assert config.base_checkpoint == str(demo_files[family])
+    out = export_checkpoint(load_components(model.working), tmp_path / "exported.safetensors")
+    original, _ = read_checkpoint(demo_files[family])
+    exported, _ = read_checkpoint(out)
+    assert exported.keys() == original.keys()
+    for key, value in original.items():
+        assert value.dtype == exported[key].dtype and torch.equal(value, exported[key]), key
+    assert out.with_suffix(".yaml").exists() == (family == "sd2v")
+    with pytest.raises(ModelError, match="already exists"):
+        create_model(store, "my-model", demo_files[family])
+
+
+def test_create_from_diffusers_folder(demo_files: dict[str, Path], tmp_path: Path) -> None:
+    store = ModelStore(Layout.under(tmp_path / "models").ensure())
+    first = create_model(store, "first", demo_files["sdxl"])
+    plain = tmp_path / "plain-diffusers"
+    shutil.copytree(first.working, plain)
+    (plain / "family.json").unlink()  # any diffusers folder, not only ours
+    (plain / "extras.safetensors").unlink()
+    components = load_source(plain)
+    assert components.family == "sdxl" and len(components.text_encoders) == 2
+    second = create_model(store, "second", plain)
+    assert second.load_config().model_family == "sdxl"
+    with pytest.raises(ModelError, match="model_index.json"):
+        load_source(tmp_path)

@@ -1,0 +1,113 @@
+"""Loss and noise building blocks: targets, min-SNR, huber, masks, offset/pyramid noise, zero-terminal SNR."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from dreambooth.errors import ConfigError
+from dreambooth.models.components import make_noise_scheduler
+from dreambooth.train import loss, noise
+
+
+def test_v_prediction_target_is_the_velocity() -> None:
+    scheduler = make_noise_scheduler("sd2v")
+    latents, eps = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    t = torch.tensor([10, 900])
+    alpha = scheduler.alphas_cumprod[t].sqrt().view(-1, 1, 1, 1)
+    sigma = (1 - scheduler.alphas_cumprod[t]).sqrt().view(-1, 1, 1, 1)
+    v = loss.target(scheduler, latents, eps, t, "v_prediction")
+    assert torch.allclose(v, alpha * eps - sigma * latents, atol=1e-5)
+    assert torch.equal(loss.target(scheduler, latents, eps, t, "epsilon"), eps)
+    with pytest.raises(ConfigError, match="prediction_type"):
+        loss.target(scheduler, latents, eps, t, "sample")
+
+
+def test_min_snr_weights_follow_the_formula_for_both_prediction_types() -> None:
+    snr = torch.tensor([0.5, 5.0, 50.0])
+    assert torch.allclose(loss.min_snr_weights(snr, 5.0, "epsilon"), torch.tensor([1.0, 1.0, 0.1]))
+    assert torch.allclose(loss.min_snr_weights(snr, 5.0, "v_prediction"), torch.tensor([0.5 / 1.5, 5 / 6, 5 / 51]))
+    # SNR 0 (zero-terminal schedule) gives a finite weight
+    assert torch.isfinite(loss.min_snr_weights(torch.tensor([0.0]), 5.0, "epsilon")).all()
+
+
+def test_compute_snr_decreases_with_timestep() -> None:
+    scheduler = make_noise_scheduler("sd1")
+    snr = loss.compute_snr(scheduler.alphas_cumprod, torch.tensor([0, 500, 999]))
+    assert snr[0] > snr[1] > snr[2] > 0
+
+
+def test_huber_is_quadratic_near_zero_and_linear_far_away() -> None:
+    zero = torch.zeros(1)
+    small = loss.elementwise_loss(torch.tensor([0.01]), zero, "huber", 1.0)
+    assert torch.allclose(small, torch.tensor([0.01**2]), rtol=1e-2)
+    big_a = loss.elementwise_loss(torch.tensor([10.0]), zero, "huber", 0.1)
+    big_b = loss.elementwise_loss(torch.tensor([20.0]), zero, "huber", 0.1)
+    assert torch.allclose(big_b - big_a, torch.tensor([2.0]), rtol=1e-2)  # slope 2c
+    l1 = loss.elementwise_loss(torch.tensor([3.0]), zero, "smooth_l1", 0.1)
+    assert torch.allclose(l1, torch.tensor([3.0 - 0.05]))
+    with pytest.raises(ConfigError, match="loss_type"):
+        loss.elementwise_loss(zero, zero, "l3", 0.1)
+
+
+def test_mask_weights_and_area_normalisation() -> None:
+    elements = torch.ones(1, 4, 2, 2)
+    mask = torch.tensor([[[[1.0, 0.0], [0.0, 0.0]]]])
+    weights = loss.mask_weights(mask, 0.1)
+    assert torch.allclose(weights, torch.tensor([[[[1.0, 0.1], [0.1, 0.1]]]]))
+    plain = loss.per_sample_loss(elements, weights, False)
+    normalised = loss.per_sample_loss(elements, weights, True)
+    assert torch.allclose(plain, torch.tensor([weights.mean()]))
+    assert torch.allclose(normalised, torch.tensor([1.0]))
+
+
+def test_batch_loss_weights_each_sample() -> None:
+    per_sample = torch.tensor([2.0, 4.0])
+    assert loss.batch_loss(per_sample, torch.tensor([1.0, 0.0])) == 1.0
+    assert loss.batch_loss(per_sample, torch.tensor([1.0, 0.5])) == 2.0
+
+
+def _noise_config(**values: float) -> SimpleNamespace:
+    base = {"offset_noise": 0.0, "pyramid_noise_iterations": 0, "pyramid_noise_discount": 0.3,
+            "input_perturbation": 0.0}
+    return SimpleNamespace(**{**base, **values})
+
+
+def test_noise_is_a_function_of_seed_and_step_only() -> None:
+    a = noise.batch_noise((4, 8, 8), [1, 2], 3, _noise_config(), 1000)
+    b = noise.batch_noise((4, 8, 8), [2], 3, _noise_config(), 1000)
+    assert torch.equal(a[0][1], b[0][0]) and a[2][1] == b[2][0]
+    c = noise.batch_noise((4, 8, 8), [1, 2], 4, _noise_config(), 1000)
+    assert not torch.equal(a[0], c[0])
+
+
+def test_offset_noise_shifts_channel_means() -> None:
+    plain = noise.batch_noise((4, 16, 16), list(range(64)), 0, _noise_config(), 1000)[0]
+    offset = noise.batch_noise((4, 16, 16), list(range(64)), 0, _noise_config(offset_noise=0.5), 1000)[0]
+    spread = lambda x: x.mean(dim=(2, 3)).std()  # noqa: E731
+    assert spread(offset) > 2 * spread(plain)
+
+
+def test_pyramid_noise_is_unit_variance_and_spatially_correlated() -> None:
+    generator = torch.Generator().manual_seed(0)
+    pyramid = noise.pyramid_noise((4, 32, 32), generator, 6, 0.8)
+    white = torch.randn(4, 32, 32, generator=generator)
+    assert abs(float(pyramid.std()) - 1.0) < 1e-4
+    neighbour = lambda x: float((x[:, :, 1:] * x[:, :, :-1]).mean())  # noqa: E731
+    assert neighbour(pyramid) > neighbour(white) + 0.2
+
+
+def test_input_perturbation_changes_only_the_input_noise() -> None:
+    target, model_input, _ = noise.batch_noise((4, 8, 8), [5], 0, _noise_config(input_perturbation=0.1), 1000)
+    clean_target, clean_input, _ = noise.batch_noise((4, 8, 8), [5], 0, _noise_config(), 1000)
+    assert torch.equal(target, clean_target) and torch.equal(clean_input, clean_target)
+    assert not torch.equal(model_input, target)
+
+
+def test_zero_terminal_snr_rescales_the_schedule() -> None:
+    scheduler = make_noise_scheduler("sd1")
+    assert noise.training_scheduler(scheduler, False) is scheduler
+    rescaled = noise.training_scheduler(scheduler, True)
+    assert float(rescaled.alphas_cumprod[-1]) < 1e-6 < float(scheduler.alphas_cumprod[-1])
