@@ -340,13 +340,11 @@ def test_export_writes_new_files_into_the_checkpoints_folder(store):
 
 
 def test_create_from_a_real_checkpoint_applies_host_defaults(store):
-    from dreambooth.models.components import save_components
-    from dreambooth.models.tiny import tiny_components
+    from dreambooth.models.demo import write_demo_checkpoint
 
     service, host = make_service(store)
     host.config_defaults = lambda: {"save_precision": "fp32"}
-    save_components(tiny_components("sd1"), store.existing("dog").working)
-    exported = service.export("dog")
+    exported = write_demo_checkpoint("sd1", store.layout.checkpoints_dir / "tiny.safetensors")
     model = service.create_model("copy", Path(exported.name))
     config = model.load_config()
     assert (model.working / "model_index.json").is_file() and config.model_family == "sd1"

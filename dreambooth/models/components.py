@@ -18,7 +18,6 @@ from typing import Any
 
 import torch
 
-from ..atomic import write_json
 from ..errors import ModelError
 from .tokenizer import BOS, EOS, load_tokenizer_folder, write_tokenizer_folder
 
@@ -85,7 +84,7 @@ def model_index(components: Components) -> dict[str, Any]:
         "_diffusers_version": diffusers.__version__,
         "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
         "scheduler": ["diffusers", type(components.noise_scheduler).__name__]}
-    for encoder, (te_name, tok_name) in zip(components.text_encoders, _te_folders(2)):
+    for encoder, (te_name, tok_name) in zip(components.text_encoders, _te_folders(len(components.text_encoders)), strict=True):
         index[te_name] = ["transformers", type(encoder).__name__]
         index[tok_name] = ["transformers", "CLIPTokenizer"]
     if components.is_sdxl:
@@ -105,7 +104,8 @@ def write_components(components: Components, folder: Path) -> None:
 
     components.unet.save_pretrained(folder / "unet", safe_serialization=True)
     components.vae.save_pretrained(folder / "vae", safe_serialization=True)
-    pairs = zip(components.text_encoders, components.tokenizers, _te_folders(len(components.text_encoders)))
+    pairs = zip(components.text_encoders, components.tokenizers, _te_folders(len(components.text_encoders)),
+                strict=True)
     for encoder, tokenizer, (te_name, tok_name) in pairs:
         encoder.save_pretrained(folder / te_name, safe_serialization=True)
         write_tokenizer_folder(folder / tok_name, _pad_token(tokenizer))

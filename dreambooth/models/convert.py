@@ -235,7 +235,7 @@ def ldm_to_clip_l(checkpoint: Mapping[str, torch.Tensor], prefix: str) -> dict[s
 def _split_qkv(key: str, value: torch.Tensor) -> dict[str, torch.Tensor]:
     base = key.replace("attn.in_proj_", "self_attn.").rsplit(".", 1)[0]
     kind = "weight" if key.endswith("weight") else "bias"
-    return {f"{base}.{name}.{kind}": part for name, part in zip(QKV, value.chunk(3, dim=0))}
+    return {f"{base}.{name}.{kind}": part for name, part in zip(QKV, value.chunk(3, dim=0), strict=True)}
 
 
 def ldm_to_open_clip(checkpoint: Mapping[str, torch.Tensor], prefix: str, layers: int,

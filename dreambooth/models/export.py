@@ -20,7 +20,14 @@ import torch
 from ..atomic import save_safetensors, write_text
 from ..errors import ModelError
 from .components import Components
-from .convert import CLIP_L_PREFIXES, OPEN_CLIP_PREFIXES, clip_l_to_ldm, open_clip_to_ldm, unet_to_ldm, vae_to_ldm
+from .convert import (
+    CLIP_L_PREFIXES,
+    OPEN_CLIP_PREFIXES,
+    clip_l_to_ldm,
+    open_clip_to_ldm,
+    unet_to_ldm,
+    vae_to_ldm,
+)
 
 logger = logging.getLogger(__name__)
 

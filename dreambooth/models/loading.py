@@ -231,7 +231,7 @@ def components_from_state_dict(state: Mapping[str, torch.Tensor], family: str, p
     te_names = ["text_encoder", "text_encoder_2"] if family == "sdxl" else ["text_encoder"]
     weights = _text_encoder_weights(state, family, configs)
     encoders = [load_text_encoder(configs[name], w, name == "text_encoder_2", dtype)
-                for name, w in zip(te_names, weights)]
+                for name, w in zip(te_names, weights, strict=True)]
     components = Components(family=family, unet=unet, vae=vae, text_encoders=encoders,
                             tokenizers=[load_clip_tokenizer(pad) for pad in PAD_TOKENS[family]],
                             noise_scheduler=make_noise_scheduler(family, prediction_type),
@@ -263,7 +263,7 @@ def _folder_family(folder: Path, index: Mapping[str, Any]) -> str:
 
 def _folder_tokenizers(folder: Path, family: str) -> list[Any]:
     tokenizers = []
-    for name, pad in zip(("tokenizer", "tokenizer_2"), PAD_TOKENS[family]):
+    for name, pad in zip(("tokenizer", "tokenizer_2")[:len(PAD_TOKENS[family])], PAD_TOKENS[family], strict=True):
         has_files = (folder / name / "vocab.json").is_file() and (folder / name / "merges.txt").is_file()
         tokenizers.append(load_tokenizer_folder(folder / name) if has_files else load_clip_tokenizer(pad))
     return tokenizers

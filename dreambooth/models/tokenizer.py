@@ -33,7 +33,7 @@ def bytes_to_unicode() -> dict[int, str]:
             printable.append(byte)
             codes.append(256 + extra)
             extra += 1
-    return dict(zip(printable, (chr(code) for code in codes)))
+    return dict(zip(printable, (chr(code) for code in codes), strict=True))
 
 
 def read_merges(gz_path: str | Path) -> list[tuple[str, str]]:

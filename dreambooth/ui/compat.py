@@ -27,6 +27,13 @@ def supported(factory: Callable[..., Any], **kwargs: Any) -> dict[str, Any]:
     return {key: value for key, value in kwargs.items() if key in names}
 
 
+def private() -> dict[str, Any]:
+    """Keep an event off the API page: api_visibility="private" where gradio has it, else api_name=False."""
+    if "api_visibility" in _parameters(gr.Blocks.load):
+        return {"api_visibility": "private"}
+    return {"api_name": False}
+
+
 def has_timer() -> bool:
     """gradio >= 4.40 has gr.Timer; 3.41 polls with `every=` on a load event instead."""
     return hasattr(gr, "Timer")
@@ -85,9 +92,9 @@ def poll(blocks: Any, fn: Callable[..., Any], inputs: list[Any], outputs: list[A
     """
     if has_timer():
         timer = gr.Timer(POLL_SECONDS)
-        timer.tick(fn, inputs, outputs, show_progress="hidden", api_name=False)
+        timer.tick(fn, inputs, outputs, show_progress="hidden", **private())
         return timer
-    return blocks.load(fn, inputs, outputs, every=POLL_SECONDS, show_progress="hidden", api_name=False)
+    return blocks.load(fn, inputs, outputs, every=POLL_SECONDS, show_progress="hidden", **private())
 
 
 def head_argument(head_html: str) -> dict[str, str]:

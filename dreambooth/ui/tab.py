@@ -252,15 +252,15 @@ class DreamboothTab:
         # A (re)loaded page shows the current model list and the selected model's saved config.
         form_out = self.form + self.panels + [self.message]
         refreshed = blocks.load(guarded(self.on_refresh_models, 2), [self.model], [self.model, self.message],
-                                show_progress="hidden", api_name=False)
+                                show_progress="hidden", **compat.private())
         refreshed.then(guarded(self.on_select, len(form_out)), [self.model], form_out, show_progress="hidden",
-                       api_name=False)
+                       **compat.private())
 
     def _event(self, trigger: Any, fn: Callable[..., list[Any]], inputs: list[Any], outputs: list[Any],
                api_name: str | None = None) -> Any:
         # Unnamed events stay out of the API page; named ones are what gradio_client tests call.
-        return trigger(guarded(fn, len(outputs)), inputs, outputs, show_progress="minimal",
-                       api_name=api_name or False)
+        naming = {"api_name": api_name} if api_name else compat.private()
+        return trigger(guarded(fn, len(outputs)), inputs, outputs, show_progress="minimal", **naming)
 
     def _wire_models(self) -> None:
         form_out = self.form + self.panels + [self.message]

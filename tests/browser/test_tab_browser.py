@@ -125,7 +125,7 @@ def progress(driver: Any) -> dict[str, str]:
 
 
 def message(driver: Any) -> str:
-    return find(driver, "#db_message").text
+    return find(driver, "#db_message").get_attribute("textContent") or ""
 
 
 def open_accordion(driver: Any, elem_id: str) -> None:
@@ -136,6 +136,11 @@ def test_train_watch_cancel_and_create_in_the_browser(browser: Any, app: Any) ->
     driver = browser
     driver.get(app.url)
     wait_for(lambda: find(driver, "#dreambooth_tab #db_train"), "the tab")
+    # The page loads the selected model's saved config (the demo model on a first run).
+    wait_for(lambda: find(driver, "#db_model_name textarea, #db_model_name input").get_attribute("value") == "demo",
+             "the demo model's config")
+    wait_for(lambda: find(driver, "#db_c0_instance_prompt textarea, #db_c0_instance_prompt input")
+             .get_attribute("value") == "[filewords]", "the demo concept")
     shot(driver, "01-loaded")
 
     # Tooltips come from the schema's help texts.
@@ -173,7 +178,7 @@ def test_train_watch_cancel_and_create_in_the_browser(browser: Any, app: Any) ->
     shot(driver, "03-training")
     wait_for(lambda: progress(driver)["state"] == "finished", "the run to finish")
     assert "80" == progress(driver)["total"]
-    assert not find(driver, "#db_run_error").text.strip()
+    assert not find(driver, "#db_run_error").get_attribute("textContent").strip()
     shot(driver, "04-finished")
 
     # A second run: reload while it runs (the page resumes showing it), then cancel it.
@@ -184,7 +189,7 @@ def test_train_watch_cancel_and_create_in_the_browser(browser: Any, app: Any) ->
     shot(driver, "05-after-reload")
     find(driver, "#db_cancel").click()
     wait_for(lambda: progress(driver)["state"] == "finished", "the cancelled run to stop")
-    wait_for(lambda: "Stopped" in find(driver, "#db_status").text, "the stopped status")
+    wait_for(lambda: "Stopped" in find(driver, "#db_status").get_attribute("textContent"), "the stopped status")
     assert int(progress(driver)["step"]) < 80
     shot(driver, "06-cancelled")
 

@@ -52,11 +52,14 @@ def test_generates_count_images_with_consecutive_seeds(host, tiny_model_dir):
     assert np.abs(pixels(batch[0]) - pixels(alone)).max() > 2
 
 
-def test_pipeline_is_cached_and_freed_by_release(host, tiny_model_dir):
+def test_pipeline_is_cached_and_freed_by_release(tmp_path, tiny_model_dir):
+    loaded: list[Path] = []
+    host = EmbeddedHost(Layout.under(tmp_path / "models"), device="cpu",
+                        folder_loader=lambda folder: loaded.append(folder) or object())
     first = host.pipeline(request(tiny_model_dir))
-    assert host.pipeline(request(tiny_model_dir)) is first
+    assert host.pipeline(request(tiny_model_dir)) is first and loaded == [tiny_model_dir]
     host.release_model()
-    assert host.pipeline(request(tiny_model_dir)) is not first
+    assert host.pipeline(request(tiny_model_dir)) is not first and len(loaded) == 2
 
 
 def test_checkpoint_requests_use_the_checkpoint_loader(tmp_path):
@@ -118,10 +121,9 @@ def test_gpu_lock_is_reentrant_and_exclusive(host):
 
 
 def test_generates_from_a_single_file_checkpoint(host, tiny_model_dir):
-    from dreambooth.models.components import load_components
-    from dreambooth.models.export import export_checkpoint
+    from dreambooth.models.demo import write_demo_checkpoint
 
-    checkpoint = export_checkpoint(load_components(tiny_model_dir), host.layout.checkpoints_dir / "tiny.safetensors")
+    checkpoint = write_demo_checkpoint("sd1", host.layout.checkpoints_dir / "tiny.safetensors", seed=0)
     images = host.generate(GenerationRequest("a dog", seed=5, steps=1, width=32, height=32, count=1,
                                              checkpoint=checkpoint))
     from_folder = host.generate(request(tiny_model_dir))

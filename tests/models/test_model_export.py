@@ -162,3 +162,12 @@ def test_file_without_text_model_prefix_imports(demo_files: dict[str, Path], tmp
     again, _ = read_checkpoint(export_checkpoint(loaded, tmp_path / "out.safetensors"))
     assert again.keys() == tensors.keys()
     assert all(torch.equal(again[key], tensors[key]) for key in tensors)
+
+
+def test_half_precision_file_round_trips_exactly(tmp_path: Path) -> None:
+    first = _export_tiny("sd1", tmp_path / "half.safetensors", precision="fp16")
+    second = export_checkpoint(load_checkpoint(first), tmp_path / "again.safetensors", precision="fp16")
+    original, _ = read_checkpoint(first)
+    again, _ = read_checkpoint(second)
+    assert original.keys() == again.keys()
+    assert all(original[key].dtype == again[key].dtype and torch.equal(original[key], again[key]) for key in original)

@@ -11,7 +11,13 @@ from safetensors.torch import save_file
 from dreambooth.errors import ModelError
 from dreambooth.models.components import load_components
 from dreambooth.models.export import export_checkpoint
-from dreambooth.models.loading import create_model, detect_family, load_checkpoint, load_source, read_checkpoint
+from dreambooth.models.loading import (
+    create_model,
+    detect_family,
+    load_checkpoint,
+    load_source,
+    read_checkpoint,
+)
 from dreambooth.store import Layout, ModelStore
 
 
@@ -122,3 +128,10 @@ def test_create_from_diffusers_folder(demo_files: dict[str, Path], tmp_path: Pat
     assert second.load_config().model_family == "sdxl"
     with pytest.raises(ModelError, match="model_index.json"):
         load_source(tmp_path)
+
+
+def test_failed_create_leaves_no_model(tmp_path: Path) -> None:
+    store = ModelStore(Layout.under(tmp_path / "models").ensure())
+    with pytest.raises(ModelError, match="does not exist"):
+        create_model(store, "ghost", tmp_path / "missing.safetensors")
+    assert store.names() == [] and not (store.layout.dreambooth_dir / "ghost").exists()

@@ -65,6 +65,7 @@ class Env:
     def __init__(self, root: Path, working: Path, family: str = "sd1"):
         self.root = root
         self.layout = Layout.under(root / "models").ensure()
+        self.base_working = working
         self.model = ModelStore(self.layout).model("tiny")
         shutil.copytree(working, self.model.working)
         self.config = base_config("tiny", root, model_family=family)
@@ -85,7 +86,9 @@ class Env:
         return Trainer(self.configured(**overrides), self.host, callbacks, commands, resume=resume)
 
     def fresh(self) -> None:
-        """Forget outputs of earlier runs (snapshots, samples, logs, exports), keep the base weights."""
+        """Forget earlier runs: base weights back in working/, no snapshots, samples, logs or exports."""
+        shutil.rmtree(self.model.working)
+        shutil.copytree(self.base_working, self.model.working)
         for folder in (self.model.snapshots, self.model.samples, self.model.logging, self.layout.lora_dir,
                        self.layout.checkpoints_dir):
             shutil.rmtree(folder, ignore_errors=True)

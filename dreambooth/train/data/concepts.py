@@ -54,7 +54,11 @@ def expand_concepts(config: TrainingConfig) -> tuple[list[Concept], list[tuple[P
         if folder is None or not folder.is_dir():
             concepts.append(concept)
             continue
-        subfolders = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+        try:
+            subfolders = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+        except OSError:  # unreadable: the scan reports it for this concept
+            concepts.append(concept)
+            continue
         kohya = [(p, kohya_parts(p.name)) for p in subfolders if kohya_parts(p.name)]
         if not kohya or _has_images(folder):
             concepts.append(concept)

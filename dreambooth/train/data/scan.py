@@ -140,6 +140,10 @@ def _folder_error(label: str, folder: Path | None) -> str | None:
     if folder is None:
         return f"{label}: 'Instance images folder' is empty; set it to the folder that holds your images."
     if folder.is_dir():
+        try:
+            next(folder.iterdir(), None)
+        except OSError as error:
+            return f"{label}: instance images folder {folder} cannot be read ({error.strerror}); check its permissions."
         return None
     hint = " (a Windows path does not work on Linux)" if "\\" in str(folder) or ":" in str(folder)[:3] else ""
     what = "is not a folder" if folder.exists() else "does not exist"
@@ -154,7 +158,12 @@ def _empty_error(label: str, folder: Path, skipped: list[tuple[Path, str]]) -> s
 def _scan_folder(folder: Path, scan: ConceptScan, config: TrainingConfig, specs: list[BucketSpec],
                  is_class: bool) -> list[ImageRecord]:
     records = []
-    for path in sorted(folder.iterdir()):
+    try:
+        entries = sorted(folder.iterdir())
+    except OSError as error:
+        scan.skipped.append((folder, f"folder {folder} cannot be read ({error.strerror}); check its permissions"))
+        return records
+    for path in entries:
         if not path.is_file():
             continue
         reason = _unusable_name(path)

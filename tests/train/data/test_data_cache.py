@@ -127,15 +127,3 @@ def test_resolution_change_is_a_miss(tmp_path: Path, item) -> None:
                                                                  batch_item.bucket[0] // 8)
     assert (encode.calls, cache.hits) == (2, 1)
 
-
-def test_latents_come_back_on_the_cpu_for_hits_and_misses(tmp_path: Path, item) -> None:
-    batch_item, config = item
-
-    def encode_meta(pixels: torch.Tensor) -> torch.Tensor:     # an encoder on another device
-        return torch.nn.functional.avg_pool2d(pixels, 8).repeat(1, 2, 1, 1)[:, :4].to("meta").to("cpu")
-
-    for mode in ("off", "memory", "disk"):
-        cache = LatentCache(mode, tmp_path / mode)
-        results = [cache.get(batch_item, config, encode_meta) for _ in range(2)]
-        assert all(r.device.type == "cpu" for r in results)
-        assert torch.stack(results).shape == (2, 4, 8, 8)

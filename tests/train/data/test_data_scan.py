@@ -200,3 +200,32 @@ def test_scan_leaves_files_untouched(tmp_path: Path, make_image, config_for) -> 
     assert len(plan.skipped) == 2
     assert any("bad.jpg" in w and "0-byte" in w for w in warnings) and any("trunc.png" in w for w in warnings)
     assert {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in (tmp_path / "d").iterdir()} == before
+
+
+def test_unreadable_folders_are_reported(tmp_path: Path, make_image, config_for, monkeypatch) -> None:
+    make_image(tmp_path / "d" / "a.png")
+    make_image(tmp_path / "cls" / "c.png")
+    locked = {tmp_path / "d"}
+    real_iterdir = Path.iterdir
+
+    def iterdir(self: Path):
+        if self in locked:
+            raise PermissionError(13, "Permission denied")
+        return real_iterdir(self)
+
+    monkeypatch.setattr(Path, "iterdir", iterdir)
+    with pytest.raises(DataError, match="cannot be read.*permissions"):
+        scan_dataset(config_for("d"))
+    locked.clear()
+    locked.add(tmp_path / "cls")
+    config = config_for("d", concept={"class_data_dir": str(tmp_path / "cls")}, with_prior_preservation=True)
+    plan = scan_dataset(config)
+    assert plan.class_images == [] and plan.skipped[0][0] == tmp_path / "cls"
+
+
+def test_preview_shows_unread_kohya_siblings(tmp_path: Path, make_image, config_for) -> None:
+    make_image(tmp_path / "train" / "4_sks dog" / "a.png")
+    (tmp_path / "train" / "misc").mkdir()
+    rows = dataset_preview(config_for("train"), None)
+    assert [(r["instance_token"], r["repeats"]) for r in rows] == [("sks", 4)]
+    assert any(p.endswith("misc") for p, _ in rows[0]["skipped"])
