@@ -349,13 +349,21 @@ class TrainingService:
         if values:
             model.save_config(apply_overrides(model.load_config(), values))
 
-    def generate_class_images(self, model_name: str) -> list[Path]:
+    def generate_class_images(self, model_name: str) -> int:
         """Generate the missing class images of every concept through the host's txt2img pipeline."""
-        from .host.class_images import generate_missing
+        from .train.data.class_images import base_checkpoint_path, generate_class_images
 
-        def work(model: ModelDir) -> list[Path]:
+        def work(model: ModelDir) -> int:
+            config = model.load_config()
             collector = StatusCollector(self._status, self._lock, self.host)
-            return generate_missing(model, model.load_config(), self.host, collector, self.host.interrupted)
+
+            def report(done: int, total: int) -> None:
+                collector.on_status(f"Generating class images: {done}/{total}")
+
+            checkpoint = base_checkpoint_path(config.base_checkpoint, self.host.layout.checkpoints_dir)
+            model_dir = model.working if model.working.is_dir() else None
+            return generate_class_images(config, model.class_images, self.host, on_progress=report,
+                                         checkpoint=checkpoint, model_dir=model_dir)
 
         return self.run_job(model_name, "class_images", work)
 
@@ -381,7 +389,8 @@ class TrainingService:
         """Export the model's trained LoRA into the host's LoRA folder."""
 
         def work(model: ModelDir) -> Path:
-            export = optional_function("train.lora", "export_lora", "LoRA export")
+            # Needs the trained adapter from the model folder: train.lora.export_model_lora (to be provided).
+            export = optional_function("train.lora", "export_model_lora", "LoRA export on demand")
             config = model.load_config()
             target = unused_path(self.host.layout.lora_dir, model.name)
             export(model, config, target, precision or config.save_precision)

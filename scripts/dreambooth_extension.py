@@ -15,9 +15,7 @@ EXTENSION_ROOT = Path(__file__).resolve().parent.parent
 if str(EXTENSION_ROOT) not in sys.path:
     sys.path.insert(0, str(EXTENSION_ROOT))
 
-from modules import script_callbacks  # noqa: E402
-
-from dreambooth.host.webui import WebuiHost  # noqa: E402
+from dreambooth.host.webui import WebuiHost, register_callbacks  # noqa: E402
 from dreambooth.service import TrainingService  # noqa: E402
 
 TAB_TITLE, TAB_ID = "DreamBooth", "dreambooth_interface"
@@ -50,6 +48,4 @@ def on_app_started(demo: Any, app: Any) -> None:
     register_api(app, service, service.store, auth=host.api_credentials(), data_roots=host.data_roots())
 
 
-script_callbacks.on_ui_tabs(on_ui_tabs)
-script_callbacks.on_ui_settings(on_ui_settings)
-script_callbacks.on_app_started(on_app_started)
+register_callbacks(on_ui_tabs, on_ui_settings, on_app_started)

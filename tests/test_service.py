@@ -252,7 +252,8 @@ def test_apply_overrides_does_not_touch_original():
 def test_class_images_job_generates_through_host_under_lock(store):
     service, host = make_service(store)
     written = service.generate_class_images("dog")
-    assert len(written) == 3 and all(p.is_file() for p in written)
+    images = sorted(store.model("dog").class_images.rglob("*.png"))
+    assert written == 3 and len(images) == 3
     assert host.call_names()[0] == "gpu_lock" and len(host.requests) >= 1
     status = service.status()
     assert status.state == FINISHED and status.job == "class_images"

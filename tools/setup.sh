@@ -16,4 +16,8 @@ python3 -m venv "$venv"
 "$venv/bin/python" -m pip install -q --upgrade pip >/dev/null 2>&1 || true
 "$venv/bin/python" -m pip install -q -c "$root/tools/constraints.txt" torch==2.13.0
 "$venv/bin/python" -m pip install -q -c "$root/tools/constraints.txt" -r "$reqs"
+# open_clip_torch only provides the CLIP BPE file the tokenizer test rebuilds from; its dependencies would pull
+# torchvision, whose only 2.13 build is CUDA-linked and breaks transformers' image imports on CPU.
+"$venv/bin/python" -m pip install -q --no-deps open_clip_torch
+"$venv/bin/python" -m pip uninstall -y -q torchvision >/dev/null 2>&1 || true
 echo "$want" > "$stamp"

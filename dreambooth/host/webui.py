@@ -360,3 +360,13 @@ class WebuiHost:
             p.close()
         first = getattr(processed, "index_of_first_image", 0)  # a grid may come first
         return list(processed.images[first:first + size])
+
+
+def register_callbacks(on_ui_tabs: Callable[[], Any], on_ui_settings: Callable[[], None],
+                       on_app_started: Callable[[Any, Any], None]) -> None:
+    """Register the extension's callbacks with the web UI (A1111, Forge and SD.Next share this API)."""
+    import modules.script_callbacks as script_callbacks
+
+    script_callbacks.on_ui_tabs(on_ui_tabs)
+    script_callbacks.on_ui_settings(on_ui_settings)
+    script_callbacks.on_app_started(on_app_started)

@@ -56,7 +56,7 @@ class PrecisionWarning(UserWarning):
 def model_parts(components: Any) -> dict[str, Any]:
     """The trainable models of `components` by part name (unet, text_encoder, text_encoder_2)."""
     parts = {"unet": components.unet}
-    parts.update(zip(PART_NAMES[1:], components.text_encoders))
+    parts.update(zip(PART_NAMES[1:], components.text_encoders, strict=False))
     return parts
 
 

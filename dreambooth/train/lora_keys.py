@@ -221,7 +221,7 @@ def host_layer_mapping(family: str, unet: Any | None, text_encoders: list[Any]) 
         modules = dict(unet.named_modules())
         for name, ldm in unet_ldm_names(unet).items():
             mapping[f"diffusion_model_{underscored(ldm)}"] = HostLayer(modules[name])
-    for (prefix, is_openclip), encoder in zip(HOST_TE_LAYOUT[family], text_encoders):
+    for (prefix, is_openclip), encoder in zip(HOST_TE_LAYOUT[family], text_encoders, strict=False):
         mapping.update(_host_te_layers(prefix, is_openclip, encoder))
     return mapping
 

@@ -67,8 +67,13 @@ def _hidden(encoder: Any, ids: torch.Tensor, clip_skip: int, sdxl: bool) -> tupl
         return hidden, pooled
     if clip_skip <= 1:
         return output.last_hidden_state, None
-    text_model = getattr(encoder, "module", encoder).text_model
-    return text_model.final_layer_norm(output.hidden_states[-clip_skip]), None
+    return final_layer_norm(encoder)(output.hidden_states[-clip_skip]), None
+
+
+def final_layer_norm(encoder: Any) -> Any:
+    """The encoder's last LayerNorm (transformers 4 nests it in .text_model, 5 does not; DDP in .module)."""
+    model = getattr(encoder, "module", encoder)
+    return getattr(model, "text_model", model).final_layer_norm
 
 
 def encode_with(encoder: Any, ids: torch.Tensor, clip_skip: int, sdxl: bool) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -80,6 +80,14 @@ class _Warnings:
             self.callbacks.on_warning(text)
 
 
+def seed_everything(seed: int) -> None:
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
 def resolve_seed(seed: int) -> int:
     return random.SystemRandom().randrange(0, 2**31 - 1) if seed < 0 else seed
 
@@ -162,9 +170,12 @@ class Trainer:
         resume_from = snapshots.resumable_snapshot(self.model_dir.snapshots) if self.resume else None
         meta = snapshots.read_meta(resume_from) if resume_from else {}
         self.seed = int(meta.get("seed", resolve_seed(config.seed)))
+        # LoRA initialisation and dropout draw from the global generators: seed them from the run's seed.
+        seed_everything(self.seed)
         self._load_model(config)
         self._load_data(config)
         self._build_optimizer(config)
+        self._reset_meters(config)
         state = _State()
         if resume_from is not None:
             state = self._restore(resume_from)
@@ -262,6 +273,15 @@ class Trainer:
         self.scaler = torch.amp.GradScaler("cuda") if config.mixed_precision == "fp16" else None
         self.train_log = TrainLog(self.model_dir.logging, self.group_names, len(config.concepts), self.is_main)
 
+    def _reset_meters(self, config: TrainingConfig) -> None:
+        self.saved: list[Path] = []
+        self.intermediate: list[Path] = []
+        self.last_loss: float | None = None
+        self._meter = _Meter(0)
+        self._loss_sum = torch.zeros((), device=self.device)
+        self._loss_count = 0
+        self._concept_sums = torch.zeros((2, max(1, len(config.concepts))), device=self.device)
+
     # --- snapshots -----------------------------------------------------------------------------------
 
     def _trained_tensors(self) -> dict[str, torch.Tensor]:
@@ -309,13 +329,6 @@ class Trainer:
     # --- the loop ------------------------------------------------------------------------------------
 
     def _loop(self, config: TrainingConfig, state: _State) -> TrainResult:
-        self.saved: list[Path] = []
-        self.intermediate: list[Path] = []
-        self.last_loss: float | None = None
-        self._meter = _Meter(state.step)
-        self._loss_sum = torch.zeros((), device=self.device)
-        self._loss_count = 0
-        self._concept_sums = torch.zeros((2, max(1, len(config.concepts))), device=self.device)
         stopped = False
         self.callbacks.on_status("Training")
         try:

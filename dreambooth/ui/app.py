@@ -120,8 +120,10 @@ def build_blocks(web_host: Any, service: Any, store: ModelStore) -> Any:
 
     script, css = read_static("javascript/dreambooth.js"), read_static("style.css")
     head = compat.head_argument(f"<script>{script}</script>")
+    # Built outside the page's context: a Blocks created inside another is rendered there already.
+    tab = create_tab(web_host, service, store)
     with gr.Blocks(title="Dreambooth trainer", css=css, analytics_enabled=False, **head) as blocks:
-        create_tab(web_host, service, store).render()
+        tab.render()
         if not head and script:
             # gradio 3.x has no head=: run the script once the page has loaded.
             blocks.load(None, None, None, **compat.js_argument("() => {\n" + script + "\n}"))

@@ -60,7 +60,8 @@ def control(spec: ControlSpec, value: Any, elem_id: str) -> Any:
             # A float box: without this gradio 5 steps (and browser-validates) in whole units.
             extra.update(supported(gr.Number, step=1e-9))
         return gr.Number(**common, **extra)
-    return gr.Textbox(lines=spec.lines, interactive=not spec.read_only, **common)
+    max_lines = 1 if spec.lines == 1 else 20  # single-line settings get a plain input, no scrollbar
+    return gr.Textbox(lines=spec.lines, max_lines=max_lines, interactive=not spec.read_only, **common)
 
 
 def button(label: str, elem_id: str, variant: str = "secondary", small: bool = False) -> Any:

@@ -153,7 +153,7 @@ class TabController:
     def generate_class_images(self, name: str | None, values: list[Any]) -> str:
         self.save_config(name, values)
         made = self.service.generate_class_images(name)
-        return f"Generated {len(made)} class images." if made else "All class images were already there."
+        return f"Generated {made} class images." if made else "All class images were already there."
 
     def export(self, name: str | None, kind: str, precision: str | None) -> str:
         if not name:

@@ -282,7 +282,8 @@ def _config_problems(root: Path, configs: dict[str, Any]) -> list[str]:
         return [f"config does not load: {error}"]
     allowed = configs.get("allowed", [])
     if allowed and current not in allowed:
-        return [f"config on disk is none of the configs written: {current}"]
+        changed = sorted(k for k in current if all(current.get(k) != a.get(k) for a in allowed))
+        return [f"config on disk is not the last one written; differing settings: {changed}"]
     return []
 
 

@@ -124,7 +124,7 @@ def run_variant(name: str, zygotes: list[Any], base_working: Path, tmp: Path) ->
     assert codes == [0], (reference_root / "result.error").read_text()
     events = (reference_root / "events.log").read_text().splitlines()
     reference = final_tensors(reference_root, json.loads((reference_root / "result.json").read_text()))
-    old, new = config_dicts(reference_root)
+    old, new = config_dicts(tmp / f"{name}-pristine")
     config_written = next(n for n, label in enumerate(events, 1) if label.startswith("replace:") and
                           category(label) == "config")
     scenarios = []

@@ -7,6 +7,9 @@ text-encoder outputs as peft's own merge of the trained adapters.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+import functools
 import hashlib
 import json
 import warnings
@@ -35,7 +38,15 @@ def family_of(variant: str) -> str:
     return "sd1" if variant == "sd1_two_layers" else variant
 
 
-def base_components(variant: str, seed: int = 0) -> Any:
+def base_components(variant: str) -> Any:
+    """Fresh tiny components (copies of one build per variant: building is the slow part)."""
+    pristine = _pristine_components(variant)
+    return dataclasses.replace(pristine, unet=copy.deepcopy(pristine.unet),
+                               text_encoders=[copy.deepcopy(encoder) for encoder in pristine.text_encoders])
+
+
+@functools.cache
+def _pristine_components(variant: str, seed: int = 0) -> Any:
     """Tiny components; 'sd1_two_layers' has SD1's block layout with 2 layers per block, the layout
     A1111's diffusers-name converter assumes, so its keys take the diffusers-style path."""
     from diffusers import UNet2DConditionModel
@@ -302,8 +313,8 @@ def test_host_loader_reports_keys_it_cannot_use(tmp_path: Path) -> None:
     from dreambooth.atomic import save_safetensors
 
     down, up = torch.randn(2, 32), torch.randn(32, 2)
-    tensors = {"lora_unet_down_blocks_0_attentions_0_proj_inn.lora_down.weight": down,
-               "lora_unet_down_blocks_0_attentions_0_proj_inn.lora_up.weight": up,
+    tensors = {"lora_unet_down_blocks_0_attentions_0_proj_inn.lora_down.weight": down.clone(),
+               "lora_unet_down_blocks_0_attentions_0_proj_inn.lora_up.weight": up.clone(),
                # SD2's text encoder attention is one fused module: q alone is never applied by the host
                "lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight": down,
                "lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight": up}

@@ -9,10 +9,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dreambooth.errors import ConfigError, TrainingError
+from dreambooth.errors import ConfigError, DreamboothError, TrainingError
 from dreambooth.train import loss as loss_module
 from dreambooth.train.events import LossRecord, Progress, TrainCallbacks, TrainCommands
 from dreambooth.train.logs import read_jsonl
+from dreambooth.train.text import final_layer_norm
 
 
 class Recorder(TrainCallbacks):
@@ -187,7 +188,7 @@ def test_nan_skip_policy_skips_up_to_the_limit(env: Any, monkeypatch: pytest.Mon
 
 
 def test_refusals_are_clear(env: Any) -> None:
-    with pytest.raises(TrainingError, match="cache_text_encoder_outputs.*train_text_encoder"):
+    with pytest.raises(DreamboothError, match="cache_text_encoder_outputs.*train_text_encoder"):
         env.trainer(cache_text_encoder_outputs=True).run()
     with pytest.raises(ConfigError, match="mixed_precision.*CUDA"):
         env.trainer(mixed_precision="fp16").run()
@@ -209,7 +210,7 @@ def test_stop_text_encoder_freezes_it_after_the_fraction(env: Any) -> None:
     real_step = trainer._after_step
 
     def record(state: Any) -> bool:
-        seen.append(encoder.text_model.final_layer_norm.weight.detach().clone())
+        seen.append(final_layer_norm(encoder).weight.detach().clone())
         return real_step(state)
 
     trainer._after_step = record

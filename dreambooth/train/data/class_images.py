@@ -105,6 +105,16 @@ def consecutive_runs(seeds: list[int], batch_size: int) -> list[list[int]]:
     return runs
 
 
+def base_checkpoint_path(base_checkpoint: str, checkpoints_dir: Path) -> Path | None:
+    """The host checkpoint a model was created from, if it is still there (class images come from the base)."""
+    if not base_checkpoint:
+        return None
+    candidate = Path(base_checkpoint)
+    if not candidate.is_absolute():
+        candidate = checkpoints_dir / candidate
+    return candidate if candidate.is_file() else None
+
+
 def generate_class_images(config: TrainingConfig, class_root: Path, host: Host,
                           on_progress: Callable[[int, int], None] | None = None, batch_size: int = 4,
                           checkpoint: Path | None = None, model_dir: Path | None = None) -> int:
