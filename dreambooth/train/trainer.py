@@ -16,6 +16,7 @@ import logging
 import math
 import random
 import time
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -405,7 +406,9 @@ class Trainer:
 
     def _on_nonfinite(self, state: _State) -> None:
         self.optimizer.zero_grad(set_to_none=False)
-        self.lr_scheduler.step()
+        with warnings.catch_warnings():  # the skipped step still advances the schedule, on purpose
+            warnings.simplefilter("ignore", UserWarning)
+            self.lr_scheduler.step()
         state.nan_skips += 1
         advice = ("Likely causes: a learning rate that is too high, fp16 mixed precision (try bf16 or no), or an "
                   "fp16 VAE. The last good save and snapshot are kept.")

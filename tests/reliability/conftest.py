@@ -87,3 +87,25 @@ def zygotes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[Zygote]]:
     yield started
     for zygote in started:
         zygote.close()
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path: Path) -> Iterator[Callable[..., Path]]:
+    """`small_tmpfs(bytes, at=None)`: a tmpfs of that size (a really full disk) mounted on `at` (an empty
+    folder) or a new folder; skips the test where mounting is not permitted (no root, no CAP_SYS_ADMIN)."""
+    mounted: list[Path] = []
+
+    def mount(size: int, at: Path | None = None) -> Path:
+        point = at or tmp_path / f"tmpfs{len(mounted)}"
+        point.mkdir(parents=True, exist_ok=True)
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(point)],
+                              capture_output=True, text=True)
+        if done.returncode != 0:
+            pytest.skip(f"mounting a tmpfs is not permitted here ({done.stderr.strip()}); "
+                        "the failing-writer variants still run")
+        mounted.append(point)
+        return point
+
+    yield mount
+    for point in mounted:
+        subprocess.run(["umount", "-l", str(point)], capture_output=True)

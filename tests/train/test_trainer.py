@@ -228,3 +228,12 @@ def test_bf16_trains_frozen_weights_in_bf16_and_masters_in_fp32(env: Any) -> Non
     assert frozen and all(p.dtype == torch.bfloat16 for p in frozen)
     result = env.trainer(mixed_precision="bf16", method="lora", lora_rank=4).run()
     assert result.completed and result.loss is not None and result.loss == result.loss
+
+
+def test_run_training_for_the_cli(env: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    from dreambooth.train.trainer import run_training
+
+    assert run_training(env.layout, "tiny", {"max_train_steps": "1", "concepts.0.repeats": "2"}) == 0
+    out = capsys.readouterr().out
+    assert "step 1/1" in out and "tiny_1.safetensors" in out
+    assert run_training(env.layout, "tiny", {"mixed_precision": "fp16"}) == 1

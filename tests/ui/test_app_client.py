@@ -1,0 +1,71 @@
+"""The standalone app over HTTP: gradio's own client against a launched server with a fake host."""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.request
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from dreambooth.ui import app as standalone
+
+
+@pytest.fixture
+def running(layout, host, service, model) -> Iterator[Any]:
+    (layout.checkpoints_dir / "base.safetensors").write_bytes(b"not really weights")
+    app = standalone.start(layout, web_host=host, service=service, demo=False)
+    try:
+        yield app
+    finally:
+        app.stop()
+
+
+def _client(url: str) -> Any:
+    from gradio_client import Client
+
+    try:
+        return Client(url, verbose=False)
+    except TypeError:  # older clients have no verbose flag
+        return Client(url)
+
+
+def test_page_api_and_named_endpoints(running: Any, service: Any, model: str) -> None:
+    page = urllib.request.urlopen(running.url, timeout=10).read().decode()
+    assert "dreambooth" in page.lower()
+    listed = json.loads(urllib.request.urlopen(running.url + "dreambooth/models", timeout=10).read())
+    assert model in json.dumps(listed)
+
+    client = _client(running.url)
+    progress, status, error, *_ = client.predict(api_name="/db_status")
+    assert 'data-state="idle"' in progress and error == ""
+
+    refreshed = client.predict(model, api_name="/db_refresh_models")
+    assert model in json.dumps(refreshed)
+
+    plan = client.predict("10", False, "strength", "medium", 1e-6, 1, 1, 512, 512, "constant",
+                          api_name="/db_wizard_plan")
+    assert "Max steps" in plan[0] and "formula" in plan[0]
+
+    service.start(model)
+    deadline = time.monotonic() + 10
+    while service.status().active and time.monotonic() < deadline:
+        time.sleep(0.05)
+    progress, status, *_ = client.predict(api_name="/db_status")
+    assert 'data-state="finished"' in progress and "step 5/5" in progress
+
+    # Creating a model needs real weights: the tab shows the loader's error instead of failing.
+    created = client.predict("new-model", "base.safetensors", "auto", "auto", api_name="/db_create_model")
+    assert "db-error" in created[-1]
+
+
+def test_demo_dataset_has_captioned_shapes(tmp_path) -> None:
+    folder = standalone.write_demo_dataset(tmp_path / "shapes")
+    images = sorted(folder.glob("*.png"))
+    assert len(images) == len(standalone.DEMO_SHAPES)
+    for image in images:
+        caption = image.with_suffix(".txt").read_text(encoding="utf-8")
+        colour, shape = image.stem.split("-")[1:]
+        assert caption == f"a {colour} shp {shape}"
