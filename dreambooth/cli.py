@@ -399,7 +399,7 @@ def build_parser() -> argparse.ArgumentParser:
     config = add("config", cmd_config, "Show, change or import a model's settings.")
     config.add_argument("--name", required=True, help="The model.")
     config.add_argument("--show", action="store_true", help="Print the settings as JSON (also after changes).")
-    config.add_argument("--set", nargs="+", metavar="FIELD=VALUE", help="Change settings, e.g. learning_rate=1e-6 "
+    config.add_argument("--set", nargs="+", action="extend", metavar="FIELD=VALUE", help="Change settings, e.g. learning_rate=1e-6 "
                         "concepts.0.instance_prompt='photo of sks dog' (index = count adds a concept).")
     config.add_argument("--import", dest="import_file", metavar="FILE", help="Import our JSON, the old DreamBooth "
                         "extension's db_config.json, or a concepts list JSON; unmapped keys are listed.")
@@ -410,7 +410,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--out", metavar="FILE", help="Output file (default: checkpoints folder, NAME.safetensors).")
     train = add("train", cmd_train, "Train a model; flags override its saved settings for this run only.")
     train.add_argument("--name", required=True, help="The model.")
-    train.add_argument("--set", nargs="+", metavar="FIELD=VALUE", help="Overrides by name, including concept "
+    train.add_argument("--set", nargs="+", action="extend", metavar="FIELD=VALUE", help="Overrides by name, including concept "
                        "settings: concepts.0.instance_prompt='photo of sks dog'.")
     add_schema_flags(train)
     _add_wizard(commands, common)

@@ -313,3 +313,11 @@ def train_one_step(tmp_path: Path, name: str) -> None:
     saved = ModelStore(layout_of(tmp_path)).existing(name).load_config()
     # Flags apply to that run only.
     assert saved.max_train_steps == 0 and saved.concepts[0].instance_prompt == "photo of sks thing"
+
+
+def test_repeated_set_flags_all_apply(tmp_path):
+    """`--set a=1 --set b=2` keeps both assignments (argparse would otherwise keep only the last flag)."""
+    from dreambooth.cli import build_parser
+
+    args = build_parser().parse_args(["config", "--name", "m", "--set", "resolution=64", "--set", "seed=3"])
+    assert args.set == ["resolution=64", "seed=3"]

@@ -225,3 +225,40 @@ def test_no_temporary_files_are_left_after_the_resumed_run(variants: list[Varian
                      and not faultkit.is_temporary(p.parent, s.root)]
             leftovers += [f"after {s.label}: {p.relative_to(s.root)}" for p in temps]
     assert not leftovers, "\n".join(leftovers)
+
+
+def test_resume_after_the_text_encoder_stopped_keeps_its_training(workspace: Any) -> None:
+    """'stop_text_encoder' freezes the text encoder part-way; a snapshot taken later must still hold its
+    trained weights, or a resume silently restarts it from the base model. (A stop without saving leaves
+    the disk as a crash at that step would.)"""
+    from dreambooth.host.fake import FakeHost
+    from dreambooth.train.events import Progress, TrainCallbacks, TrainCommands
+    from dreambooth.train.trainer import Trainer
+
+    settings = {"with_prior_preservation": False, "cache_latents": "memory", "max_train_steps": 6,
+                "snapshot_every_n_steps": 2, "stop_text_encoder": 0.5, "save_every_n_steps": 0}
+
+    def run(root: Path, commands: TrainCommands | None = None, callbacks: Any = None) -> Any:
+        config = faultkit.model_of(root).load_config()
+        for name, value in settings.items():
+            setattr(config, name, value)
+        return Trainer(config, FakeHost(faultkit.layout_of(root)), callbacks, commands).run()
+
+    class StopAt5(TrainCallbacks):
+        def __init__(self, commands: TrainCommands):
+            self.commands = commands
+
+        def on_progress(self, progress: Progress) -> None:
+            if progress.step == 5:
+                self.commands.stop(save=False)
+
+    straight, crashed = workspace("dreambooth"), workspace("dreambooth")
+    run(straight)
+    commands = TrainCommands()
+    assert run(crashed, commands, StopAt5(commands)).stopped
+    assert run(crashed).completed
+    te = "text_encoder/model.safetensors"
+    expected = load_file(str(faultkit.model_of(straight).working / te))
+    resumed = load_file(str(faultkit.model_of(crashed).working / te))
+    different = [k for k in expected if not torch.equal(expected[k], resumed[k])]
+    assert not different, f"{len(different)} text-encoder tensors lost their training on resume"
