@@ -49,6 +49,8 @@ def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
     os.chmod(tmp, _FILE_MODE)
     try:
         yield tmp
+        # Some writers (safetensors) replace the file we created with one of their own, mode 0600.
+        os.chmod(tmp, _FILE_MODE)
         _fsync_file(tmp)
         os.replace(tmp, target)
         _fsync_dir(target.parent)

@@ -74,3 +74,20 @@ def test_save_safetensors_failure_keeps_old_file(tmp_path: Path) -> None:
 def test_write_text_is_utf8(tmp_path: Path) -> None:
     atomic.write_text(tmp_path / "t.txt", "caption ✓")
     assert (tmp_path / "t.txt").read_bytes() == "caption ✓".encode()
+
+
+def test_written_files_get_the_usual_mode(tmp_path):
+    """Temporary files start as 0600; the final file must be readable like any other new file (umask)."""
+    import os
+
+    import torch
+
+    from dreambooth import atomic
+
+    mask = os.umask(0)
+    os.umask(mask)
+    expected = 0o666 & ~mask
+    atomic.write_text(tmp_path / "a.txt", "x")
+    atomic.save_safetensors({"w": torch.zeros(2)}, tmp_path / "b.safetensors")
+    for name in ("a.txt", "b.safetensors"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == expected
