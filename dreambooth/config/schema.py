@@ -131,8 +131,9 @@ class TrainingConfig:
                               ui_only="names the folder; training reads the weights from it")
     base_checkpoint: str = setting("", "Base checkpoint", "The checkpoint this model was created from "
                                    "(recorded in exported metadata), e.g. 'v1-5-pruned-emaonly.safetensors'. "
-                                   "Set when the model is created; change it only to correct the record.", "Model",
-                                   ui_only="provenance; the weights are already in the model's working folder")
+                                   "Missing class images are generated with it while it is in the checkpoints "
+                                   "folder (else with the model's working weights). Set when the model is "
+                                   "created; change it only to correct the record.", "Model")
     model_family: str = setting("sd1", "Model family", "Architecture: sd1 (SD 1.x), sd2 (SD 2.x 512, "
                                 "epsilon), sd2v (SD 2.x 768 v-prediction) or sdxl. Detected when the model "
                                 "is created; change it only if detection chose wrong, since it decides the "

@@ -454,3 +454,36 @@ def apply_host_lora(components: Any, path: Path, weight: float = 1.0) -> list[st
     with torch.no_grad():
         unmatched += _apply_groups(groups, mapping, weight)
     return unmatched
+
+
+# --- export on demand (service) ------------------------------------------------------------------------
+
+def snapshot_lora_state(snapshot: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The adapter tensors ('<part>.<parameter name>', as lora_state) and the meta of a trainer snapshot."""
+    from .snapshots import read_snapshot
+
+    tensors, _, meta = read_snapshot(snapshot)
+    return {key: value for key, value in tensors.items() if "lora_" in key}, meta
+
+
+def export_model_lora(model: Any, config: TrainingConfig, out_path: Path, precision: str) -> Path:
+    """Export the LoRA of `model`'s newest snapshot (the trainer writes one at every stop and at the end)
+    onto its working weights, in the host's format at `precision`; TrainingError when there is none."""
+    from ..models.components import load_components
+    from .snapshots import list_snapshots
+
+    found = list_snapshots(model.snapshots)
+    if not found:
+        raise TrainingError(f"Model {model.name!r} has no training snapshot in {model.snapshots}: train it with "
+                            "method 'lora' first, then export the LoRA.")
+    state, meta = snapshot_lora_state(found[-1])
+    if not state:
+        raise TrainingError(f"The newest snapshot {found[-1]} holds no LoRA weights (it was trained with method "
+                            f"{config.method!r}); train with method 'lora' first, or export a checkpoint instead.")
+    components = load_components(model.working, torch.float32)
+    add_lora(components, config)
+    load_lora_state(components, state)
+    step = str(meta.get("step", ""))
+    metadata = {"ss_steps": step, "dreambooth_model": model.name, "dreambooth_step": step,
+                "dreambooth_base_checkpoint": config.base_checkpoint}
+    return export_lora(components, dataclasses.replace(config, save_precision=precision), out_path, metadata)

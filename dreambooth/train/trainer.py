@@ -31,6 +31,7 @@ from . import data as data_api
 from . import loss as losses
 from . import noise as noises
 from . import runtime, snapshots
+from .data.class_images import base_checkpoint_path
 from .data.concepts import prior_active
 from .ema import EMA
 from .events import LossRecord, Progress, TrainCallbacks, TrainCommands
@@ -145,7 +146,10 @@ class Trainer:
             self.callbacks.on_status(f"Generating class images: {done}/{total}")
             self.host.progress(done / max(1, total), f"Class images {done}/{total}")
 
-        data_api.generate_class_images(config, self.model_dir.class_images, self.host, on_progress=report)
+        # Class images come from the base model the run starts from, not from whatever the host has loaded.
+        checkpoint = base_checkpoint_path(config.base_checkpoint, self.host.layout.checkpoints_dir)
+        data_api.generate_class_images(config, self.model_dir.class_images, self.host, on_progress=report,
+                                       checkpoint=checkpoint, model_dir=self.model_dir.working)
 
     # --- setup ---------------------------------------------------------------------------------------
 
@@ -200,6 +204,8 @@ class Trainer:
         self.alphas_cumprod = self.noise_scheduler.alphas_cumprod.to(self.device)
         self.trainable = runtime.trainable_parameters(components, config)
         self.trained_parts = set(self.trainable)
+        # Kept when 'stop_text_encoder' freezes a part: snapshots must still hold what it trained.
+        self.trained_ids = {id(p) for params in self.trainable.values() for p in params}
         self.compute_dtype = runtime.compute_dtype(config)
         runtime.cast_frozen(components, self.trainable, self.compute_dtype, self.device)
         runtime.setup_attention(components.unet, config, self.device, self.warn)
@@ -290,7 +296,7 @@ class Trainer:
         named = {"unet": self.components.unet, **dict(zip(runtime.TEXT_GROUPS, self.components.text_encoders, strict=False))}
         for group, module in named.items():
             for name, param in module.named_parameters():
-                if param.requires_grad or any(param is p for p in self.trainable.get(group, [])):
+                if param.requires_grad or id(param) in self.trained_ids:
                     tensors[f"{group}.{name}"] = param.detach()
         return tensors
 

@@ -312,7 +312,8 @@ class DreamboothTab:
 
     # --- handlers (each returns one value per output, the message box last) -----------------------------
     def on_select(self, name: str | None) -> list[Any]:
-        return self.form_updates(self.ctl.load_config(name)) + [""]
+        # The message box is left alone: a create or delete notice that led here stays visible.
+        return self.form_updates(self.ctl.load_config(name)) + [compat.update()]
 
     def on_refresh_models(self, current: str | None) -> list[Any]:
         names = self.ctl.model_names()

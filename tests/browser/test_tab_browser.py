@@ -141,7 +141,14 @@ def open_accordion(driver: Any, elem_id: str) -> None:
 
 
 def test_train_watch_cancel_and_create_in_the_browser(browser: Any, app: Any) -> None:
-    driver = browser
+    try:
+        _scenario(browser, app)
+    except AssertionError:
+        shot(browser, "failure")
+        raise AssertionError(f"message box: {message(browser)!r}") from None
+
+
+def _scenario(driver: Any, app: Any) -> None:
     driver.get(app.url)
     wait_for(lambda: find(driver, "#dreambooth_tab #db_train"), "the tab")
     # The page loads the selected model's saved config (the demo model on a first run).

@@ -17,6 +17,16 @@ from dreambooth.host.fake import FakeHost
 from dreambooth.store import Layout, ModelStore
 
 
+@pytest.fixture(scope="session", autouse=True)
+def one_thread() -> Any:
+    """Tiny models run fastest on one intra-op thread: thread start-up and spinning cost more than the
+    parallel work saves, and a busy CI machine makes spinning threads many times slower."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(scope="session")
 def tiny_working(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
     """A saved working/ folder of the tiny model of a family, built once per session."""
