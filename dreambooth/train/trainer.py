@@ -14,6 +14,7 @@ import copy
 import importlib
 import logging
 import math
+import os
 import random
 import time
 import warnings
@@ -26,6 +27,7 @@ import torch
 
 from ..config.schema import TrainingConfig, training_resolutions, validate
 from ..errors import ConfigError, DreamboothError, TrainingError
+from ..guide.memory import ItSlowdownMonitor
 from ..store import ModelDir, ModelStore
 from . import data as data_api
 from . import loss as losses
@@ -133,6 +135,17 @@ class Trainer:
             if finding.level != "error":
                 self.warn(finding.message)
         checks.raise_on_errors(findings)
+        self._check_memory(config, device)
+
+    def _check_memory(self, config: TrainingConfig, device: str) -> None:
+        """Show the memory estimate before training and warn when it exceeds the device."""
+        from ..guide.memory import estimate_memory, warn_if_exceeds
+
+        estimate = estimate_memory(config)
+        self.callbacks.on_status(f"Estimated memory for this run: {estimate.total / 2**30:.1f} GiB")
+        warning = warn_if_exceeds(estimate, device_memory_bytes(device))
+        if warning:
+            self.warn(warning)
 
     def _ensure_class_images(self, config: TrainingConfig) -> None:
         if not prior_active(config):
@@ -285,6 +298,7 @@ class Trainer:
         self.intermediate: list[Path] = []
         self.last_loss: float | None = None
         self._meter = _Meter(0)
+        self._slowdown = ItSlowdownMonitor()
         self._loss_sum = torch.zeros((), device=self.device)
         self._loss_count = 0
         self._concept_sums = torch.zeros((2, max(1, len(config.concepts))), device=self.device)
@@ -586,6 +600,9 @@ class Trainer:
         remaining = (self.total_steps - state.step) / rate if rate > 0 else 0.0
         progress = Progress(state.step, self.total_steps, state.epoch, self.total_epochs, rate, remaining)
         self.callbacks.on_progress(progress)
+        slowdown = self._slowdown.feed(self._meter.step_rate())
+        if slowdown:
+            self.warn(slowdown)
         if self.is_main:
             self.host.progress(state.step / self.total_steps, f"Step {state.step}/{self.total_steps}")
 
@@ -706,17 +723,34 @@ class _Meter:
         self.start_step = start_step
         self.first: tuple[int, float] | None = None
         self.last: tuple[int, float] | None = None
+        self.previous: tuple[int, float] | None = None
 
     def tick(self, step: int) -> None:
         now = time.perf_counter()
         if self.first is None:
             self.first = (step, now)
-        self.last = (step, now)
+        self.previous, self.last = self.last, (step, now)
+
+    def step_rate(self) -> float:
+        """Steps per second over the latest interval (the slowdown monitor needs the current speed)."""
+        if self.previous is None or self.last is None or self.last[0] == self.previous[0]:
+            return 0.0
+        return (self.last[0] - self.previous[0]) / max(1e-9, self.last[1] - self.previous[1])
 
     def rate(self) -> float:
         if self.first is None or self.last is None or self.last[0] == self.first[0]:
             return 0.0
         return (self.last[0] - self.first[0]) / max(1e-9, self.last[1] - self.first[1])
+
+
+def device_memory_bytes(device: str) -> int | None:
+    """Total memory of the training device: the GPU's, or the machine's RAM on CPU."""
+    if device == "cuda":
+        return int(torch.cuda.get_device_properties(0).total_memory)
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None  # Windows has no sysconf; no warning rather than a wrong one
 
 
 def _chunks(batches: list[list[Any]], size: int) -> list[list[list[Any]]]:

@@ -256,19 +256,20 @@ class Runner:
                 module.to(dtype)
         return components
 
-    def _layout(self, config: TrainingConfig) -> tuple[Path, Layout]:
+    def _layout(self, config: TrainingConfig, weights: str) -> tuple[Path, Layout]:
         self.count += 1
         root = self.workdir / f"run{self.count}"
         layout = Layout.under(root).ensure()
         model = ModelStore(layout).model("tiny")
         model.working.mkdir(parents=True)
-        self.family_of[model.working.resolve()] = config.model_family
+        self.family_of[model.working.resolve()] = weights
         model.save_config(config)
         (layout.checkpoints_dir / "base.ckpt").write_bytes(b"base model stand-in")
         return root, layout
 
-    def run(self, config: TrainingConfig, nan_steps: frozenset[int] = frozenset()) -> Observation:
-        root, layout = self._layout(config)
+    def run(self, config: TrainingConfig, weights: str = "sd1", nan_steps: frozenset[int] = frozenset()) -> Observation:
+        """Train `config` on the tiny model of family `weights`; NaN losses at forward passes `nan_steps`."""
+        root, layout = self._layout(config, weights)
         observation = Observation()
         host = FakeHost(layout)
         trainer = ObservedTrainer(config, host, _Recorder(observation, root), resume=False)
@@ -323,7 +324,7 @@ BASES: dict[str, dict[str, Any]] = {
     "default": {},
     "lora": {"method": "lora", "lora_rank": 4, "lora_alpha": 4.0},
     "locon": {"method": "lora", "lora_rank": 4, "lora_alpha": 4.0, "lora_conv_rank": 2},
-    "sdxl": {"model_family": "sdxl"},
+    "sdxl": {"model_family": "sdxl", "_weights": "sdxl"},
     "export": {"save_on_end": True},
     "steps3": {"max_train_steps": 3},
     "epochs": {"max_train_steps": 0, "num_train_epochs": 1},
@@ -556,7 +557,8 @@ class Runs:
     def _observe(self, changes: dict[str, Any]) -> Observation:
         changes = dict(changes)
         nan_steps = changes.pop("_nan", frozenset())
-        return self.runner.run(apply(baseline_config(self.data), changes, self.data), nan_steps)
+        weights = changes.pop("_weights", "sd1")
+        return self.runner.run(apply(baseline_config(self.data), changes, self.data), weights, nan_steps)
 
     def base(self, name: str) -> tuple[Observation, Observation]:
         if name not in self.bases:
