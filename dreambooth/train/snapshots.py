@@ -62,9 +62,15 @@ def write_snapshot(root: Path, step: int, tensors: dict[str, torch.Tensor], obje
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / TENSORS_FILE))
         torch.save(objects, tmp / OBJECTS_FILE)
         write_json(tmp / STATE_FILE, {**meta, "step": step})
+        _fsync_folder(tmp)
+        # Never a moment without a complete snapshot of this step: the old one is moved aside first and
+        # only deleted after the new one is in place (list_snapshots puts a moved-aside one back).
+        aside = _aside_path(target)
         if target.exists():
-            shutil.rmtree(target)
+            os.replace(target, aside)
         os.replace(tmp, target)
+        _fsync_folder(root, files=False)
+        shutil.rmtree(aside, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -72,10 +78,37 @@ def write_snapshot(root: Path, step: int, tensors: dict[str, torch.Tensor], obje
     return target
 
 
+def _aside_path(target: Path) -> Path:
+    return target.with_name(f".old-{target.name}")
+
+
+def _fsync_folder(folder: Path, files: bool = True) -> None:
+    paths = [*folder.iterdir()] if files else []
+    for path in [*paths, folder]:
+        if os.name == "nt" and path.is_dir():
+            continue  # Windows cannot open folders for fsync
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _restore_aside(root: Path) -> None:
+    """A crash between moving a snapshot aside and renaming its replacement in: put the old one back."""
+    for aside in root.glob(".old-step-*"):
+        target = root / aside.name[len(".old-"):]
+        if target.exists():
+            shutil.rmtree(aside, ignore_errors=True)
+        else:
+            os.replace(aside, target)
+
+
 def list_snapshots(root: Path) -> list[Path]:
     """Complete snapshots, oldest first."""
     if not root.is_dir():
         return []
+    _restore_aside(root)
     found = [p for p in root.iterdir() if p.name.startswith("step-") and (p / STATE_FILE).is_file()]
     return sorted(found, key=lambda p: p.name)
 

@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from .. import atomic
 from ..config.schema import TrainingConfig, training_resolutions, validate
 from ..errors import ConfigError, DreamboothError, TrainingError
 from ..guide.memory import ItSlowdownMonitor
@@ -112,17 +113,51 @@ class Trainer:
         try:
             config = validate(copy.deepcopy(self.config))
             self.model_dir = ModelStore(self.host.layout).existing(config.model_name)
+            self._remove_crash_leftovers(config)
             self._preflight(config)
             self._ensure_class_images(config)
             self.host.release_model()
             try:
                 with self.host.gpu_lock():
-                    return self._train(config)
+                    return self._train_within_memory(config)
             finally:
                 self.host.restore_model()
         except DreamboothError as error:
             self.callbacks.on_error(str(error))
             raise
+
+    def _train_within_memory(self, config: TrainingConfig) -> TrainResult:
+        try:
+            return self._train(config)
+        except (torch.cuda.OutOfMemoryError, RuntimeError) as error:
+            if not is_out_of_memory(error):
+                raise
+            message = out_of_memory_message(config, self._device_gb())
+        # Outside the except block: the exception (and its frames holding tensors) is gone now.
+        self._free_memory()
+        raise TrainingError(message)
+
+    def _device_gb(self) -> float | None:
+        if getattr(self, "device", torch.device("cpu")).type != "cuda":
+            return None
+        return torch.cuda.get_device_properties(0).total_memory / 2**30
+
+    def _free_memory(self) -> None:
+        """Drop every model and optimizer reference so the web UI gets its memory back."""
+        for name in ("components", "optimizer", "lr_scheduler", "ema", "trainable", "latent_cache", "accelerator"):
+            if hasattr(self, name):
+                setattr(self, name, None)
+        import gc
+
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    def _remove_crash_leftovers(self, config: TrainingConfig) -> None:
+        """Temporary files of writes a crash interrupted; only this model's run writes these names."""
+        atomic.remove_stale_temps(self.model_dir.root, recursive=True)
+        for folder in (self.host.layout.checkpoints_dir, self.host.layout.lora_dir):
+            atomic.remove_stale_temps(folder, prefix=f"{config.model_name}_")
 
     def _preflight(self, config: TrainingConfig) -> None:
         try:
@@ -322,9 +357,19 @@ class Trainer:
                    "scaler": self.scaler.state_dict() if self.scaler else None}
         meta = {"epoch": state.epoch, "group": state.group, "seed": self.seed, "nan_skips": state.nan_skips,
                 "total_steps": self.total_steps, "finished": finished}
-        path = snapshots.write_snapshot(self.model_dir.snapshots, state.step, self._trained_tensors(), objects, meta)
+        with atomic.disk_full_guard(self.model_dir.snapshots):
+            path = snapshots.write_snapshot(self.model_dir.snapshots, state.step, self._trained_tensors(), objects,
+                                            meta)
         self.callbacks.on_saved("snapshot", path)
         return path
+
+    def _mark_finished(self, state: _State) -> Path | None:
+        """Mark the run's last snapshot finished; rewriting it would leave a moment with no snapshot at all."""
+        existing = snapshots.snapshot_path(self.model_dir.snapshots, state.step)
+        if not (self.is_main and (existing / snapshots.STATE_FILE).is_file()):
+            return self._snapshot(state, finished=True)
+        snapshots.mark_finished(existing)
+        return existing
 
     def _restore(self, path: Path) -> _State:
         tensors, objects, meta = snapshots.read_snapshot(path)
@@ -691,7 +736,7 @@ class Trainer:
         if self.is_main:
             from .outputs import save_outputs
 
-            with self._output_weights():
+            with self._output_weights(), atomic.disk_full_guard(self.model_dir.root):
                 paths = save_outputs(self, state.step, final)
             for path in paths:
                 self.callbacks.on_saved(_saved_kind(self.cfg, path), path)
@@ -707,7 +752,7 @@ class Trainer:
         if not stopped:
             if config.save_on_end:
                 self._save_outputs(state, final=True)
-            snapshot = self._snapshot(state, finished=True)
+            snapshot = self._mark_finished(state)
         elif self.commands.save_on_stop or not self.commands.stop_requested:
             found = snapshots.list_snapshots(self.model_dir.snapshots)
             snapshot = found[-1] if found else None
@@ -741,6 +786,22 @@ class _Meter:
         if self.first is None or self.last is None or self.last[0] == self.first[0]:
             return 0.0
         return (self.last[0] - self.first[0]) / max(1e-9, self.last[1] - self.first[1])
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    return isinstance(error, torch.cuda.OutOfMemoryError) or "out of memory" in str(error).lower()
+
+
+def out_of_memory_message(config: TrainingConfig, device_gb: float | None) -> str:
+    """Name the memory preset to try and the settings it changes."""
+    from ..guide.presets import memory_class, preset_for
+
+    preset = preset_for(config.model_family, device_gb)
+    changes = ", ".join(f"{key}={value}" for key, value in preset.items() if getattr(config, key, value) != value)
+    size = memory_class(device_gb)
+    label = f"the {size} GB preset" if size else "the CPU preset"
+    return (f"Out of memory while training. Try {label} (Presets & memory tab, or set {changes or 'a lower batch size'})"
+            ", or lower 'resolution' / 'train_batch_size'; the last saved files are intact.")
 
 
 def device_memory_bytes(device: str) -> int | None:

@@ -102,17 +102,23 @@ class ObservedTrainer(Trainer):
 
     observation: Observation
     data_root: Path
+    run_root: Path
 
     def _forward(self, batch: list[Any], step: int) -> torch.Tensor:
         if not self.observation.runtime:
             self.observation.runtime.update(_runtime_facts(self))
-        self.observation.batches.append([(_relative(item.record.path, self.data_root), item.record.is_class,
+        self.observation.batches.append([(self._where(item.record.path), item.record.is_class,
                                           item.bucket, item.flip, item.crop) for item in batch])
         self._in_forward = True
         try:
             return super()._forward(batch, step)
         finally:
             self._in_forward = False
+
+    def _where(self, path: Path) -> str:
+        """The image's path relative to the shared data or to the run's models folder (generated images)."""
+        relative = _relative(path, self.data_root)
+        return relative if relative != str(path) else _relative(path, self.run_root)
 
     def _encode_text(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
         if getattr(self, "_in_forward", False):
@@ -191,7 +197,7 @@ def make_data(root: Path) -> Path:
     _images(root / "inst2", 2, 3)
     _images(root / "cls", 2, 2)
     _images(root / "cls2", 2, 4)
-    _images(root / "wide", 1, 5, size=(90, 45))
+    _images(root / "wide", 1, 5, size=(180, 90))
     _images(root / "tags", 2, 6, captions=["sks, red, blue, green, yellow, purple, orange"])
     _images(root / "long", 2, 7, captions=[LONG_CAPTION])
     _images(root / "twocaps", 2, 8, captions=["a dog from txt"])
@@ -273,7 +279,7 @@ class Runner:
         observation = Observation()
         host = FakeHost(layout)
         trainer = ObservedTrainer(config, host, _Recorder(observation, root), resume=False)
-        trainer.observation, trainer.data_root = observation, self.data
+        trainer.observation, trainer.data_root, trainer.run_root = observation, self.data, root
         with ExitStack() as stack:
             stack.enter_context(mock.patch("dreambooth.models.components.load_components", self._load))
             if nan_steps:
@@ -333,8 +339,8 @@ BASES: dict[str, dict[str, Any]] = {
     "poly": {"lr_scheduler": "polynomial", "max_train_steps": 3, "train_text_encoder": False},
     "linear": {"lr_scheduler": "linear", "max_train_steps": 3, "train_text_encoder": False},
     "frozen_te": {"train_text_encoder": False},
-    "buckets": {"concepts.0.instance_data_dir": "{data}/wide", "enable_bucketing": True,
-                "bucket_min_resolution": 32, "bucket_step": 32},
+    # resolution 128, buckets of 64 px steps: the 180x90 image trains at 192x64
+    "buckets": {"concepts.0.instance_data_dir": "{data}/wide", "enable_bucketing": True, "resolution": 128},
     "wide": {"concepts.0.instance_data_dir": "{data}/wide"},
     "twocaps": {"concepts.0.instance_data_dir": "{data}/twocaps", "concepts.0.instance_prompt": "[filewords]"},
     "filewords": {"concepts.0.instance_prompt": "[filewords]"},
@@ -423,9 +429,9 @@ CASES = [
     Case("resolution", 128, "batches"),
     Case("extra_resolutions", "128", "batches"),
     Case("enable_bucketing", False, "batches", "buckets"),
-    Case("bucket_min_resolution", 64, "batches", "buckets"),
-    Case("bucket_max_resolution", 64, "batches", "buckets"),
-    Case("bucket_step", 16, "batches", "buckets"),
+    Case("bucket_min_resolution", 128, "batches", "buckets"),
+    Case("bucket_max_resolution", 128, "batches", "buckets"),
+    Case("bucket_step", 32, "batches", "buckets"),
     Case("bucket_no_upscale", True, "batches", "buckets"),
     # Captions
     Case("caption_extension", ".caption", "captions", "twocaps"),
@@ -445,7 +451,7 @@ CASES = [
     Case("normalize_masked_area_loss", True, "losses", "masks_on"),
     # Validation
     Case("validation_split", 0.5, "validation"),
-    Case("validation_every_n_steps", 1, "validation", "validation"),
+    Case("validation_every_n_steps", 2, "validation", "validation"),
     # Loss and noise
     Case("loss_type", "huber", "losses"),
     Case("huber_c", 1.0, "losses", "huber"),
