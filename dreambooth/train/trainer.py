@@ -27,7 +27,7 @@ import torch
 
 from .. import atomic
 from ..config.schema import TrainingConfig, training_resolutions, validate
-from ..errors import ConfigError, DreamboothError, TrainingError
+from ..errors import ConfigError, DataError, DreamboothError, TrainingError
 from ..guide.memory import ItSlowdownMonitor
 from ..store import ModelDir, ModelStore
 from . import data as data_api
@@ -267,7 +267,7 @@ class Trainer:
             self.components.unet.enable_gradient_checkpointing()
         for name, encoder in zip(runtime.TEXT_GROUPS, self.components.text_encoders, strict=False):
             if name in self.trainable:
-                encoder.gradient_checkpointing_enable()
+                _checkpoint_text_encoder(encoder)
 
     def _wrap_for_ranks(self) -> None:
         """The modules the loop calls; DDP-wrapped when they train on several ranks."""
@@ -512,7 +512,11 @@ class Trainer:
     # --- one forward pass ----------------------------------------------------------------------------
 
     def _forward(self, batch: list[Any], step: int) -> torch.Tensor:
-        latents, pixel_weights = self._latents_and_masks(batch)
+        batch, latent_list = self._readable(batch)
+        if not batch:
+            # Every image of this batch vanished from disk: nothing to learn, the run goes on.
+            return torch.zeros((), device=self.device, requires_grad=True)
+        latents, pixel_weights = self._latents_and_masks(batch, latent_list)
         seeds = [item.seed for item in batch]
         noise, input_noise, timesteps = noises.batch_noise(tuple(latents.shape[1:]), seeds, step, self.cfg,
                                                           self.noise_scheduler.config.num_train_timesteps)
@@ -543,11 +547,24 @@ class Trainer:
         self._concept_sums[0].index_add_(0, index, per_sample.float())
         self._concept_sums[1].index_add_(0, index, torch.ones_like(per_sample, dtype=torch.float32))
 
-    def _latents_and_masks(self, batch: list[Any]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        latents, masks = [], []
+    def _readable(self, batch: list[Any]) -> tuple[list[Any], list[torch.Tensor]]:
+        """The batch and its latents, without images deleted or changed on disk since the scan (warned).
+
+        Users tidy their folders while a run goes on; one vanished image must not end hours of training.
+        """
+        kept, latents = [], []
         for item in batch:
-            latents.append(self.latent_cache.get(item, self.cfg, self._encode_pixels))
-            masks.append(data_api.load_mask(item, self.cfg))
+            try:
+                latents.append(self.latent_cache.get(item, self.cfg, self._encode_pixels))
+            except DataError as error:
+                self.warn(f"Skipped during training: {error}")
+                continue
+            kept.append(item)
+        return kept, latents
+
+    def _latents_and_masks(self, batch: list[Any], latents: list[torch.Tensor]
+                           ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        masks = [data_api.load_mask(item, self.cfg) for item in batch]
         stacked = torch.stack(latents).to(self.device, torch.float32)
         if all(mask is None for mask in masks):
             return stacked, None
@@ -675,8 +692,10 @@ class Trainer:
         if not items:
             return None
         total, count = torch.zeros((), device=self.device), 0
-        for batch in items:
-            latents, pixel_weights = self._latents_and_masks(batch)
+        for batch, latent_list in map(self._readable, items):
+            if not batch:
+                continue
+            latents, pixel_weights = self._latents_and_masks(batch, latent_list)
             seeds = [item.seed for item in batch]
             noise, _, timesteps = noises.batch_noise(tuple(latents.shape[1:]), seeds, 0, self.cfg,
                                                     self.noise_scheduler.config.num_train_timesteps)
@@ -812,6 +831,17 @@ def device_memory_bytes(device: str) -> int | None:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (AttributeError, ValueError, OSError):
         return None  # Windows has no sysconf; no warning rather than a wrong one
+
+
+def _checkpoint_text_encoder(encoder: Any) -> None:
+    """Gradient checkpointing that keeps every gradient. transformers before 4.35 only checkpoints reentrantly,
+    which gives layers whose input does not require grad (a frozen embedding under LoRA) no gradient at all:
+    there the embedding output is made to require grad."""
+    try:
+        encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    except TypeError:
+        encoder.gradient_checkpointing_enable()
+        encoder.enable_input_require_grads()
 
 
 def _chunks(batches: list[list[Any]], size: int) -> list[list[list[Any]]]:
