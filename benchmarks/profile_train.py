@@ -23,7 +23,6 @@ import bench_train  # noqa: E402  (the benchmark's setup and loops)
 
 
 def profiled_run(kind: str, case: bench_train.Case, workdir: Path, rows: int, trace: Path | None) -> str:
-    import torch
     from torch.profiler import ProfilerActivity, profile, schedule
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if case.device == "cuda" else [])

@@ -26,6 +26,7 @@ from .config.schema import (
     FAMILIES,
     Concept,
     TrainingConfig,
+    base_checkpoint_name,
     check_value,
     field_type,
     parse_value,
@@ -298,7 +299,7 @@ def cmd_export(args: argparse.Namespace, layout: Layout) -> int:
     export_checkpoint = _helper("dreambooth.models.export", "export_checkpoint", "export")
     if not model.working.is_dir():
         raise ConfigError(f"Model '{args.name}' has no weights in {model.working}; create it again from a checkpoint.")
-    metadata = {"dreambooth_model": args.name, "dreambooth_base": config.base_checkpoint,
+    metadata = {"dreambooth_model": args.name, "dreambooth_base": base_checkpoint_name(config),
                 "dreambooth_settings_hash": settings_hash(config)}
     written = export_checkpoint(load_components(model.working), out, precision, metadata=metadata, warn=_note)
     _say(f"Exported '{args.name}' ({precision}) to {written or out}")

@@ -12,6 +12,7 @@ import functools
 import math
 import typing
 from dataclasses import dataclass, field
+from pathlib import PureWindowsPath
 from typing import Any
 
 from ..errors import ConfigError
@@ -265,7 +266,7 @@ class TrainingConfig:
     with_prior_preservation: bool = setting(True, "Prior preservation", "Train on class images too so the "
                                             "model keeps what the class looks like (DreamBooth's prior "
                                             "loss): prevents every dog from becoming your dog. On for "
-                                            "dreambooth (typical); off for styles or when you have no class "
+                                            "dreambooth and LoRA subjects (typical); off for styles or when you have no class "
                                             "images. Needs a class prompt or class folder.",
                                             "Prior preservation")
     prior_loss_weight: float = setting(1.0, "Prior loss weight", "Weight of each class image's loss relative "
@@ -627,3 +628,13 @@ def training_resolutions(config: TrainingConfig) -> list[int]:
                               "write e.g. '384,768'.")
         extra.append(int(part))
     return [config.resolution] + [r for r in extra if r != config.resolution]
+
+
+def uses_prior_preservation(config: TrainingConfig) -> bool:
+    """Prior preservation applies to DreamBooth and LoRA runs (as in kohya's trainers); fine-tuning has no class."""
+    return config.method in ("dreambooth", "lora") and config.with_prior_preservation
+
+
+def base_checkpoint_name(config: TrainingConfig) -> str:
+    """The base checkpoint's file name only: exported metadata is shared, local folder names are private."""
+    return PureWindowsPath(config.base_checkpoint).name if config.base_checkpoint else ""

@@ -17,7 +17,7 @@ import shlex
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-from ..config.schema import Concept, TrainingConfig, training_resolutions
+from ..config.schema import Concept, TrainingConfig, training_resolutions, uses_prior_preservation
 from ..errors import ConfigError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -145,7 +145,7 @@ def _concept_images(index: int, concept: Concept, dataset_info: Mapping[str, int
 
 
 def _uses_prior(config: TrainingConfig) -> bool:
-    return config.method == "dreambooth" and config.with_prior_preservation
+    return uses_prior_preservation(config)
 
 
 def check_prior_preservation(config: TrainingConfig) -> list[Finding]:

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from ..atomic import save_safetensors
-from ..config.schema import TrainingConfig
+from ..config.schema import TrainingConfig, base_checkpoint_name
 from ..errors import ConfigError, ModelError, TrainingError
 from . import lora_keys
 
@@ -302,7 +302,7 @@ def default_metadata(components: Any, config: TrainingConfig) -> dict[str, str]:
         "ss_base_model_version": BASE_MODEL_VERSIONS[components.family],
         "ss_v2": str(components.family in ("sd2", "sd2v")),
         "ss_v_parameterization": str(components.prediction_type == "v_prediction"),
-        "ss_sd_model_name": config.base_checkpoint or config.model_name,
+        "ss_sd_model_name": base_checkpoint_name(config) or config.model_name,
         "ss_resolution": f"({resolution}, {resolution})", "ss_max_train_steps": str(config.max_train_steps),
         "ss_learning_rate": str(config.learning_rate), "ss_unet_lr": str(config.learning_rate),
         "ss_text_encoder_lr": str(config.text_encoder_lr), "ss_mixed_precision": config.mixed_precision,
@@ -485,5 +485,5 @@ def export_model_lora(model: Any, config: TrainingConfig, out_path: Path, precis
     load_lora_state(components, state)
     step = str(meta.get("step", ""))
     metadata = {"ss_steps": step, "dreambooth_model": model.name, "dreambooth_step": step,
-                "dreambooth_base_checkpoint": config.base_checkpoint}
+                "dreambooth_base_checkpoint": base_checkpoint_name(config)}
     return export_lora(components, dataclasses.replace(config, save_precision=precision), out_path, metadata)

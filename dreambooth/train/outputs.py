@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from ..config.schema import base_checkpoint_name
 from .snapshots import unique_path
 
 
@@ -46,7 +47,7 @@ def tag_frequency(plan: Any) -> dict[str, dict[str, int]]:
 def run_metadata(trainer: Any, step: int) -> dict[str, str]:
     config = trainer.cfg
     return {"dreambooth_model": config.model_name, "dreambooth_step": str(step),
-            "dreambooth_method": config.method, "dreambooth_base_checkpoint": config.base_checkpoint,
+            "dreambooth_method": config.method, "dreambooth_base_checkpoint": base_checkpoint_name(config),
             "dreambooth_seed": str(trainer.seed)}
 
 

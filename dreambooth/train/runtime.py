@@ -94,6 +94,20 @@ def cast_frozen(components: Any, trainable: dict[str, list[torch.nn.Parameter]],
             param.data = param.data.float() if id(param) in trained else param.data.to(frozen_dtype)
 
 
+def use_channels_last(device: torch.device) -> bool:
+    """NHWC convolutions: oneDNN's CPU kernels are faster on them (measured 20-45% on the SD1.5 UNet's
+    bf16 forward+backward at 512 px); not measured on CUDA yet, so GPUs keep the default layout."""
+    return device.type == "cpu"
+
+
+def set_memory_format(components: Any, channels_last: bool) -> None:
+    """UNet and VAE convolution weights in channels_last (or back to contiguous for saving: safetensors
+    writes contiguous tensors only). Parameters keep their identity, so the optimizer is unaffected."""
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    for module in (components.unet, components.vae):
+        module.to(memory_format=memory_format)
+
+
 def freeze(params: list[torch.nn.Parameter]) -> None:
     for param in params:
         param.requires_grad_(False)

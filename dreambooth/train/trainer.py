@@ -256,6 +256,8 @@ class Trainer:
         self.trained_ids = {id(p) for params in self.trainable.values() for p in params}
         self.compute_dtype = runtime.compute_dtype(config)
         runtime.cast_frozen(components, self.trainable, self.compute_dtype, self.device)
+        self.channels_last = runtime.use_channels_last(self.device)
+        runtime.set_memory_format(components, self.channels_last)
         runtime.setup_attention(components.unet, config, self.device, self.warn)
         if config.gradient_checkpointing:
             self._enable_checkpointing()
@@ -484,6 +486,14 @@ class Trainer:
         raise TrainingError(f"Training stopped at step {state.step + 1}: the loss became NaN or infinite "
                             f"('nan_policy' {self.cfg.nan_policy}). {advice}")
 
+    def _sum_over_ranks(self, tensor: torch.Tensor) -> torch.Tensor:
+        """`tensor` summed over the ranks (one small all-reduce), so logs show the global batch's losses."""
+        if self.world_size == 1:
+            return tensor
+        total = tensor.detach().clone()
+        torch.distributed.all_reduce(total)
+        return total
+
     def _any_rank(self, values: list[bool]) -> list[bool]:
         """Element-wise OR over ranks (one small all-reduce), so every rank takes the same decision."""
         if self.world_size == 1:
@@ -672,8 +682,8 @@ class Trainer:
         if self._loss_count == 0:
             return
         # The only host sync of the interval: losses were summed on the device.
-        loss = float(self._loss_sum) / self._loss_count
-        sums, counts = self._concept_sums.tolist()
+        loss = float(self._sum_over_ranks(self._loss_sum)) / (self._loss_count * self.world_size)
+        sums, counts = self._sum_over_ranks(self._concept_sums).tolist()
         per_concept = {i: s / n for i, (s, n) in enumerate(zip(sums, counts, strict=False)) if n > 0}
         lrs = {group["name"]: float(group["lr"]) for group in self.optimizer.param_groups}
         record = LossRecord(state.step, loss, lrs, per_concept)
@@ -689,7 +699,7 @@ class Trainer:
     @torch.no_grad()
     def _validate(self, state: _State) -> float | None:
         items = _validation_batches(self.plan, self.cfg, self.seed, self.rank, self.world_size)
-        if not items:
+        if not self.plan.validation:  # the same on every rank: all of them take part in the sum below
             return None
         total, count = torch.zeros((), device=self.device), 0
         for batch, latent_list in map(self._readable, items):
@@ -708,7 +718,10 @@ class Trainer:
                                        added_cond_kwargs=added).sample
             total += self._per_sample_loss(prediction, wanted, timesteps, pixel_weights).sum()
             count += len(batch)
-        value = float(total) / max(1, count)
+        total, count = self._sum_over_ranks(torch.stack([total, torch.tensor(float(count), device=self.device)]))
+        if count == 0:
+            return None
+        value = float(total) / float(count)
         lrs = {group["name"]: float(group["lr"]) for group in self.optimizer.param_groups}
         record = LossRecord(state.step, self.last_loss if self.last_loss is not None else float("nan"), lrs,
                             validation_loss=value)
@@ -728,7 +741,11 @@ class Trainer:
         use_ema = self.ema is not None and self.cfg.ema_for_output
         try:
             with self.ema.applied() if use_ema else contextlib.nullcontext():  # type: ignore[union-attr]
-                yield
+                runtime.set_memory_format(self.components, False)
+                try:
+                    yield
+                finally:
+                    runtime.set_memory_format(self.components, self.channels_last)
         finally:
             for module, was_training in runtime_eval:
                 module.train(was_training)

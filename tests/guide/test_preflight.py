@@ -121,7 +121,7 @@ def test_prior_preservation_needs_class_source(good: TrainingConfig) -> None:
     finding = about(preflight(bad), "with_prior_preservation")
     assert finding[0].level == "error" and "class_prompt" in finding[0].settings
     assert not about(preflight(dataclasses.replace(bad, with_prior_preservation=False)), "with_prior_preservation")
-    assert not about(preflight(dataclasses.replace(bad, method="lora")), "with_prior_preservation")
+    assert not about(preflight(dataclasses.replace(bad, method="finetune")), "with_prior_preservation")
     zero = dataclasses.replace(good, concepts=[dataclasses.replace(good.concepts[0], num_class_images=0)])
     assert about(preflight(zero), "num_class_images")[0].level == "warning"
 

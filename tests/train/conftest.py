@@ -109,3 +109,9 @@ class Env:
 def env(tmp_path: Path, tiny_working: Callable[[str], Path]) -> Env:
     torch.manual_seed(0)
     return Env(tmp_path, tiny_working("sd1"))
+
+
+@pytest.fixture
+def sdxl_env(tmp_path: Path, tiny_working: Callable[[str], Path]) -> Env:
+    torch.manual_seed(0)
+    return Env(tmp_path, tiny_working("sdxl"), family="sdxl")

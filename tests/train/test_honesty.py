@@ -512,11 +512,6 @@ CASES = [
 ]
 
 
-def case_changes(case: Case) -> dict[str, Any]:
-    name = case.field.replace("concepts.", "concepts.0.", 1)
-    return {**BASES[case.base], name: case.change}
-
-
 def all_fields() -> list[str]:
     return ([f.name for f in settings(TrainingConfig)] + [f"concepts.{f.name}" for f in settings(Concept)])
 
@@ -559,6 +554,7 @@ class Runs:
     def __init__(self, runner: Runner, data: Path):
         self.runner, self.data = runner, data
         self.bases: dict[str, tuple[Observation, Observation]] = {}
+        self.cases: dict[str, Observation] = {}
 
     def _observe(self, changes: dict[str, Any]) -> Observation:
         changes = dict(changes)
@@ -572,7 +568,13 @@ class Runs:
         return self.bases[name]
 
     def case(self, case: Case) -> Observation:
-        return self._observe(case_changes(case))
+        return self.changed(case.base, {case.field.replace("concepts.", "concepts.0.", 1): case.change})
+
+    def changed(self, base: str, changes: dict[str, Any]) -> Observation:
+        key = repr((base, sorted(changes.items())))
+        if key not in self.cases:
+            self.cases[key] = self._observe({**BASES[base], **changes})
+        return self.cases[key]
 
 
 @pytest.fixture(scope="module")
@@ -619,3 +621,18 @@ def test_matrix_helper_reports_missing_fields() -> None:
     rows = dict(honesty_matrix())
     assert rows["model_name"].startswith("ui_only")
     assert "lrs" in rows["learning_rate"] and "sdxl" in rows["text_encoder_2_lr"]
+
+
+# Settings that trade memory or time must not change what is learnt (within float noise).
+SAME_RESULT = [("default", {"gradient_checkpointing": True}), ("lora", {"gradient_checkpointing": True}),
+               ("default", {"cache_latents": "off"}), ("default", {"cache_latents": "disk"}),
+               ("frozen_te", {"cache_text_encoder_outputs": True}), ("default", {"attention": "xformers"})]
+
+
+@pytest.mark.parametrize(("base", "changes"), SAME_RESULT, ids=[f"{b}-{next(iter(c))}" for b, c in SAME_RESULT])
+def test_memory_and_speed_settings_keep_the_result(runs: Runs, base: str, changes: dict[str, Any]) -> None:
+    reference, _ = runs.base(base)
+    changed = runs.changed(base, changes)
+    assert changed.losses == pytest.approx(reference.losses, rel=1e-5)
+    assert reference.weights.keys() == changed.weights.keys()
+    assert all(torch.allclose(reference.weights[k], changed.weights[k], atol=1e-6) for k in reference.weights)

@@ -19,7 +19,7 @@ import hashlib
 import re
 from pathlib import Path
 
-from ...config.schema import Concept, TrainingConfig
+from ...config.schema import Concept, TrainingConfig, uses_prior_preservation
 from .captions import class_caption
 from .images import is_image_name
 
@@ -27,7 +27,7 @@ KOHYA_FOLDER = re.compile(r"^(\d+)_(.+)$")
 
 
 def prior_active(config: TrainingConfig) -> bool:
-    return config.method == "dreambooth" and config.with_prior_preservation
+    return uses_prior_preservation(config)
 
 
 def folder_of(text: str) -> Path:

@@ -112,8 +112,8 @@ def test_class_images_match_instance_count_and_cycle_over_epochs() -> None:
         assert len(classes) == 4 == sum(not i.record.is_class for i in items)
         seen.append(set(classes))
     assert seen[0] != seen[1] and len(seen[0] | seen[1] | seen[2]) == 10
-    lora = config(with_prior_preservation=True, method="lora")
-    assert not any(i.record.is_class for i in flat(epoch_batches(plan, lora, 0, 1)))
+    finetune = config(with_prior_preservation=True, method="finetune")
+    assert not any(i.record.is_class for i in flat(epoch_batches(plan, finetune, 0, 1)))
 
 
 def test_class_images_drawn_per_concept() -> None:

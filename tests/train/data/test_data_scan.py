@@ -112,7 +112,7 @@ def test_class_images_from_model_class_root(tmp_path: Path, make_image, config_f
     assert [r.path.name for r in plan.class_images] == ["c0.png", "c1.png"]     # capped at the request
     config.with_prior_preservation = False
     assert scan_dataset(config, class_root=root).class_images == []
-    config.with_prior_preservation, config.method = True, "lora"
+    config.with_prior_preservation, config.method = True, "finetune"
     assert scan_dataset(config, class_root=root).class_images == []
 
 
