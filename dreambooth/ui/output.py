@@ -51,7 +51,9 @@ def progress_html(status: Any) -> str:
     epoch, epochs = _get(status, "epoch", 0), _get(status, "total_epochs", 0)
     speed = _get(status, "it_per_s", 0.0) or 0.0
     job = (_get(status, "job", "") or "train").replace("_", " ")
-    facts = [f"{job}: {html.escape(state)}", f"step {step}/{total}", f"epoch {epoch}/{epochs}",
+    # The trainer counts epochs from 0 (the one in progress); people count from 1.
+    shown_epoch = min(epoch + 1, epochs) if epochs else epoch
+    facts = [f"{job}: {html.escape(state)}", f"step {step}/{total}", f"epoch {shown_epoch}/{epochs}",
              f"{speed:.2f} it/s", f"ETA {format_duration(_get(status, 'eta_s'))}"]
     loss = _get(status, "last_loss")
     if loss is not None:

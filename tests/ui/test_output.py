@@ -7,11 +7,12 @@ from dreambooth.ui import output
 
 
 def test_progress_bar_shows_step_epoch_speed_and_eta() -> None:
+    # The trainer counts epochs from 0: epoch 2 is the third one.
     status = TrainStatus(state="running", step=25, total_steps=100, epoch=2, total_epochs=8, it_per_s=1.5,
                          eta_s=3725, last_loss=0.1234)
     text = output.progress_html(status)
     assert 'data-state="running"' in text and 'data-percent="25.0"' in text and "width:25.0%" in text
-    for part in ("step 25/100", "epoch 2/8", "1.50 it/s", "ETA 1:02:05", "loss 0.1234"):
+    for part in ("step 25/100", "epoch 3/8", "1.50 it/s", "ETA 1:02:05", "loss 0.1234"):
         assert part in text
 
 
