@@ -53,7 +53,7 @@ def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
         os.chmod(tmp, _FILE_MODE)
         _fsync_file(tmp)
         os.replace(tmp, target)
-        _fsync_dir(target.parent)
+        fsync_path(target.parent)
     except BaseException as error:
         # Judge "disk full" before the temporary file goes: removing it frees the space again.
         full = isinstance(error, Exception) and is_disk_full(error, target.parent)
@@ -162,15 +162,21 @@ def _fsync_file(path: Path) -> None:
         os.fsync(handle.fileno())
 
 
-def _fsync_dir(folder: Path) -> None:
-    # Directory fsync makes the rename itself durable; not supported on Windows.
-    if os.name == "nt":
+def fsync_path(path: Path) -> None:
+    """Flush a file or folder entry to disk (folders make renames durable; Windows cannot open them)."""
+    if path.is_dir() and os.name == "nt":
         return
-    fd = os.open(folder, os.O_RDONLY)
+    fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def fsync_tree(folder: Path) -> None:
+    """Flush every file and folder under `folder`, then the folder itself (before renaming it into place)."""
+    for path in [*folder.rglob("*"), folder]:
+        fsync_path(path)
 
 
 def write_bytes(target: str | os.PathLike[str], data: bytes) -> None:

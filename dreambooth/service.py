@@ -8,7 +8,6 @@ snapshot, so no caller ever touches trainer state from another thread.
 from __future__ import annotations
 
 import copy
-import importlib
 import logging
 import threading
 import time
@@ -327,7 +326,8 @@ class TrainingService:
         model = self.store.model(model_name)
         if model.exists():
             raise ConfigError(f"A model named {model.name!r} already exists; choose another name or delete it.")
-        create = optional_function("models.loading", "create_model", "Creating a model")
+        from .models.loading import create_model as create
+
         self._claim(model.name, "create")
         error: BaseException | None = None
         try:
@@ -389,8 +389,8 @@ class TrainingService:
         """Export the model's trained LoRA into the host's LoRA folder."""
 
         def work(model: ModelDir) -> Path:
-            # Needs the trained adapter from the model folder: train.lora.export_model_lora (to be provided).
-            export = optional_function("train.lora", "export_model_lora", "LoRA export on demand")
+            from .train.lora import export_model_lora as export
+
             config = model.load_config()
             target = unused_path(self.host.layout.lora_dir, model.name)
             export(model, config, target, precision or config.save_precision)
@@ -427,15 +427,6 @@ def unused_path(folder: Path, stem: str, suffix: str = ".safetensors") -> Path:
         candidate = folder / f"{stem}_{number}{suffix}"
         number += 1
     return candidate
-
-
-def optional_function(module: str, name: str, feature: str) -> Callable[..., Any]:
-    """A function of another part of the package, or a clear error when this build lacks it."""
-    try:
-        return getattr(importlib.import_module(f"dreambooth.{module}"), name)
-    except (ImportError, AttributeError) as error:
-        raise DreamboothError(f"{feature} is not available in this installation ({error}); "
-                              "update the extension.") from None
 
 
 class _ReportedFailure(Exception):

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from ..atomic import fsync_path, fsync_tree
 from ..errors import ModelError
 from .tokenizer import BOS, EOS, load_tokenizer_folder, write_tokenizer_folder
 
@@ -117,21 +118,6 @@ def write_components(components: Components, folder: Path) -> None:
     (folder / "model_index.json").write_text(json.dumps(model_index(components), indent=2))
 
 
-def _fsync_path(path: Path) -> None:
-    if path.is_dir() and os.name == "nt":
-        return  # Windows cannot open folders for fsync
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_tree(folder: Path) -> None:
-    for path in [*folder.rglob("*"), folder]:
-        _fsync_path(path)
-
-
 def _old_name(working: Path) -> Path:
     return working.with_name(f".{working.name}.old")
 
@@ -153,7 +139,7 @@ def save_components(components: Components, working_dir: str | Path) -> Path:
     tmp = working.with_name(f".{working.name}.tmp-{uuid.uuid4().hex[:8]}")
     try:
         write_components(components, tmp)
-        _fsync_tree(tmp)
+        fsync_tree(tmp)
         if working.exists():
             os.replace(working, _old_name(working))
         os.replace(tmp, working)
@@ -162,7 +148,7 @@ def save_components(components: Components, working_dir: str | Path) -> Path:
         recover_working(working)
         raise
     shutil.rmtree(_old_name(working), ignore_errors=True)
-    _fsync_path(working.parent)  # makes the renames durable
+    fsync_path(working.parent)  # makes the renames durable
     return working
 
 

@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import importlib
 import logging
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from PIL import Image
 
 from ..config.schema import TrainingConfig
-from ..errors import ConfigError, DreamboothError
+from ..errors import ConfigError
 from ..host.base import Host
 from ..store import ModelStore
 from . import forms
@@ -28,15 +27,6 @@ MEMORY_CHOICES: dict[str, float | None] = {"CPU": None, "6 GB": 6, "8 GB": 8, "1
                                            "24 GB": 24, "48+ GB": 48}
 PREVIEW_IMAGES = 8
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
-
-
-def optional(module: str, name: str, feature: str) -> Callable[..., Any]:
-    """A function of another part of the package, or a clear error when this build lacks it."""
-    try:
-        return getattr(importlib.import_module(f"dreambooth.{module}"), name)
-    except (ImportError, AttributeError) as error:
-        raise DreamboothError(f"{feature} is not available in this installation ({error}); "
-                              "update the extension.") from None
 
 
 def load_images(paths: list[str], captions: list[str] | None = None) -> list[tuple[Image.Image, str]]:
@@ -98,9 +88,8 @@ class TabController:
         if not source_label:
             raise ConfigError("Choose the checkpoint to create the model from (press Refresh if the list is empty).")
         source = self.checkpoint_choices().get(source_label, Path(source_label))
-        create = optional("models.loading", "create_model", "Creating a model")
-        create(self.store, name.strip(), str(source), family=None if family == AUTO else family,
-               prediction_type=None if prediction == AUTO else prediction)
+        self.service.create_model(name.strip(), source, family=None if family == AUTO else family,
+                                  prediction_type=None if prediction == AUTO else prediction)
         return name.strip()
 
     def delete_model(self, name: str | None) -> None:
@@ -134,7 +123,8 @@ class TabController:
         config = forms.form_to_config(values)
         concept = config.concepts[concept_position(values, index)]
         config.concepts = [concept]  # a folder of subfolders expands to several rows: show them all
-        preview = optional("train.data.preview", "dataset_preview", "The dataset preview")
+        from ..train.data.preview import dataset_preview as preview
+
         class_root = self.store.model(name).class_images if name else None
         rows = preview(config, class_root)
         return load_images(image_files(concept.instance_data_dir)), "\n\n".join(preview_markdown(r) for r in rows)
