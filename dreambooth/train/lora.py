@@ -478,8 +478,8 @@ def export_model_lora(model: Any, config: TrainingConfig, out_path: Path, precis
                             "method 'lora' first, then export the LoRA.")
     state, meta = snapshot_lora_state(found[-1])
     if not state:
-        raise TrainingError(f"The newest snapshot {found[-1]} holds no LoRA weights (it was trained with method "
-                            f"{config.method!r}); train with method 'lora' first, or export a checkpoint instead.")
+        raise TrainingError(f"The newest snapshot {found[-1]} holds no LoRA weights (the last run trained full "
+                            "weights); train with method 'lora' first, or export a checkpoint instead.")
     components = load_components(model.working, torch.float32)
     add_lora(components, config)
     load_lora_state(components, state)

@@ -335,7 +335,7 @@ class Trainer:
         self.intermediate: list[Path] = []
         self.last_loss: float | None = None
         self._meter = _Meter(0)
-        self._slowdown = ItSlowdownMonitor()
+        self._slowdown = ItSlowdownMonitor() if watches_speed(self.device) else None
         self._loss_sum = torch.zeros((), device=self.device)
         self._loss_count = 0
         self._concept_sums = torch.zeros((2, max(1, len(config.concepts))), device=self.device)
@@ -672,7 +672,7 @@ class Trainer:
         remaining = (self.total_steps - state.step) / rate if rate > 0 else 0.0
         progress = Progress(state.step, self.total_steps, state.epoch, self.total_epochs, rate, remaining)
         self.callbacks.on_progress(progress)
-        slowdown = self._slowdown.feed(self._meter.step_rate())
+        slowdown = self._slowdown.feed(self._meter.step_rate()) if self._slowdown else None
         if slowdown:
             self.warn(slowdown)
         if self.is_main:
@@ -822,6 +822,12 @@ class _Meter:
         if self.first is None or self.last is None or self.last[0] == self.first[0]:
             return 0.0
         return (self.last[0] - self.first[0]) / max(1e-9, self.last[1] - self.first[1])
+
+
+def watches_speed(device: torch.device) -> bool:
+    # The collapse warning is for VRAM spilling into shared memory; a CPU run has no such cliff, and its
+    # sampling pauses would only raise false alarms.
+    return device.type == "cuda"
 
 
 def is_out_of_memory(error: BaseException) -> bool:

@@ -42,6 +42,7 @@ def test_collapsing_speed_warns_once(env: Any, monkeypatch: Any) -> None:
 
     monkeypatch.setattr(trainer_module, "_Meter", FastThenSlow)
     monkeypatch.setattr(trainer_module, "ItSlowdownMonitor", _monitor)
+    monkeypatch.setattr(trainer_module, "watches_speed", lambda device: True)
     messages = Messages()
     env.trainer(messages, max_train_steps=6).run()
     slow = [text for text in messages.warnings if "it/s" in text or "slow" in text.lower()]
@@ -52,3 +53,17 @@ def _monitor() -> Any:
     from dreambooth.guide.memory import ItSlowdownMonitor
 
     return ItSlowdownMonitor(warmup_steps=2, sustain=2)
+
+
+def test_cpu_runs_do_not_watch_for_vram_spills(env: Any, monkeypatch: Any) -> None:
+    rates = iter([10.0] * 3 + [1.0] * 50)
+
+    class FastThenSlow(trainer_module._Meter):
+        def step_rate(self) -> float:
+            return next(rates)
+
+    monkeypatch.setattr(trainer_module, "_Meter", FastThenSlow)
+    monkeypatch.setattr(trainer_module, "ItSlowdownMonitor", _monitor)
+    messages = Messages()
+    env.trainer(messages, max_train_steps=6).run()
+    assert not [text for text in messages.warnings if "slow" in text.lower()]

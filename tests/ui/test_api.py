@@ -202,3 +202,25 @@ def test_parse_api_auth():
     assert parse_api_auth("u:p:q, v:w") == {"u": "p:q", "v": "w"}
     with pytest.raises(Exception, match="user:password"):
         parse_api_auth("nopassword")
+
+
+ROUTES = {"/dreambooth/models", "/dreambooth/models/{name}/config", "/dreambooth/models/{name}/concepts",
+          "/dreambooth/models/{name}/train", "/dreambooth/status", "/dreambooth/cancel"}
+
+
+def test_routes_keep_the_hosts_api_docs_working(world):
+    """The host's /docs is built from every route on its app; ours must not break its schema (pydantic 1 and 2)."""
+    answer = client_for(world, auth={"u": "p"}).get("/openapi.json")
+    assert answer.status_code == 200 and ROUTES <= set(answer.json()["paths"])
+
+
+def test_routes_added_after_the_gradio_app_answer(world):
+    """on_app_started adds our routes to the host's gradio app after gradio's own; none of those may shadow them."""
+    gr = pytest.importorskip("gradio")
+    with gr.Blocks() as blocks:
+        gr.Markdown("host page")
+    app = gr.routes.App.create_app(blocks)
+    register_api(app, world.service, world.store)
+    client = TestClient(app)
+    assert [m["name"] for m in client.get("/dreambooth/models").json()["models"]] == ["dog"]
+    assert client.post("/dreambooth/models/nope/train").status_code == 404
