@@ -20,7 +20,7 @@ from typing import Any, Protocol
 from .config.schema import TrainingConfig, parse_value, settings, validate
 from .errors import ConfigError, DreamboothError
 from .host.base import Host
-from .store import ModelDir, ModelStore
+from .store import ModelDir, ModelStore, unused_path
 from .train.events import LossRecord, Progress, TrainCallbacks, TrainCommands
 
 log = logging.getLogger(__name__)
@@ -417,16 +417,6 @@ def checkpoint_inside(folder: Path, checkpoint: str | Path) -> Path:
         raise ConfigError(f"Checkpoint {str(checkpoint)!r} is not a .safetensors or .ckpt file in {root}; "
                           "press Refresh and pick one from the list.")
     return resolved
-
-
-def unused_path(folder: Path, stem: str, suffix: str = ".safetensors") -> Path:
-    """`folder/stem.safetensors`, or `stem_2`, `stem_3`... so an export never replaces an earlier file."""
-    candidate = folder / f"{stem}{suffix}"
-    number = 2
-    while candidate.exists():
-        candidate = folder / f"{stem}_{number}{suffix}"
-        number += 1
-    return candidate
 
 
 class _ReportedFailure(Exception):

@@ -131,3 +131,13 @@ class ModelStore:
 
     def delete(self, name: str) -> None:
         shutil.rmtree(self.existing(name).root)
+
+
+def unused_path(folder: Path, stem: str, suffix: str = ".safetensors") -> Path:
+    """`folder/stem.suffix`, or stem_2, stem_3, ... when taken: an export never replaces an earlier file."""
+    candidate = folder / f"{stem}{suffix}"
+    number = 2
+    while candidate.exists():
+        candidate = folder / f"{stem}_{number}{suffix}"
+        number += 1
+    return candidate

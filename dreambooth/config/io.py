@@ -74,14 +74,19 @@ def from_dict(data: Any, source: str = "config", warn: Callable[[str], None] | N
         raise ConfigError(f"{source}: {error}") from None
 
 
+def read_text_file(path: Path, what: str = "Config file") -> str:
+    """The file's text (a UTF-8 byte-order mark, as Windows editors write, is dropped), or a ConfigError."""
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except FileNotFoundError:
+        raise ConfigError(f"{what} {path} does not exist; check the path.") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise ConfigError(f"{what} {path} cannot be read ({error}).") from None
+
+
 def load(path: str | Path, warn: Callable[[str], None] | None = None) -> TrainingConfig:
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError(f"Config file {path} does not exist.") from None
-    except (OSError, UnicodeDecodeError) as error:
-        raise ConfigError(f"Config file {path} cannot be read ({error}).") from None
+    text = read_text_file(path)
     try:
         data = json.loads(text)
     except json.JSONDecodeError as error:

@@ -153,12 +153,7 @@ IGNORED_REASONS: dict[str, str] = {
 def import_file(path: str | Path, base: TrainingConfig | None = None) -> ImportResult:
     """Import a db_config.json, concepts list or our own config JSON, merged into `base`."""
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except FileNotFoundError:
-        raise ConfigError(f"Import file {path} does not exist; check the path.") from None
-    except (OSError, UnicodeDecodeError) as error:
-        raise ConfigError(f"Import file {path} cannot be read ({error}).") from None
+    text = io.read_text_file(path, "Import file")
     return import_text(text, str(path), path.parent.resolve(), base)
 
 

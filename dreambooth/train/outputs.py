@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from ..config.schema import base_checkpoint_name
-from .snapshots import unique_path
+from ..store import unused_path
 
 
 def output_components(trainer: Any) -> Any:
@@ -55,7 +55,7 @@ def save_lora(trainer: Any, step: int) -> Path:
     from .lora import export_lora
 
     config = trainer.cfg
-    out = unique_path(trainer.host.layout.lora_dir, f"{config.model_name}_{step}")
+    out = unused_path(trainer.host.layout.lora_dir, f"{config.model_name}_{step}")
     metadata = {**run_metadata(trainer, step), "ss_steps": str(step), "ss_output_name": out.stem,
                 "ss_training_finished_at": str(int(time.time())),
                 "ss_num_train_images": str(len(trainer.plan.instance)),
@@ -75,7 +75,7 @@ def save_checkpoint(trainer: Any, step: int, final: bool) -> list[Path]:
     paths = []
     if final:
         paths.append(save_components(components, trainer.model_dir.working))
-    out = unique_path(trainer.host.layout.checkpoints_dir, f"{config.model_name}_{step}")
+    out = unused_path(trainer.host.layout.checkpoints_dir, f"{config.model_name}_{step}")
     paths.append(export_checkpoint(components, out, config.save_precision, run_metadata(trainer, step),
                                    warn=trainer.warn))
     trainer.host.refresh_checkpoints()

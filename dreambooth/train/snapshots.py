@@ -143,16 +143,6 @@ def read_snapshot(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], 
     return load_file(str(path / TENSORS_FILE)), objects, read_meta(path)
 
 
-def unique_path(folder: Path, stem: str, suffix: str = ".safetensors") -> Path:
-    """`folder/stem.suffix`, or stem_2, stem_3, ... when taken (never overwrite another run's output)."""
-    candidate = folder / f"{stem}{suffix}"
-    counter = 2
-    while candidate.exists():
-        candidate = folder / f"{stem}_{counter}{suffix}"
-        counter += 1
-    return candidate
-
-
 def prune_outputs(paths: list[Path], keep: int) -> list[Path]:
     """Delete the oldest intermediate outputs beyond `keep` (0: keep all); return those still kept."""
     if keep <= 0 or len(paths) <= keep:

@@ -34,6 +34,16 @@ def test_memory_estimate_shown_and_warns_when_device_too_small(env: Any, monkeyp
 
 
 def test_collapsing_speed_warns_once(env: Any, monkeypatch: Any) -> None:
+    speed_collapses_after_three_steps(monkeypatch)
+    monkeypatch.setattr(trainer_module, "ItSlowdownMonitor", _monitor)
+    monkeypatch.setattr(trainer_module, "watches_speed", lambda device: True)
+    messages = Messages()
+    env.trainer(messages, max_train_steps=6).run()
+    slow = [text for text in messages.warnings if "it/s" in text or "slow" in text.lower()]
+    assert len(slow) == 1
+
+
+def speed_collapses_after_three_steps(monkeypatch: Any) -> None:
     rates = iter([10.0] * 3 + [1.0] * 50)
 
     class FastThenSlow(trainer_module._Meter):
@@ -41,12 +51,6 @@ def test_collapsing_speed_warns_once(env: Any, monkeypatch: Any) -> None:
             return next(rates)
 
     monkeypatch.setattr(trainer_module, "_Meter", FastThenSlow)
-    monkeypatch.setattr(trainer_module, "ItSlowdownMonitor", _monitor)
-    monkeypatch.setattr(trainer_module, "watches_speed", lambda device: True)
-    messages = Messages()
-    env.trainer(messages, max_train_steps=6).run()
-    slow = [text for text in messages.warnings if "it/s" in text or "slow" in text.lower()]
-    assert len(slow) == 1
 
 
 def _monitor() -> Any:
@@ -56,13 +60,7 @@ def _monitor() -> Any:
 
 
 def test_cpu_runs_do_not_watch_for_vram_spills(env: Any, monkeypatch: Any) -> None:
-    rates = iter([10.0] * 3 + [1.0] * 50)
-
-    class FastThenSlow(trainer_module._Meter):
-        def step_rate(self) -> float:
-            return next(rates)
-
-    monkeypatch.setattr(trainer_module, "_Meter", FastThenSlow)
+    speed_collapses_after_three_steps(monkeypatch)
     monkeypatch.setattr(trainer_module, "ItSlowdownMonitor", _monitor)
     messages = Messages()
     env.trainer(messages, max_train_steps=6).run()
