@@ -19,6 +19,7 @@ def _bench_module():  # type: ignore[no-untyped-def]
     spec = importlib.util.spec_from_file_location("bench_train", SCRIPT)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
+    sys.modules["bench_train"] = module  # dataclasses look their module up while the class is created
     spec.loader.exec_module(module)
     return module
 
