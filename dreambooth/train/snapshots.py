@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..atomic import write_json
+from ..atomic import fsync_path, fsync_tree, write_json
 
 STATE_FILE = "state.json"
 TENSORS_FILE = "trained.safetensors"
@@ -62,14 +62,14 @@ def write_snapshot(root: Path, step: int, tensors: dict[str, torch.Tensor], obje
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / TENSORS_FILE))
         torch.save(objects, tmp / OBJECTS_FILE)
         write_json(tmp / STATE_FILE, {**meta, "step": step})
-        _fsync_folder(tmp)
+        fsync_tree(tmp)
         # Never a moment without a complete snapshot of this step: the old one is moved aside first and
         # only deleted after the new one is in place (list_snapshots puts a moved-aside one back).
         aside = _aside_path(target)
         if target.exists():
             os.replace(target, aside)
         os.replace(tmp, target)
-        _fsync_folder(root, files=False)
+        fsync_path(root)
         shutil.rmtree(aside, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -80,18 +80,6 @@ def write_snapshot(root: Path, step: int, tensors: dict[str, torch.Tensor], obje
 
 def _aside_path(target: Path) -> Path:
     return target.with_name(f".old-{target.name}")
-
-
-def _fsync_folder(folder: Path, files: bool = True) -> None:
-    paths = [*folder.iterdir()] if files else []
-    for path in [*paths, folder]:
-        if os.name == "nt" and path.is_dir():
-            continue  # Windows cannot open folders for fsync
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 def _restore_aside(root: Path) -> None:
