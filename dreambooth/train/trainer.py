@@ -526,22 +526,28 @@ class Trainer:
         if not batch:
             # Every image of this batch vanished from disk: nothing to learn, the run goes on.
             return torch.zeros((), device=self.device, requires_grad=True)
+        per_sample = self._batch_losses(batch, latent_list, step, perturb_input=True)
+        weights = torch.tensor([self.cfg.prior_loss_weight if item.record.is_class else 1.0 for item in batch],
+                               device=self.device)
+        self._track_concepts(batch, per_sample.detach())
+        return losses.batch_loss(per_sample, weights)
+
+    def _batch_losses(self, batch: list[Any], latent_list: list[torch.Tensor], step: int,
+                      perturb_input: bool) -> torch.Tensor:
+        """Per-sample losses of one batch; validation measures without input perturbation, at fixed noise."""
         latents, pixel_weights = self._latents_and_masks(batch, latent_list)
         seeds = [item.seed for item in batch]
         noise, input_noise, timesteps = noises.batch_noise(tuple(latents.shape[1:]), seeds, step, self.cfg,
                                                           self.noise_scheduler.config.num_train_timesteps)
-        noise, input_noise, timesteps = noise.to(self.device), input_noise.to(self.device), timesteps.to(self.device)
+        noise, timesteps = noise.to(self.device), timesteps.to(self.device)
+        input_noise = input_noise.to(self.device) if perturb_input else noise
         noisy = losses.add_noise(self.noise_scheduler, latents, input_noise, timesteps)
         wanted = losses.target(self.noise_scheduler, latents, noise, timesteps, self.prediction_type)
         with runtime.autocast(self.cfg, self.device):
             hidden, added = self._conditioning(batch)
             prediction = self.unet(noisy, timesteps, encoder_hidden_states=hidden,
                                    added_cond_kwargs=added).sample
-        per_sample = self._per_sample_loss(prediction, wanted, timesteps, pixel_weights)
-        weights = torch.tensor([self.cfg.prior_loss_weight if item.record.is_class else 1.0 for item in batch],
-                               device=self.device)
-        self._track_concepts(batch, per_sample.detach())
-        return losses.batch_loss(per_sample, weights)
+        return self._per_sample_loss(prediction, wanted, timesteps, pixel_weights)
 
     def _per_sample_loss(self, prediction: torch.Tensor, wanted: torch.Tensor, timesteps: torch.Tensor,
                          pixel_weights: torch.Tensor | None) -> torch.Tensor:
@@ -705,18 +711,7 @@ class Trainer:
         for batch, latent_list in map(self._readable, items):
             if not batch:
                 continue
-            latents, pixel_weights = self._latents_and_masks(batch, latent_list)
-            seeds = [item.seed for item in batch]
-            noise, _, timesteps = noises.batch_noise(tuple(latents.shape[1:]), seeds, 0, self.cfg,
-                                                    self.noise_scheduler.config.num_train_timesteps)
-            noise, timesteps = noise.to(self.device), timesteps.to(self.device)
-            noisy = losses.add_noise(self.noise_scheduler, latents, noise, timesteps)
-            wanted = losses.target(self.noise_scheduler, latents, noise, timesteps, self.prediction_type)
-            with runtime.autocast(self.cfg, self.device):
-                hidden, added = self._conditioning(batch)
-                prediction = self.unet(noisy, timesteps, encoder_hidden_states=hidden,
-                                       added_cond_kwargs=added).sample
-            total += self._per_sample_loss(prediction, wanted, timesteps, pixel_weights).sum()
+            total += self._batch_losses(batch, latent_list, 0, perturb_input=False).sum()
             count += len(batch)
         total, count = self._sum_over_ranks(torch.stack([total, torch.tensor(float(count), device=self.device)]))
         if count == 0:
