@@ -160,20 +160,24 @@ def read_family(working: Path) -> dict[str, str]:
     return json.loads(path.read_text())
 
 
-def _load_text_encoders(working: Path, index: dict[str, Any], dtype: torch.dtype) -> list[Any]:
+def _load_text_encoders(working: Path, index: dict[str, Any], dtypes: dict[str, torch.dtype]) -> list[Any]:
     import transformers
 
     encoders = []
     for te_name, _ in _te_folders(2):
         if te_name in index:
             cls = getattr(transformers, index[te_name][1])
-            encoders.append(cls.from_pretrained(str(working / te_name), torch_dtype=dtype,
+            encoders.append(cls.from_pretrained(str(working / te_name), torch_dtype=dtypes[te_name],
                                                 local_files_only=True))
     return encoders
 
 
-def load_components(working_dir: str | Path, dtype: torch.dtype = torch.float32) -> Components:
-    """Load a working folder written by save_components (local files only)."""
+def load_components(working_dir: str | Path, dtype: torch.dtype = torch.float32,
+                    part_dtypes: dict[str, torch.dtype] | None = None) -> Components:
+    """Load a working folder written by save_components (local files only).
+
+    `part_dtypes` overrides `dtype` per part ('unet', 'vae', 'text_encoder', 'text_encoder_2').
+    """
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from safetensors.torch import load_file
 
@@ -181,13 +185,15 @@ def load_components(working_dir: str | Path, dtype: torch.dtype = torch.float32)
     recover_working(working)
     info = read_family(working)
     index = json.loads((working / "model_index.json").read_text())
-    encoders = _load_text_encoders(working, index, dtype)
+    dtypes = {part: dtype for part in ("unet", "vae", "text_encoder", "text_encoder_2")} | (part_dtypes or {})
+    encoders = _load_text_encoders(working, index, dtypes)
     tokenizers = [load_tokenizer_folder(working / tok) for _, tok in _te_folders(len(encoders))]
     extras_path = working / EXTRAS_FILE
     return Components(
         family=info["family"],
-        unet=UNet2DConditionModel.from_pretrained(str(working / "unet"), torch_dtype=dtype, local_files_only=True),
-        vae=AutoencoderKL.from_pretrained(str(working / "vae"), torch_dtype=dtype, local_files_only=True),
+        unet=UNet2DConditionModel.from_pretrained(str(working / "unet"), torch_dtype=dtypes["unet"],
+                                                  local_files_only=True),
+        vae=AutoencoderKL.from_pretrained(str(working / "vae"), torch_dtype=dtypes["vae"], local_files_only=True),
         text_encoders=encoders, tokenizers=tokenizers,
         noise_scheduler=DDPMScheduler.from_pretrained(str(working / "scheduler"), local_files_only=True),
         prediction_type=info["prediction_type"],

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import bisect
 import contextlib
-from collections.abc import Callable
+import ctypes
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -82,6 +86,18 @@ def trainable_parameters(components: Any, config: Any) -> dict[str, list[torch.n
     return {name: params for name, params in groups.items() if params}
 
 
+def load_dtypes(config: Any) -> dict[str, torch.dtype]:
+    """Each part's dtype at load time: frozen weights straight in the compute dtype (one pass over the file
+    instead of load-then-cast: 0.4 s sooner to the first SD1.5 LoRA step), trained ones as fp32 masters."""
+    compute = compute_dtype(config)
+    lora = config.method == "lora"  # LoRA trains adapters only: every base weight is frozen
+    text = compute if lora or not config.train_text_encoder else torch.float32
+    return {"unet": compute if lora or not config.train_unet else torch.float32,
+            # An fp16 VAE overflows into NaN (see cast_frozen).
+            "vae": torch.float32 if compute == torch.float16 else compute,
+            "text_encoder": text, "text_encoder_2": text}
+
+
 def cast_frozen(components: Any, trainable: dict[str, list[torch.nn.Parameter]], dtype: torch.dtype,
                 device: torch.device) -> None:
     """Frozen weights in the compute dtype (half the memory, faster); trained ones stay fp32 masters."""
@@ -106,6 +122,81 @@ def set_memory_format(components: Any, channels_last: bool) -> None:
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     for module in (components.unet, components.vae):
         module.to(memory_format=memory_format)
+
+
+def file_mapped_ranges() -> list[tuple[int, int]]:
+    """Address ranges of this process that are memory maps of files (Linux; empty elsewhere)."""
+    try:
+        lines = Path("/proc/self/maps").read_text().splitlines()
+    except OSError:
+        return []
+    ranges = []
+    for line in lines:
+        fields = line.split(maxsplit=5)
+        if len(fields) == 6 and fields[5].startswith("/"):
+            low, high = fields[0].split("-")
+            ranges.append((int(low, 16), int(high, 16)))
+    return sorted(ranges)
+
+
+def own_memory(components: Any) -> int:
+    """Copy every weight that still lives in a checkpoint file's memory map into its own memory.
+
+    safetensors maps the whole file and hands out tensors inside it; the map lives while any of them does,
+    and keeps resident the pages of every weight that casting or channels_last already copied, while the
+    optimizer's writes turn the rest into private copies (measured: 2.4 GiB extra for full SD1.5 training).
+    Returns the bytes copied.
+    """
+    ranges = file_mapped_ranges()
+    starts = [low for low, _ in ranges]
+    copied = 0
+    for module in (components.unet, components.vae, *components.text_encoders):
+        for tensor in (*module.parameters(), *module.buffers()):
+            index = bisect.bisect_right(starts, tensor.data_ptr()) - 1
+            if index >= 0 and tensor.data_ptr() < ranges[index][1]:
+                tensor.data = tensor.data.clone()
+                copied += tensor.nelement() * tensor.element_size()
+    return copied
+
+
+# glibc's mallopt options and their defaults (malloc.h).
+M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
+GLIBC_DEFAULTS = {M_TRIM_THRESHOLD: 128 * 1024, M_MMAP_MAX: 65536}
+
+
+def glibc() -> Any | None:
+    """The process's C library when it is glibc (mallopt, malloc_trim); None elsewhere (musl, macOS, Windows)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(None)
+        libc.gnu_get_libc_version  # noqa: B018  (only glibc has it)
+        return libc
+    except (OSError, AttributeError):
+        return None
+
+
+@contextlib.contextmanager
+def reuse_freed_memory(enabled: bool) -> Iterator[bool]:
+    """Keep freed tensor memory in the process for reuse while training on CPU; yields whether it does.
+
+    glibc gives every tensor over 32 MB its own mmap and unmaps it on free, so each step's gradients and
+    weight casts fault in (and the kernel zeroes) gigabytes of fresh pages: about 600 000 page faults and
+    0.4 s per full SD1.5 step, measured. Serving them from the heap instead leaves about 7 000. Afterwards
+    the defaults return and malloc_trim hands the freed memory back to the system.
+    """
+    libc = glibc() if enabled else None
+    if libc is None:
+        yield False
+        return
+    libc.mallopt(M_MMAP_MAX, 0)
+    libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1)
+    try:
+        yield True
+    finally:
+        for option, value in GLIBC_DEFAULTS.items():
+            libc.mallopt(option, value)
+        libc.malloc_trim(0)
 
 
 def freeze(params: list[torch.nn.Parameter]) -> None:

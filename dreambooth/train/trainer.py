@@ -106,6 +106,7 @@ class Trainer:
         self.commands = commands or TrainCommands()
         self.resume = resume
         self.warn = _Warnings(self.callbacks)
+        self.heap_reuse = False
 
     # --- entry point ---------------------------------------------------------------------------------
 
@@ -202,8 +203,9 @@ class Trainer:
     # --- setup ---------------------------------------------------------------------------------------
 
     def _train(self, config: TrainingConfig) -> TrainResult:
-        state = self._setup(config)
-        return self._loop(config, state)
+        with runtime.reuse_freed_memory(enabled=not torch.cuda.is_available()) as self.heap_reuse:
+            state = self._setup(config)
+            return self._loop(config, state)
 
     def setup(self) -> _State:
         """Validate and load everything a run needs, without training (tests and benchmarks use it)."""
@@ -239,7 +241,7 @@ class Trainer:
         from ..models.components import load_components
 
         self.callbacks.on_status("Loading model")
-        components = load_components(self.model_dir.working, torch.float32)
+        components = load_components(self.model_dir.working, torch.float32, runtime.load_dtypes(config))
         if components.family != config.model_family:
             raise ConfigError(f"Setting 'model_family' is {config.model_family} but the weights in "
                               f"{self.model_dir.working} are {components.family}; set it to {components.family}.")
@@ -258,6 +260,7 @@ class Trainer:
         runtime.cast_frozen(components, self.trainable, self.compute_dtype, self.device)
         self.channels_last = runtime.use_channels_last(self.device)
         runtime.set_memory_format(components, self.channels_last)
+        runtime.own_memory(components)
         runtime.setup_attention(components.unet, config, self.device, self.warn)
         if config.gradient_checkpointing:
             self._enable_checkpointing()
@@ -468,8 +471,9 @@ class Trainer:
         else:
             self.optimizer.step()
         self.lr_scheduler.step()
-        # Keep gradient buffers allocated (faster than re-allocating them every step).
-        self.optimizer.zero_grad(set_to_none=False)
+        # Freed gradients cost nothing to re-allocate on a GPU, or on CPU while freed memory stays in the
+        # heap (reuse_freed_memory); elsewhere keeping the buffers is faster, for 1.2 GiB more (SD1.5, full).
+        self.optimizer.zero_grad(set_to_none=self.device.type == "cuda" or self.heap_reuse)
 
     def _on_nonfinite(self, state: _State) -> None:
         self.optimizer.zero_grad(set_to_none=False)

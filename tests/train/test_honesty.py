@@ -253,13 +253,15 @@ class Runner:
             self.models[family] = tiny_components(family, seed=0)
         return self.models[family]
 
-    def _load(self, working: Path, dtype: torch.dtype = torch.float32) -> Any:
+    def _load(self, working: Path, dtype: torch.dtype = torch.float32,
+              part_dtypes: dict[str, torch.dtype] | None = None) -> Any:
         pristine = self._components(self.family_of[Path(working).resolve()])
         # Tokenizers are read-only and slow to copy: share them.
         components = copy.deepcopy(pristine, memo={id(t): t for t in pristine.tokenizers})
-        if dtype != torch.float32:
-            for module in (components.unet, components.vae, *components.text_encoders):
-                module.to(dtype)
+        parts = {"unet": components.unet, "vae": components.vae,
+                 **dict(zip(("text_encoder", "text_encoder_2"), components.text_encoders, strict=False))}
+        for name, module in parts.items():
+            module.to((part_dtypes or {}).get(name, dtype))
         return components
 
     def _layout(self, config: TrainingConfig, weights: str) -> tuple[Path, Layout]:
