@@ -23,8 +23,17 @@ def _migrate_1_to_2(data: dict[str, Any]) -> dict[str, Any]:
     return data
 
 
+def _migrate_2_to_3(data: dict[str, Any]) -> dict[str, Any]:
+    # 'cache_text_encoder_outputs' became auto/on/off. false was the default and meant "encode every step";
+    # auto caches only where that gives the same result, so it keeps what was learnt and is faster.
+    value = data.get("cache_text_encoder_outputs")
+    if isinstance(value, bool):
+        data["cache_text_encoder_outputs"] = "on" if value else "auto"
+    return data
+
+
 # One small function per schema change: MIGRATIONS[v] turns a version-v dict into version v+1.
-MIGRATIONS: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {1: _migrate_1_to_2}
+MIGRATIONS: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {1: _migrate_1_to_2, 2: _migrate_2_to_3}
 
 
 def migrate(data: dict[str, Any], source: str = "config") -> dict[str, Any]:

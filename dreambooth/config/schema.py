@@ -17,7 +17,7 @@ from typing import Any
 
 from ..errors import ConfigError
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 
 def setting(default: Any, label: str, help: str, group: str, *, min: float | None = None,
@@ -436,12 +436,13 @@ class TrainingConfig:
                                  "re-encodes every step. Saves time and VAE memory; turn off for random "
                                  "crop.", "Precision and memory",
                                  choices=("off", "memory", "disk"))
-    cache_text_encoder_outputs: bool = setting(False, "Cache text encoder outputs", "Encode each caption "
-                                               "once before training instead of at every step, saving time "
-                                               "and the text encoder's memory (much for SDXL). Off is "
-                                               "typical; turn on only when the text encoder is frozen and "
-                                               "captions are fixed (no tag shuffling or caption dropout).",
-                                               "Precision and memory")
+    cache_text_encoder_outputs: str = setting("auto", "Cache text encoder outputs", "Encode each caption "
+                                              "once instead of at every step: faster, same result. auto "
+                                              "(typical): whenever the text encoder is frozen and captions "
+                                              "are fixed (no tag shuffling or caption dropout); on: insist, "
+                                              "and stop with the reason where it cannot; off: encode every "
+                                              "step. Change it only to compare timings.", "Precision and memory",
+                                              choices=("auto", "on", "off"))
     attention: str = setting("sdpa", "Attention", "Attention implementation: sdpa (PyTorch's fused "
                              "attention, typical) or xformers (CUDA only; falls back to sdpa with a "
                              "message). Change only if xformers is faster on your GPU.", "Precision and memory", choices=("sdpa", "xformers"))
@@ -633,6 +634,23 @@ def training_resolutions(config: TrainingConfig) -> list[int]:
 def uses_prior_preservation(config: TrainingConfig) -> bool:
     """Prior preservation applies to DreamBooth and LoRA runs (as in kohya's trainers); fine-tuning has no class."""
     return config.method in ("dreambooth", "lora") and config.with_prior_preservation
+
+
+def text_cache_blockers(config: TrainingConfig) -> list[tuple[str, str]]:
+    """(setting, why) for each reason a caption's text-encoder output can change during the run."""
+    return [(name, why) for name, why, active in (
+        ("train_text_encoder", "the text encoder is trained",
+         config.train_text_encoder and config.stop_text_encoder > 0),
+        ("shuffle_tags", "captions change every step", config.shuffle_tags),
+        ("caption_dropout", "captions change every step", config.caption_dropout > 0),
+    ) if active]
+
+
+def caches_text_outputs(config: TrainingConfig) -> bool:
+    """Whether the run encodes each caption once ('on' that cannot cache is refused before training)."""
+    if config.cache_text_encoder_outputs == "auto":
+        return not text_cache_blockers(config)
+    return config.cache_text_encoder_outputs == "on"
 
 
 def base_checkpoint_name(config: TrainingConfig) -> str:

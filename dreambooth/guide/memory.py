@@ -10,7 +10,7 @@ from __future__ import annotations
 import statistics
 from dataclasses import dataclass
 
-from ..config.schema import TrainingConfig
+from ..config.schema import TrainingConfig, caches_text_outputs
 
 GIB = 1024 ** 3
 
@@ -126,7 +126,7 @@ def _frozen_on_device(config: TrainingConfig, family: str) -> int:
     frozen = 0
     if config.method == "lora" or not config.train_unet:
         frozen += params["unet"]
-    te_needed = not config.cache_text_encoder_outputs or config.train_text_encoder
+    te_needed = not caches_text_outputs(config) or config.train_text_encoder
     if te_needed and (config.method == "lora" or not config.train_text_encoder):
         frozen += _text_encoder_params(family)
     if config.cache_latents == "off":

@@ -17,7 +17,13 @@ import shlex
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-from ..config.schema import Concept, TrainingConfig, training_resolutions, uses_prior_preservation
+from ..config.schema import (
+    Concept,
+    TrainingConfig,
+    text_cache_blockers,
+    training_resolutions,
+    uses_prior_preservation,
+)
 from ..errors import ConfigError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -69,17 +75,12 @@ def _images_in(folder: str, dataset_info: Mapping[str, int] | None) -> int | Non
 # --- the checks ------------------------------------------------------------------------------------
 
 def check_text_encoder_cache(config: TrainingConfig, family: str = "sd1") -> list[Finding]:
-    if not config.cache_text_encoder_outputs:
-        return []
+    if config.cache_text_encoder_outputs != "on":
+        return []  # auto caches only where the result stays the same; off never does
     encoders = "both text encoders'" if family == "sdxl" else "the text encoder's"
-    reasons = [(name, why) for name, why, active in (
-        ("train_text_encoder", "the text encoder is being trained", config.train_text_encoder),
-        ("shuffle_tags", "captions are shuffled each time", config.shuffle_tags),
-        ("caption_dropout", "captions are dropped at random", config.caption_dropout > 0),
-    ) if active]
     return [_error(("cache_text_encoder_outputs", name),
-                   f"'cache_text_encoder_outputs' keeps {encoders} output for each caption, but {why} ('{name}'): turn off "
-                   f"'cache_text_encoder_outputs' or '{name}'.") for name, why in reasons]
+                   f"'cache_text_encoder_outputs' on keeps {encoders} output for each caption, but {why} ('{name}'): "
+                   f"set it to auto or off, or change '{name}'.") for name, why in text_cache_blockers(config)]
 
 
 def check_device(config: TrainingConfig, device: str) -> list[Finding]:

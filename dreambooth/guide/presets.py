@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from ..config.schema import FAMILIES, TrainingConfig
+from ..config.schema import FAMILIES, TrainingConfig, text_cache_blockers
 from ..errors import ConfigError
 from .memory import GIB, NATIVE_RESOLUTION, estimate_memory
 
@@ -26,13 +26,13 @@ TIERS: tuple[dict[str, Any], ...] = (
     {**_FULL, "optimizer": "adamw", "gradient_checkpointing": True, "train_text_encoder": True},
     {**_FULL, "optimizer": "adamw_8bit", "gradient_checkpointing": True, "train_text_encoder": True},
     {**_FULL, "optimizer": "adamw_8bit", "gradient_checkpointing": True, "train_text_encoder": False,
-     "cache_text_encoder_outputs": True},
+     "cache_text_encoder_outputs": "auto"},
     {**_FULL, "optimizer": "adafactor", "gradient_checkpointing": True, "train_text_encoder": False,
-     "cache_text_encoder_outputs": True},
+     "cache_text_encoder_outputs": "auto"},
     {**_LORA, "optimizer": "adamw", "gradient_checkpointing": False, "train_text_encoder": True},
     {**_LORA, "optimizer": "adamw_8bit", "gradient_checkpointing": True, "train_text_encoder": True},
     {**_LORA, "optimizer": "adamw_8bit", "gradient_checkpointing": True, "train_text_encoder": False,
-     "cache_text_encoder_outputs": True},
+     "cache_text_encoder_outputs": "auto"},
 )
 
 def _batch_sizes(memory_gb: int) -> tuple[int, ...]:
@@ -46,7 +46,7 @@ def _batch_sizes(memory_gb: int) -> tuple[int, ...]:
 # is the only method that finishes in hours; checkpointing would only cost time.
 CPU_PRESET: dict[str, Any] = {
     **_LORA, "mixed_precision": "bf16", "optimizer": "adamw", "gradient_checkpointing": False,
-    "train_text_encoder": False, "cache_text_encoder_outputs": True, "train_batch_size": 1,
+    "train_text_encoder": False, "cache_text_encoder_outputs": "auto", "train_batch_size": 1,
 }
 
 
@@ -75,7 +75,7 @@ def _ladder(family: str, memory_gb: int) -> dict[str, Any] | None:
     for tier in TIERS:
         for batch in _batch_sizes(memory_gb):
             preset = {**tier, "mixed_precision": _precision(memory_gb), "train_batch_size": batch}
-            preset.setdefault("cache_text_encoder_outputs", False)
+            preset.setdefault("cache_text_encoder_outputs", "auto")
             if _fits(preset, family, budget):
                 return preset
     return None
@@ -124,7 +124,6 @@ def apply_preset(config: TrainingConfig, preset: dict[str, Any]) -> TrainingConf
         if not hasattr(updated, name):
             raise ConfigError(f"Preset field '{name}' is not a setting.")
         setattr(updated, name, value)
-    captions_vary = updated.shuffle_tags or updated.caption_dropout > 0
-    if updated.cache_text_encoder_outputs and (captions_vary or updated.train_text_encoder):
-        updated.cache_text_encoder_outputs = False
+    if updated.cache_text_encoder_outputs == "on" and text_cache_blockers(updated):
+        updated.cache_text_encoder_outputs = "auto"
     return updated

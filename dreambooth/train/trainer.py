@@ -26,7 +26,13 @@ from typing import Any
 import torch
 
 from .. import atomic
-from ..config.schema import TrainingConfig, training_resolutions, validate
+from ..config.schema import (
+    TrainingConfig,
+    caches_text_outputs,
+    text_cache_blockers,
+    training_resolutions,
+    validate,
+)
 from ..errors import ConfigError, DataError, DreamboothError, TrainingError
 from ..guide.memory import ItSlowdownMonitor
 from ..store import ModelDir, ModelStore
@@ -302,23 +308,18 @@ class Trainer:
         namespace = f"{self.components.family}-{next(self.components.vae.parameters()).dtype}"
         self.latent_cache = data_api.LatentCache(config.cache_latents, self.model_dir.cache, namespace)
         self.text_cache: dict[str, tuple[torch.Tensor, torch.Tensor | None]] | None = None
-        if config.cache_text_encoder_outputs:
-            self._check_text_cache(config)
+        self._check_text_cache(config)
+        if caches_text_outputs(config):
             self.text_cache = {}
         self.te_stop_step = (self.total_steps if config.stop_text_encoder >= 1.0
                              else round(config.stop_text_encoder * self.total_steps))
 
     def _check_text_cache(self, config: TrainingConfig) -> None:
-        reasons = []
-        if any(name in self.trainable for name in runtime.TEXT_GROUPS) and config.stop_text_encoder > 0:
-            reasons.append("the text encoder is trained ('train_text_encoder')")
-        if config.shuffle_tags:
-            reasons.append("captions change every step ('shuffle_tags')")
-        if config.caption_dropout > 0:
-            reasons.append("captions change every step ('caption_dropout')")
-        if reasons:
+        blockers = text_cache_blockers(config)
+        if config.cache_text_encoder_outputs == "on" and blockers:
             raise TrainingError("Setting 'cache_text_encoder_outputs' cannot be used because "
-                                + " and ".join(reasons) + "; turn caching off or change those settings.")
+                                + " and ".join(f"{why} ('{name}')" for name, why in blockers)
+                                + "; set it to auto or off, or change those settings.")
 
     def _epoch_batches(self, epoch: int) -> list[list[Any]]:
         return data_api.epoch_batches(self.plan, self.cfg, epoch, self.seed, self.world_size, self.rank)

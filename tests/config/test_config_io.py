@@ -72,6 +72,12 @@ def test_version_1_max_steps_migrates_to_max_train_steps() -> None:
     assert config.max_train_steps == 321
 
 
+@pytest.mark.parametrize(("old", "new"), [(True, "on"), (False, "auto")])
+def test_version_2_text_encoder_cache_flag_migrates_to_a_choice(old: bool, new: str) -> None:
+    config = io.from_dict({"version": 2, "cache_text_encoder_outputs": old})
+    assert config.cache_text_encoder_outputs == new
+
+
 def test_missing_version_counts_as_version_1() -> None:
     warnings: list[str] = []
     config = io.from_dict({"max_steps": 55}, warn=warnings.append)

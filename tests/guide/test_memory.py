@@ -114,12 +114,12 @@ def test_apply_preset_keeps_text_encoder_cache_valid() -> None:
     for family in FAMILIES:
         for memory_gb in (None, *MEMORY_CLASSES_GB):
             preset = preset_for(family, memory_gb)
-            assert not (preset["cache_text_encoder_outputs"] and preset["train_text_encoder"])
-    cached = {"cache_text_encoder_outputs": True, "train_text_encoder": False, "optimizer": "lion"}
+            assert preset["cache_text_encoder_outputs"] != "on" or not preset["train_text_encoder"]
+    cached = {"cache_text_encoder_outputs": "on", "train_text_encoder": False, "optimizer": "lion"}
     plain = apply_preset(TrainingConfig(), cached)
-    assert plain.cache_text_encoder_outputs and plain.optimizer == "lion"
+    assert plain.cache_text_encoder_outputs == "on" and plain.optimizer == "lion"
     shuffled = apply_preset(TrainingConfig(shuffle_tags=True), cached)
-    assert not shuffled.cache_text_encoder_outputs and shuffled.optimizer == "lion"
+    assert shuffled.cache_text_encoder_outputs == "auto" and shuffled.optimizer == "lion"
     with pytest.raises(ConfigError):
         apply_preset(TrainingConfig(), {"no_such_field": 1})
 

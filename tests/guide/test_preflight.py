@@ -27,7 +27,7 @@ def good(tmp_path: Path) -> TrainingConfig:
     concept = Concept(instance_data_dir=make_images(tmp_path / "instance", 4), instance_prompt="photo of sks dog",
                       class_prompt="photo of a dog", num_class_images=50)
     return TrainingConfig(concepts=[concept], mixed_precision="bf16", attention="sdpa", max_train_steps=400,
-                          save_every_n_steps=100, cache_text_encoder_outputs=False)
+                          save_every_n_steps=100)
 
 
 def about(findings: list[Finding], setting: str) -> list[Finding]:
@@ -41,8 +41,10 @@ def test_good_config_is_clean(good: TrainingConfig) -> None:
 
 @pytest.mark.parametrize("cause", [{"train_text_encoder": True}, {"shuffle_tags": True}, {"caption_dropout": 0.1}])
 def test_text_encoder_cache_conflicts(good: TrainingConfig, cause: dict) -> None:
-    frozen = dataclasses.replace(good, cache_text_encoder_outputs=True, train_text_encoder=False)
+    frozen = dataclasses.replace(good, cache_text_encoder_outputs="on", train_text_encoder=False)
     assert not about(preflight(frozen), "cache_text_encoder_outputs")
+    automatic = dataclasses.replace(frozen, cache_text_encoder_outputs="auto", **cause)
+    assert not about(preflight(automatic), "cache_text_encoder_outputs")  # auto just encodes every step
     findings = about(preflight(dataclasses.replace(frozen, **cause)), "cache_text_encoder_outputs")
     assert len(findings) == 1 and findings[0].level == "error"
     name = next(iter(cause))

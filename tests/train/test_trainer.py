@@ -189,7 +189,7 @@ def test_nan_skip_policy_skips_up_to_the_limit(env: Any, monkeypatch: pytest.Mon
 
 def test_refusals_are_clear(env: Any) -> None:
     with pytest.raises(DreamboothError, match="cache_text_encoder_outputs.*train_text_encoder"):
-        env.trainer(cache_text_encoder_outputs=True).run()
+        env.trainer(cache_text_encoder_outputs="on").run()
     with pytest.raises(ConfigError, match="mixed_precision.*CUDA"):
         env.trainer(mixed_precision="fp16").run()
     with pytest.raises(ConfigError, match="model_family"):
