@@ -360,19 +360,30 @@ def synchronised(device: Any, action: Callable[[], Any]) -> Any:
     return value
 
 
+def unet_inputs(unet: Any, extras: Extras, device: Any) -> tuple[Any, Any, Any]:
+    import torch
+
+    latent = extras.resolution // 8
+    noisy = torch.randn(1, unet.config.in_channels, latent, latent, device=device)
+    hidden = torch.randn(1, 77, unet.config.cross_attention_dim, device=device)
+    return noisy, torch.tensor([500], device=device), hidden
+
+
 def unet_throughput(extras: Extras, workdir: Path) -> dict[str, float]:
-    """The full-training UNet forward+backward (bf16 autocast, batch 1): FLOPs, time, fraction of matmul peak."""
+    """The full-training UNet forward+backward (bf16 autocast, batch 1, our memory format): FLOPs, time,
+    fraction of the matmul peak; then the frozen bf16 UNet's forward+backward with no adapter at all, the
+    floor under any LoRA step on this machine."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
     from dreambooth.models.components import load_components
+    from dreambooth.train import runtime
 
     device = torch.device(extras.device)
-    unet = load_components(working_dir(workdir)).unet.to(device).train()
-    latent = extras.resolution // 8
-    noisy = torch.randn(1, unet.config.in_channels, latent, latent, device=device)
-    hidden = torch.randn(1, 77, unet.config.cross_attention_dim, device=device)
-    timestep = torch.tensor([500], device=device)
+    components = load_components(working_dir(workdir))
+    runtime.set_memory_format(components, runtime.use_channels_last(device))
+    unet = components.unet.to(device).train()
+    noisy, timestep, hidden = unet_inputs(unet, extras, device)
 
     def step() -> None:
         with torch.autocast(device.type, dtype=torch.bfloat16):
@@ -387,9 +398,14 @@ def unet_throughput(extras: Extras, workdir: Path) -> dict[str, float]:
     flops = counter.get_total_flops()
     peak = matmul_peak_tflops(device)
     achieved = flops / seconds / 1e12
+    unet.requires_grad_(False).to(torch.bfloat16)
+    noisy.requires_grad_(True)  # gradients flow back through every layer, as they must to reach LoRA layers
+    step()
+    frozen = statistics.median([timed(lambda: synchronised(device, step))[0] for _ in range(2)])
     return {"UNet fwd+bwd TFLOP per step": flops / 1e12, "UNet fwd+bwd s": seconds,
             "UNet achieved bf16 TFLOP/s": achieved, "bf16 matmul peak TFLOP/s": peak,
-            "UNet fraction of matmul peak": achieved / peak}
+            "UNet fraction of matmul peak": achieved / peak,
+            "frozen bf16 UNet fwd+bwd, no adapter (LoRA floor) s": frozen}
 
 
 def extras_run(extras: Extras, workdir: Path) -> dict[str, float]:
