@@ -374,13 +374,21 @@ def unet_throughput(extras: Extras, workdir: Path) -> dict[str, float]:
     fraction of the matmul peak; then the frozen bf16 UNet's forward+backward with no adapter at all, the
     floor under any LoRA step on this machine."""
     import torch
-    from torch.utils.flop_counter import FlopCounterMode
 
     from dreambooth.models.components import load_components
     from dreambooth.train import runtime
 
     device = torch.device(extras.device)
-    components = load_components(working_dir(workdir))
+    with runtime.reuse_freed_memory(enabled=device.type == "cpu"):  # as our trainer runs
+        return unet_passes(load_components(working_dir(workdir)), extras, device)
+
+
+def unet_passes(components: Any, extras: Extras, device: Any) -> dict[str, float]:
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from dreambooth.train import runtime
+
     runtime.set_memory_format(components, runtime.use_channels_last(device))
     unet = components.unet.to(device).train()
     noisy, timestep, hidden = unet_inputs(unet, extras, device)
@@ -389,7 +397,7 @@ def unet_throughput(extras: Extras, workdir: Path) -> dict[str, float]:
         with torch.autocast(device.type, dtype=torch.bfloat16):
             prediction = unet(noisy, timestep, hidden).sample
         prediction.float().square().mean().backward()
-        unet.zero_grad(set_to_none=False)
+        unet.zero_grad(set_to_none=True)
 
     counter = FlopCounterMode(display=False)
     with counter:
