@@ -86,6 +86,12 @@ def trainable_parameters(components: Any, config: Any) -> dict[str, list[torch.n
     return {name: params for name, params in groups.items() if params}
 
 
+def vae_dtype(compute: torch.dtype) -> torch.dtype:
+    """The frozen VAE's dtype: the compute dtype, except fp32 under fp16, which overflows into NaN (SDXL's
+    VAE especially)."""
+    return torch.float32 if compute == torch.float16 else compute
+
+
 def load_dtypes(config: Any) -> dict[str, torch.dtype]:
     """Each part's dtype at load time: frozen weights straight in the compute dtype (one pass over the file
     instead of load-then-cast: 0.4 s sooner to the first SD1.5 LoRA step), trained ones as fp32 masters."""
@@ -93,8 +99,7 @@ def load_dtypes(config: Any) -> dict[str, torch.dtype]:
     lora = config.method == "lora"  # LoRA trains adapters only: every base weight is frozen
     text = compute if lora or not config.train_text_encoder else torch.float32
     return {"unet": compute if lora or not config.train_unet else torch.float32,
-            # An fp16 VAE overflows into NaN (see cast_frozen).
-            "vae": torch.float32 if compute == torch.float16 else compute,
+            "vae": vae_dtype(compute),
             "text_encoder": text, "text_encoder_2": text}
 
 
@@ -103,8 +108,7 @@ def cast_frozen(components: Any, trainable: dict[str, list[torch.nn.Parameter]],
     """Frozen weights in the compute dtype (half the memory, faster); trained ones stay fp32 masters."""
     trained = {id(p) for params in trainable.values() for p in params}
     for module in (components.unet, components.vae, *components.text_encoders):
-        # An fp16 VAE overflows into NaN (SDXL's especially): it stays fp32 then.
-        frozen_dtype = torch.float32 if module is components.vae and dtype == torch.float16 else dtype
+        frozen_dtype = vae_dtype(dtype) if module is components.vae else dtype
         module.to(device)
         for param in module.parameters():
             param.data = param.data.float() if id(param) in trained else param.data.to(frozen_dtype)
