@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
-import difflib
 import hashlib
 import importlib
 import json
@@ -22,17 +21,8 @@ from typing import Any, NoReturn
 from . import __version__
 from .config import io
 from .config.legacy import IDENTITY_FIELDS
-from .config.schema import (
-    FAMILIES,
-    Concept,
-    TrainingConfig,
-    base_checkpoint_name,
-    check_value,
-    field_type,
-    parse_value,
-    settings,
-    validate,
-)
+from .config.overrides import apply_overrides, parse_checked, set_override
+from .config.schema import FAMILIES, TrainingConfig, base_checkpoint_name, field_type, settings
 from .errors import ConfigError, DreamboothError
 from .store import Layout, ModelStore
 
@@ -83,12 +73,6 @@ def _helper(module: str, name: str, command: str) -> Callable[..., Any]:
 
 # --- FIELD=VALUE assignments -------------------------------------------------------------------
 
-def _unknown(name: str, known: Sequence[str], where: str) -> ConfigError:
-    close = difflib.get_close_matches(name, known, n=3)
-    hint = f"did you mean {', '.join(close)}?" if close else f"'{PROG} config --name N --show' lists them."
-    return ConfigError(f"{where}: unknown setting '{name}'; {hint}")
-
-
 def _split_assignment(item: str) -> tuple[str, str]:
     name, sep, value = item.partition("=")
     if not sep or not name.strip():
@@ -97,52 +81,9 @@ def _split_assignment(item: str) -> tuple[str, str]:
     return name.strip(), value
 
 
-def parse_value_checked(cls: type, name: str, raw: Any) -> Any:
-    """Parse and range-check one value, raising ConfigError naming the field, value and what is allowed."""
-    value = parse_value(cls, name, raw)
-    check_value(cls, next(f for f in settings(cls) if f.name == name), value)
-    return value
-
-
-def _concept_target(config: TrainingConfig, name: str, allow_append: bool) -> tuple[Concept, str]:
-    """`concepts.N.field` -> (the concept, field); with `allow_append`, N == len(concepts) adds a concept."""
-    parts = name.split(".")
-    if len(parts) != 3 or not parts[1].isdigit():
-        raise ConfigError(f"--set '{name}': concept settings are written concepts.N.FIELD, e.g. "
-                          "concepts.0.instance_prompt.")
-    index, field = int(parts[1]), parts[2]
-    last = len(config.concepts) if allow_append else len(config.concepts) - 1
-    if index > last:
-        adds = " (the last adds a concept)" if allow_append else "; add concepts with the config command"
-        raise ConfigError(f"--set '{name}': the model has {len(config.concepts)} concept(s); use index "
-                          f"0-{last}{adds}.")
-    if field not in {f.name for f in settings(Concept)}:
-        raise _unknown(field, [f.name for f in settings(Concept)], f"--set '{name}'")
-    if index == len(config.concepts):
-        config.concepts.append(Concept())
-    return config.concepts[index], field
-
-
-def apply_assignment(config: TrainingConfig, name: str, raw: Any, allow_append: bool = True) -> None:
-    """Set one scalar setting or `concepts.N.field` on `config` (in place), parsed and range-checked."""
-    if name.startswith("concepts."):
-        concept, field = _concept_target(config, name, allow_append)
-        setattr(concept, field, parse_value_checked(Concept, field, raw))
-        return
-    known = [f.name for f in settings(TrainingConfig)]
-    if name not in known:
-        raise _unknown(name, known, f"--set '{name}'")
-    if name == "model_name":
-        raise ConfigError("--set 'model_name': a model is renamed by renaming its folder, not by a setting.")
-    setattr(config, name, parse_value_checked(TrainingConfig, name, raw))
-
-
 def apply_assignments(config: TrainingConfig, items: Sequence[str]) -> TrainingConfig:
-    """A validated copy of `config` with every FIELD=VALUE of `items` applied."""
-    config = copy.deepcopy(config)
-    for item in items:
-        apply_assignment(config, *_split_assignment(item))
-    return validate(config)
+    """A validated copy of `config` with every FIELD=VALUE of `items` applied (index = count adds a concept)."""
+    return apply_overrides(config, dict(_split_assignment(item) for item in items), add_concepts=True)
 
 
 # --- schema-generated flags --------------------------------------------------------------------
@@ -154,7 +95,7 @@ def flag_name(field: str) -> str:
 def _schema_type(cls: type, name: str) -> Callable[[str], Any]:
     def convert(raw: str) -> Any:
         try:
-            return parse_value_checked(cls, name, raw)
+            return parse_checked(cls, name, raw)
         except ConfigError as error:
             raise argparse.ArgumentTypeError(str(error)) from None
     convert.__name__ = field_type(cls, name).__name__
@@ -307,24 +248,14 @@ def cmd_export(args: argparse.Namespace, layout: Layout) -> int:
 
 
 def training_overrides(args: argparse.Namespace, config: TrainingConfig) -> dict[str, Any]:
-    """Generated-flag values plus --set items, checked against the model's config before training starts."""
+    """Generated-flag values plus --set items (typed), checked against the model's config before training."""
     overrides = schema_overrides(args)
     trial = copy.deepcopy(config)
-    for name, value in overrides.items():
-        setattr(trial, name, value)
     for item in args.set or []:
         name, raw = _split_assignment(item)
-        apply_assignment(trial, name, raw, allow_append=False)
-        overrides[name] = _assigned_value(trial, name)
-    validate(trial)
+        overrides[name] = set_override(trial, name, raw)
+    apply_overrides(config, overrides)
     return overrides
-
-
-def _assigned_value(config: TrainingConfig, name: str) -> Any:
-    if name.startswith("concepts."):
-        _, index, field = name.split(".")
-        return getattr(config.concepts[int(index)], field)
-    return getattr(config, name)
 
 
 def cmd_train(args: argparse.Namespace, layout: Layout) -> int:

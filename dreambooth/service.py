@@ -17,7 +17,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from .config.schema import TrainingConfig, parse_value, settings, validate
+from .config.overrides import apply_overrides
+from .config.schema import TrainingConfig
 from .errors import ConfigError, DreamboothError
 from .host.base import Host
 from .store import ModelDir, ModelStore, unused_path
@@ -153,19 +154,6 @@ def default_trainer_factory(config: TrainingConfig, host: Host, callbacks: Train
     return Trainer(config, host, callbacks, commands)
 
 
-def apply_overrides(config: TrainingConfig, overrides: dict[str, Any] | None) -> TrainingConfig:
-    """A copy of `config` with scalar settings replaced (values parsed and validated by the schema)."""
-    config = copy.deepcopy(config)
-    known = {f.name for f in settings(TrainingConfig)}
-    for name, raw in (overrides or {}).items():
-        if name not in known:
-            raise ConfigError(f"Unknown setting {name!r}; see db_config.json for the setting names.")
-        if name == "model_name":
-            raise ConfigError("Setting 'model_name' cannot be overridden; choose the model instead.")
-        setattr(config, name, parse_value(TrainingConfig, name, raw))
-    return validate(config)
-
-
 def user_message(error: BaseException) -> str:
     """One line for the user: our own errors verbatim, anything else with where to look."""
     if isinstance(error, DreamboothError):
@@ -210,7 +198,7 @@ class TrainingService:
     def start(self, model_name: str, config_overrides: dict[str, Any] | None = None) -> TrainStatus:
         """Start training `model_name` on a worker thread; raise RunInProgress if a GPU job is active."""
         model = self.store.existing(model_name)
-        config = apply_overrides(model.load_config(), config_overrides)
+        config = apply_overrides(model.load_config(), config_overrides or {})
         self._claim(model.name, "train")
         commands = TrainCommands()
         with self._lock:
@@ -344,8 +332,7 @@ class TrainingService:
 
     def _apply_host_defaults(self, model: ModelDir) -> None:
         """Settings-tab defaults of the host (e.g. save precision) for a newly created model."""
-        defaults = getattr(self.host, "config_defaults", None)
-        values = defaults() if callable(defaults) else {}
+        values = self.host.config_defaults()
         if values:
             model.save_config(apply_overrides(model.load_config(), values))
 

@@ -10,7 +10,6 @@ import pytest
 
 from dreambooth.config.schema import Concept, TrainingConfig
 from dreambooth.errors import ConfigError, TrainingError
-from dreambooth.host.fake import FakeHost
 from dreambooth.service import (
     FAILED,
     FINISHED,
@@ -18,12 +17,13 @@ from dreambooth.service import (
     LOSS_HISTORY_LIMIT,
     RunInProgress,
     TrainingService,
-    apply_overrides,
     main_learning_rate,
     thin_history,
 )
 from dreambooth.store import Layout, ModelStore
 from dreambooth.train.events import LossRecord, Progress
+
+from fake_host import FakeHost
 
 
 class ScriptedTrainer:
@@ -240,13 +240,6 @@ def test_main_learning_rate_prefers_unet():
     assert main_learning_rate({"text_encoder": 1.0, "unet": 2.0}) == 2.0
     assert main_learning_rate({"group0": 3.0}) == 3.0
     assert main_learning_rate({}) == 0.0
-
-
-def test_apply_overrides_does_not_touch_original():
-    config = TrainingConfig()
-    changed = apply_overrides(config, {"train_batch_size": "4", "hflip": "true"})
-    assert (changed.train_batch_size, changed.hflip) == (4, True)
-    assert (config.train_batch_size, config.hflip) == (1, False)
 
 
 def test_class_images_job_generates_through_host_under_lock(store):

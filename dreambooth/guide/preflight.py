@@ -25,8 +25,8 @@ from ..config.schema import (
     uses_prior_preservation,
 )
 from ..errors import ConfigError
+from ..imagefiles import IMAGE_EXTENSIONS, is_image_name
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 KOHYA_FOLDER = re.compile(r"^\d+_")
 SAMPLE_FLAGS = {"n": str, "w": int, "h": int, "d": int, "l": float, "s": int}
 
@@ -58,7 +58,7 @@ def count_images(folder: str) -> int | None:
         names = os.listdir(folder)
     except OSError:
         return None
-    count = sum(1 for name in names if name.lower().endswith(IMAGE_EXTENSIONS))
+    count = sum(1 for name in names if is_image_name(name))
     for name in names:
         path = os.path.join(folder, name)
         if KOHYA_FOLDER.match(name) and os.path.isdir(path):

@@ -8,29 +8,13 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
+from ..generation import GenerationRequest
 from ..store import Layout
 
-
-@dataclass
-class GenerationRequest:
-    """One txt2img job; `count` images with seeds seed, seed+1, ..."""
-
-    prompt: str
-    negative_prompt: str = ""
-    seed: int = 0
-    steps: int = 20
-    cfg_scale: float = 7.5
-    width: int = 512
-    height: int = 512
-    count: int = 1
-    batch_size: int = 1
-    # Which model to draw with: a host checkpoint file, or a diffusers folder (the embedded host).
-    checkpoint: Path | None = None
-    model_dir: Path | None = None
+__all__ = ["GenerationRequest", "Host", "NullHostMixin"]
 
 
 @runtime_checkable
@@ -65,6 +49,9 @@ class Host(Protocol):
     def gpu_lock(self) -> contextlib.AbstractContextManager[Any]:
         """The host's GPU queue; hold it while training or generating."""
 
+    def config_defaults(self) -> dict[str, Any]:
+        """Settings (schema name -> value) the host's own settings give newly created models; may be empty."""
+
 
 class NullHostMixin:
     """No-op defaults for hosts that have no such concept."""
@@ -90,3 +77,6 @@ class NullHostMixin:
     @contextlib.contextmanager
     def gpu_lock(self) -> Iterator[None]:
         yield None
+
+    def config_defaults(self) -> dict[str, Any]:
+        return {}

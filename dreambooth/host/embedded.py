@@ -14,8 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ModelError
+from ..generation import GenerationRequest
 from ..store import Layout
-from .base import GenerationRequest, NullHostMixin
+from .base import NullHostMixin
 
 log = logging.getLogger(__name__)
 

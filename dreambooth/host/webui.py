@@ -29,9 +29,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from ..errors import DreamboothError, ModelError
+from ..errors import ConfigError, DreamboothError, ModelError
+from ..generation import GenerationRequest
 from ..store import Layout
-from .base import GenerationRequest
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +98,19 @@ def call_tolerant(function: Callable[..., Any], *args: Any, **options: Any) -> A
     return function(*args, **{k: v for k, v in options.items() if k in parameters})
 
 
+def parse_api_auth(text: str | None) -> dict[str, str] | None:
+    """A1111's --api-auth 'user:pass,user2:pass2' as {user: password}; None when auth is off."""
+    if not text:
+        return None
+    credentials = {}
+    for pair in text.split(","):
+        user, sep, password = pair.strip().partition(":")
+        if not sep or not user:
+            raise ConfigError(f"--api-auth entry {pair.strip()!r} is not 'user:password'.")
+        credentials[user] = password
+    return credentials
+
+
 class WebuiHost:
     """A Host over the running web UI."""
 
@@ -149,8 +162,6 @@ class WebuiHost:
         return [Path(part) for part in raw.split(os.pathsep) if part] if raw else None
 
     def api_credentials(self) -> dict[str, str] | None:
-        from ..ui.api import parse_api_auth
-
         return parse_api_auth(getattr(self.cmd_opts(), "api_auth", None))
 
     # --- settings ---------------------------------------------------------------------------------

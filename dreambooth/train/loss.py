@@ -54,14 +54,11 @@ def elementwise_loss(prediction: torch.Tensor, wanted: torch.Tensor, loss_type: 
     raise ConfigError(f"Setting 'loss_type': {loss_type!r} is not supported; use l2, huber or smooth_l1.")
 
 
-def mask_weights(masks: torch.Tensor, unmasked_weight: float) -> torch.Tensor:
-    """Per-pixel loss weights from masks in [0,1]: 1 inside the mask, `unmasked_weight` outside."""
-    return unmasked_weight + (1.0 - unmasked_weight) * masks.float()
-
-
 def per_sample_loss(elements: torch.Tensor, pixel_weights: torch.Tensor | None,
                     normalize_by_area: bool) -> torch.Tensor:
     """Mean loss of each sample (B,), weighted by the pixel weights (B,1,H,W) when given.
+
+    The weights come from the masks (`train.data.pixels.load_mask`, the one mask-weight formula).
 
     Normalising by the masked area divides by the mean weight, so a small mask trains as strongly as a large
     one (OneTrainer's 'normalize masked area loss').

@@ -7,7 +7,7 @@ sample prompts); an unknown flag is an error rather than silently part of the pr
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -15,26 +15,15 @@ import torch
 
 from ..atomic import atomic_path
 from ..errors import ConfigError
+from ..generation import GenerationRequest
 
-
-@dataclass(frozen=True)
-class SamplePrompt:
-    prompt: str
-    negative: str = ""
-    width: int = 512
-    height: int = 512
-    seed: int = 0
-    cfg: float = 7.5
-    steps: int = 20
-
-
-# flag -> (SamplePrompt field, converter)
-FLAGS: dict[str, tuple[str, type]] = {"n": ("negative", str), "w": ("width", int), "h": ("height", int),
-                                      "d": ("seed", int), "l": ("cfg", float), "s": ("steps", int)}
+# flag -> (GenerationRequest field, converter)
+FLAGS: dict[str, tuple[str, type]] = {"n": ("negative_prompt", str), "w": ("width", int), "h": ("height", int),
+                                      "d": ("seed", int), "l": ("cfg_scale", float), "s": ("steps", int)}
 _FLAG_SPLIT = re.compile(r"(?:^|\s)--(?=[A-Za-z])")
 
 
-def parse_prompt_line(line: str, defaults: SamplePrompt) -> SamplePrompt:
+def parse_prompt_line(line: str, defaults: GenerationRequest) -> GenerationRequest:
     """Parse one sd-scripts prompt line; raise ConfigError naming the setting for an unknown or bad flag."""
     parts = _FLAG_SPLIT.split(line.strip())
     values: dict[str, Any] = {"prompt": parts[0].strip()}
@@ -58,30 +47,30 @@ def _concept_prompt(concept: Any) -> str:
     return prompt.replace("[filewords]", subject).strip() or subject
 
 
-def sample_prompts(config: Any, run_seed: int, resolution: int) -> list[SamplePrompt]:
+def sample_prompts(config: Any, run_seed: int, resolution: int) -> list[GenerationRequest]:
     """The run's preview prompts: n_samples per concept (seeds sample_seed, +1, ...) then the prompt lines."""
     prompts = []
     for concept in config.concepts:
         seed = concept.sample_seed if concept.sample_seed >= 0 else run_seed
-        base = SamplePrompt(_concept_prompt(concept), concept.sample_negative_prompt, resolution, resolution,
-                            seed, concept.sample_guidance_scale, concept.sample_steps)
+        base = GenerationRequest(_concept_prompt(concept), concept.sample_negative_prompt, seed, concept.sample_steps,
+                                 concept.sample_guidance_scale, resolution, resolution)
         prompts += [replace(base, seed=seed + index) for index in range(concept.n_samples) if base.prompt]
-    defaults = SamplePrompt("", "", resolution, resolution, max(run_seed, 0), 7.5, 20)
+    defaults = GenerationRequest("", seed=max(run_seed, 0), width=resolution, height=resolution)
     for line in config.sample_prompts.splitlines():
         if line.strip() and not line.lstrip().startswith("#"):
             prompts.append(parse_prompt_line(line, defaults))
     return prompts
 
 
-def render(pipeline: Any, prompt: SamplePrompt, device: torch.device) -> Any:
+def render(pipeline: Any, prompt: GenerationRequest, device: torch.device) -> Any:
     generator = torch.Generator(device="cpu").manual_seed(prompt.seed)
-    result = pipeline(prompt=prompt.prompt, negative_prompt=prompt.negative or None, width=prompt.width,
-                      height=prompt.height, num_inference_steps=prompt.steps, guidance_scale=prompt.cfg,
+    result = pipeline(prompt=prompt.prompt, negative_prompt=prompt.negative_prompt or None, width=prompt.width,
+                      height=prompt.height, num_inference_steps=prompt.steps, guidance_scale=prompt.cfg_scale,
                       generator=generator, output_type="pil")
     return result.images[0]
 
 
-def render_samples(pipeline: Any, prompts: list[SamplePrompt], folder: Path, step: int,
+def render_samples(pipeline: Any, prompts: list[GenerationRequest], folder: Path, step: int,
                    device: torch.device) -> list[Path]:
     """Render and save each prompt as samples/step-<step>-<index>-<seed>.png (atomic writes)."""
     paths = []

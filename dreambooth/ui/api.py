@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import io as config_io
+from ..config.overrides import apply_overrides
 from ..config.schema import TrainingConfig
 from ..errors import ConfigError, DreamboothError
 from ..service import RunInProgress, TrainingService
@@ -23,19 +24,6 @@ from ..store import ModelDir, ModelStore, check_model_name
 log = logging.getLogger(__name__)
 
 PREFIX = "/dreambooth"
-
-
-def parse_api_auth(text: str | None) -> dict[str, str] | None:
-    """A1111's --api-auth 'user:pass,user2:pass2' as {user: password}; None when auth is off."""
-    if not text:
-        return None
-    credentials = {}
-    for pair in text.split(","):
-        user, sep, password = pair.strip().partition(":")
-        if not sep or not user:
-            raise ConfigError(f"--api-auth entry {pair.strip()!r} is not 'user:password'.")
-        credentials[user] = password
-    return credentials
 
 
 def is_inside(path: Path, roots: Iterable[Path]) -> bool:
@@ -127,7 +115,9 @@ class DreamboothApi:
         if overrides is not None and not isinstance(overrides, dict):
             raise ConfigError("'overrides' must be an object of setting names and values.")
         model = self._model(name)
-        check_concept_folders(model.load_config(), self.write_roots, self.read_roots)
+        # Overrides can name concept folders too, so the folders are checked on the config the run will use.
+        run_config = apply_overrides(model.load_config(), overrides or {})
+        check_concept_folders(run_config, self.write_roots, self.read_roots)
         return self.service.start(model.name, overrides).to_dict()
 
     def status(self) -> dict[str, Any]:

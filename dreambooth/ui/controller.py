@@ -16,6 +16,7 @@ from PIL import Image
 from ..config.schema import TrainingConfig
 from ..errors import ConfigError
 from ..host.base import Host
+from ..imagefiles import is_image_name
 from ..store import ModelStore
 from . import forms
 
@@ -26,7 +27,6 @@ AUTO = "auto"
 MEMORY_CHOICES: dict[str, float | None] = {"CPU": None, "6 GB": 6, "8 GB": 8, "12 GB": 12, "16 GB": 16,
                                            "24 GB": 24, "48+ GB": 48}
 PREVIEW_IMAGES = 8
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 
 def load_images(paths: list[str], captions: list[str] | None = None) -> list[tuple[Image.Image, str]]:
@@ -207,7 +207,7 @@ def image_files(folder: str, limit: int = PREVIEW_IMAGES) -> list[str]:
     root = Path(folder).expanduser()
     if not folder.strip() or not root.is_dir():
         return []
-    found = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and "-masklabel" not in p.stem)
+    found = sorted(p for p in root.rglob("*") if is_image_name(p))
     return [str(p) for p in found[:limit]]
 
 

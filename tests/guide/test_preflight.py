@@ -178,3 +178,27 @@ def test_raise_on_errors_lists_every_error(good: TrainingConfig) -> None:
         raise_on_errors(findings)
     text = str(raised.value)
     assert "mixed_precision" in text and "num_train_epochs" in text and "xformers" not in text
+
+
+# --- one list of image types -----------------------------------------------------------------------
+
+def test_preflight_and_scanner_accept_the_same_image_types(tmp_path: Path) -> None:
+    """A folder of .tif and .gif images (and one of every listed type) passes pre-flight and trains."""
+    from PIL import Image
+
+    from dreambooth.imagefiles import IMAGE_EXTENSIONS, MASK_SUFFIX
+    from dreambooth.train.data import scan_dataset
+
+    folder = tmp_path / "odd"
+    folder.mkdir()
+    for index, extension in enumerate(IMAGE_EXTENSIONS):
+        Image.new("RGB", (64, 64), (40 * index, 90, 160)).save(folder / f"image{index}{extension}")
+    Image.new("L", (64, 64), 255).save(folder / f"image0{MASK_SUFFIX}")  # a mask is no image of its own
+    (folder / "notes.txt").write_text("not an image")
+    concept = Concept(instance_data_dir=str(folder), instance_prompt="photo of sks thing")
+    config = TrainingConfig(concepts=[concept], resolution=64, bucket_min_resolution=64, cache_latents="off",
+                            with_prior_preservation=False)
+    scanned = scan_dataset(config).instance
+    assert count_images(str(folder)) == len(scanned) == len(IMAGE_EXTENSIONS)
+    assert {".tif", ".gif"} <= {record.path.suffix for record in scanned}
+    assert not about(preflight(config), "instance_data_dir")

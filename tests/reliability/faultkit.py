@@ -21,6 +21,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+# The shared test doubles (tests/fake_host.py) sit one folder up; the zygote runs this file as a script.
+TESTS_DIR = str(Path(__file__).resolve().parent.parent)
+if TESTS_DIR not in sys.path:
+    sys.path.append(TESTS_DIR)
+
 MODEL = "tiny"
 KILLED = -signal.SIGKILL
 TEMP_MARKERS = (".tmp", ".old")
@@ -196,8 +201,9 @@ def train_phase(spec: dict[str, Any]) -> None:
     """Save the config (as the tab does before a run), then train; record what the run reports."""
     import torch
 
-    from dreambooth.host.fake import FakeHost
     from dreambooth.train.trainer import Trainer
+
+    from fake_host import FakeHost
 
     torch.set_num_threads(1)
     root = Path(spec["root"])
@@ -333,11 +339,12 @@ def preload() -> None:
     from transformers import CLIPTextModel  # noqa: F401
 
     import dreambooth.guide.preflight  # noqa: F401
-    import dreambooth.host.fake  # noqa: F401
     import dreambooth.models.components  # noqa: F401
     import dreambooth.models.export  # noqa: F401
     import dreambooth.train.lora  # noqa: F401
     import dreambooth.train.trainer  # noqa: F401
+
+    import fake_host  # noqa: F401
 
 
 def run_forked(phase: dict[str, Any]) -> int:

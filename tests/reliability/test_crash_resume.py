@@ -231,9 +231,10 @@ def test_resume_after_the_text_encoder_stopped_keeps_its_training(workspace: Any
     """'stop_text_encoder' freezes the text encoder part-way; a snapshot taken later must still hold its
     trained weights, or a resume silently restarts it from the base model. (A stop without saving leaves
     the disk as a crash at that step would.)"""
-    from dreambooth.host.fake import FakeHost
     from dreambooth.train.events import Progress, TrainCallbacks, TrainCommands
     from dreambooth.train.trainer import Trainer
+
+    from fake_host import FakeHost
 
     settings = {"with_prior_preservation": False, "cache_latents": "memory", "max_train_steps": 6,
                 "snapshot_every_n_steps": 2, "stop_text_encoder": 0.5, "save_every_n_steps": 0}

@@ -15,8 +15,9 @@ import faultkit
 import pytest
 import safetensors.torch
 
-from dreambooth.host.fake import FakeHost
 from dreambooth.service import FAILED, FINISHED, TrainingService, TrainStatus
+
+from fake_host import FakeHost
 
 SETTINGS = {"with_prior_preservation": False, "cache_latents": "memory", "max_train_steps": 4,
             "save_every_n_steps": 2, "snapshot_every_n_steps": 2}

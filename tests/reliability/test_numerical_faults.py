@@ -18,11 +18,12 @@ from diffusers import UNet2DConditionModel
 from safetensors.torch import load_file
 
 from dreambooth.errors import TrainingError
-from dreambooth.host.fake import FakeHost
 from dreambooth.service import FAILED, FINISHED, TrainingService
 from dreambooth.train import snapshots
 from dreambooth.train.events import TrainCallbacks
 from dreambooth.train.trainer import Trainer
+
+from fake_host import FakeHost
 
 SETTINGS = {"with_prior_preservation": False, "cache_latents": "memory", "max_train_steps": 4,
             "save_every_n_steps": 1, "snapshot_every_n_steps": 1, "save_on_end": True}

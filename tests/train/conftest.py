@@ -13,8 +13,9 @@ import torch
 from PIL import Image
 
 from dreambooth.config.schema import Concept, TrainingConfig
-from dreambooth.host.fake import FakeHost
 from dreambooth.store import Layout, ModelStore
+
+from fake_host import FakeHost
 
 
 @pytest.fixture(scope="session", autouse=True)

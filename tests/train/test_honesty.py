@@ -31,11 +31,12 @@ from PIL import Image
 
 from dreambooth.config.schema import Concept, TrainingConfig, settings
 from dreambooth.errors import DreamboothError
-from dreambooth.host.fake import FakeHost
 from dreambooth.store import Layout, ModelStore
 from dreambooth.train import loss as loss_module
 from dreambooth.train.events import LossRecord, TrainCallbacks
 from dreambooth.train.trainer import Trainer
+
+from fake_host import FakeHost
 
 # --- observations of one run ---------------------------------------------------------------------------------
 

@@ -17,9 +17,10 @@ from PIL import Image
 from safetensors import safe_open
 
 from dreambooth.config.schema import Concept, TrainingConfig
-from dreambooth.host.fake import FakeHost
 from dreambooth.store import Layout, ModelStore
 from dreambooth.train.trainer import Trainer
+
+from fake_host import FakeHost
 
 pytestmark = pytest.mark.slow
 

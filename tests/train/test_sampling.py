@@ -6,20 +6,22 @@ import pytest
 
 from dreambooth.config.schema import Concept, TrainingConfig
 from dreambooth.errors import ConfigError
-from dreambooth.train.sampling import SamplePrompt, parse_prompt_line, sample_prompts
+from dreambooth.generation import GenerationRequest
+from dreambooth.train.sampling import parse_prompt_line, sample_prompts
 
 
 def test_prompt_line_flags() -> None:
     parsed = parse_prompt_line("a cat, photo --n blurry, low quality --w 640 --h 384 --d 42 --l 6.5 --s 30",
-                               SamplePrompt(""))
-    assert parsed == SamplePrompt("a cat, photo", "blurry, low quality", 640, 384, 42, 6.5, 30)
+                               GenerationRequest(""))
+    assert parsed == GenerationRequest("a cat, photo", "blurry, low quality", seed=42, steps=30, cfg_scale=6.5,
+                                       width=640, height=384)
 
 
 def test_unknown_or_bad_flag_is_a_clear_error() -> None:
     with pytest.raises(ConfigError, match="--x"):
-        parse_prompt_line("a cat --x 3", SamplePrompt(""))
+        parse_prompt_line("a cat --x 3", GenerationRequest(""))
     with pytest.raises(ConfigError, match="--w big"):
-        parse_prompt_line("a cat --w big", SamplePrompt(""))
+        parse_prompt_line("a cat --w big", GenerationRequest(""))
 
 
 def test_sample_prompts_per_concept_and_lines() -> None:

@@ -14,11 +14,12 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from dreambooth.errors import DreamboothError
-from dreambooth.host.fake import FakeHost
 from dreambooth.service import TrainingService
 from dreambooth.train import noise as noises
 from dreambooth.train.events import LossRecord, TrainCallbacks, TrainCommands
 from dreambooth.train.logs import read_jsonl
+
+from fake_host import FakeHost
 
 
 class Losses(TrainCallbacks):

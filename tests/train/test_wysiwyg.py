@@ -7,10 +7,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from dreambooth.generation import GenerationRequest
 from dreambooth.models.components import build_pipeline
 from dreambooth.models.loading import components_from_state_dict, read_checkpoint
 from dreambooth.models.tiny import tiny_configs
-from dreambooth.train.sampling import SamplePrompt, render
+from dreambooth.train.sampling import render
 
 
 def psnr(a: Any, b: Any) -> float:
@@ -24,7 +25,7 @@ def test_exported_checkpoint_renders_like_the_trainer(env: Any) -> None:
     result = trainer.run()
     exported = env.layout.checkpoints_dir / "tiny_2.safetensors"
     assert exported in result.saved
-    prompt = SamplePrompt("photo of sks dog", "", 64, 64, seed=3, cfg=5.0, steps=4)
+    prompt = GenerationRequest("photo of sks dog", seed=3, steps=4, cfg_scale=5.0, width=64, height=64)
     with torch.no_grad():
         trained = render(build_pipeline(trainer.components, "ddim"), prompt, torch.device("cpu"))
         # the single file read fresh, with the tiny model's configs (real models use the shipped ones)

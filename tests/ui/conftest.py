@@ -10,10 +10,11 @@ import pytest
 from PIL import Image
 
 from dreambooth.config.schema import TrainingConfig
-from dreambooth.host.fake import FakeHost
 from dreambooth.service import TrainingService
 from dreambooth.store import Layout, ModelStore
 from dreambooth.train.events import LossRecord, Progress, TrainCallbacks, TrainCommands
+
+from fake_host import FakeHost
 
 
 class ScriptedTrainer:

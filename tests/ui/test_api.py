@@ -14,10 +14,12 @@ fastapi = pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient  # noqa: E402
 
 from dreambooth.config.schema import Concept, TrainingConfig  # noqa: E402
-from dreambooth.host.fake import FakeHost  # noqa: E402
+from dreambooth.host.webui import parse_api_auth  # noqa: E402
 from dreambooth.service import TrainingService  # noqa: E402
 from dreambooth.store import Layout, ModelStore  # noqa: E402
-from dreambooth.ui.api import parse_api_auth, register_api  # noqa: E402
+from dreambooth.ui.api import register_api  # noqa: E402
+
+from fake_host import FakeHost  # noqa: E402
 
 
 class GatedTrainer:

@@ -5,12 +5,11 @@ from .buckets import BucketSpec, bucket_for, bucket_list, bucket_spec
 from .cache import LatentCache
 from .captions import build_caption
 from .class_images import ClassImageJob, generate_class_images, plan_class_images
-from .images import SUPPORTED_EXTENSIONS
 from .pixels import load_mask, load_pixels
 from .preview import dataset_preview
 from .scan import DatasetPlan, ImageRecord, scan_dataset
 
-__all__ = ["SUPPORTED_EXTENSIONS", "BatchItem", "BucketSpec", "ClassImageJob", "DatasetPlan", "ImageRecord",
+__all__ = ["BatchItem", "BucketSpec", "ClassImageJob", "DatasetPlan", "ImageRecord",
            "LatentCache", "bucket_for", "bucket_list", "bucket_spec", "build_caption", "dataset_preview",
            "epoch_batches", "generate_class_images", "global_batches", "load_mask", "load_pixels",
            "plan_class_images", "scan_dataset", "steps_per_epoch", "validation_batches"]

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 from PIL import Image, PngImagePlugin
@@ -19,9 +19,18 @@ from PIL import Image, PngImagePlugin
 from ...atomic import atomic_path
 from ...config.schema import Concept, TrainingConfig
 from ...errors import DataError
-from ...host.base import GenerationRequest, Host
+from ...generation import GenerationRequest
+from ...imagefiles import is_image_name
 from .concepts import class_folder, class_prompt_of, expand_concepts, prior_active, prompt_hash
-from .images import ImageProblem, is_image_name, probe
+from .images import ImageProblem, probe
+
+
+class ImageGenerator(Protocol):
+    """What class-image generation needs of a host (every `host.base.Host` is one)."""
+
+    def generate(self, request: GenerationRequest) -> list[Any]: ...
+
+    def interrupted(self) -> bool: ...
 
 
 @dataclass
@@ -115,7 +124,7 @@ def base_checkpoint_path(base_checkpoint: str, checkpoints_dir: Path) -> Path | 
     return candidate if candidate.is_file() else None
 
 
-def generate_class_images(config: TrainingConfig, class_root: Path, host: Host,
+def generate_class_images(config: TrainingConfig, class_root: Path, host: ImageGenerator,
                           on_progress: Callable[[int, int], None] | None = None, batch_size: int = 4,
                           checkpoint: Path | None = None, model_dir: Path | None = None) -> int:
     """Generate every missing class image; stop between batches when the host is interrupted.

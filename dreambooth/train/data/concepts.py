@@ -20,8 +20,8 @@ import re
 from pathlib import Path
 
 from ...config.schema import Concept, TrainingConfig, uses_prior_preservation
+from ...imagefiles import is_image_name
 from .captions import class_caption
-from .images import is_image_name
 
 KOHYA_FOLDER = re.compile(r"^(\d+)_(.+)$")
 

@@ -22,8 +22,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
-SUPPORTED_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
-MASK_SUFFIX = "-masklabel.png"
+from ...imagefiles import MASK_SUFFIX
+
 # PIL's own default bomb threshold (about 89 megapixels): far above any training image.
 MAX_PIXELS = 89_478_485
 # EXIF orientations 5-8 rotate by 90 degrees, so width and height swap.
@@ -34,10 +34,6 @@ WHITE = (255, 255, 255)
 
 class ImageProblem(Exception):
     """A file that cannot be used as a training image; the text is the reason and the fix."""
-
-
-def is_image_name(path: Path) -> bool:
-    return path.suffix.lower() in SUPPORTED_EXTENSIONS and not path.name.lower().endswith(MASK_SUFFIX)
 
 
 def mask_path_for(image: Path) -> Path:

@@ -14,10 +14,11 @@ from pathlib import Path
 
 from ...config.schema import Concept, TrainingConfig, training_resolutions
 from ...errors import DataError
+from ...imagefiles import MASK_SUFFIX, is_image_name
 from .buckets import BucketSpec, bucket_for, bucket_spec, too_small_reason
 from .captions import FILEWORDS, caption_path, class_caption, estimated_tokens, instance_caption, read_caption
 from .concepts import class_folder, expand_concepts, folder_of, prior_active
-from .images import MASK_SUFFIX, ImageProblem, is_image_name, mask_path_for, probe
+from .images import ImageProblem, mask_path_for, probe
 
 # Extensions of image formats we do not read, so they are reported instead of silently ignored.
 UNSUPPORTED_IMAGE_EXTENSIONS = (".heic", ".heif", ".avif", ".jxl", ".psd", ".svg", ".ico", ".tga", ".jfif",

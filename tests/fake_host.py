@@ -1,4 +1,4 @@
-"""A fake host for tests and demos: draws flat colour images from the seed and records every call.
+"""A fake host for tests: draws flat colour images from the seed and records every call.
 
 Implements the whole Host protocol without torch, diffusers or a web UI, so the service, the API and
 the tab can be tested quickly. Image i of a request has the colour derived from seed + i.
@@ -12,9 +12,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from ..store import Layout
-from .base import GenerationRequest
-from .embedded import find_checkpoints
+from dreambooth.generation import GenerationRequest
+from dreambooth.host.embedded import find_checkpoints
+from dreambooth.store import Layout
 
 
 def seed_colour(seed: int) -> tuple[int, int, int]:
@@ -25,8 +25,9 @@ def seed_colour(seed: int) -> tuple[int, int, int]:
 class FakeHost:
     name = "fake"
 
-    def __init__(self, layout: Layout):
+    def __init__(self, layout: Layout, defaults: dict[str, Any] | None = None):
         self.layout = layout
+        self.defaults = dict(defaults or {})
         self.calls: list[tuple[str, Any]] = []
         self.requests: list[GenerationRequest] = []
         self.released = False
@@ -77,3 +78,6 @@ class FakeHost:
         with self._lock:
             self._record("gpu_lock")
             yield None
+
+    def config_defaults(self) -> dict[str, Any]:
+        return dict(self.defaults)
