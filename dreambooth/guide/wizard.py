@@ -52,10 +52,6 @@ SCHEDULER_STEP_MULTIPLIERS: dict[str, float] = {
 # EveryDream2's --scale_lr exponent (seed 000), derived from SD's 1e-4 at batch 4096 vs DreamBooth's 1e-6.
 EVERYDREAM_SCALE_EXPONENT = 0.55
 
-# Resolution the study's SPF constants refer to, per family.  The study trained SD 2.x-768 with
-# SPF 450 = 200 x (768/512)^2, so the 768 model also refers to 512.  SDXL was not studied: 1024 assumed.
-REFERENCE_RESOLUTIONS = {"sd1": 512, "sd2": 512, "sd2v": 512, "sdxl": 1024}
-
 
 # --- the formulas, one small function each ---------------------------------------------------------
 
@@ -101,11 +97,6 @@ def strength_of(frames: int, lr: float) -> float:
     return frames / (REFERENCE_LR / lr)
 
 
-def nearest_strength_name(value: float) -> str:
-    """The named strength closest to F on a log scale."""
-    return min(STRENGTHS, key=lambda name: abs(math.log(STRENGTHS[name] / value)))
-
-
 def class_images_for(frames: int, te: bool) -> int:
     """num_class_images = FN x 200, or FN x 100 with text-encoder training."""
     return frames * CLASS_IMAGES_PER_FRAME[te]
@@ -128,11 +119,6 @@ def scheduler_multiplier(scheduler: str) -> float:
     return SCHEDULER_STEP_MULTIPLIERS[scheduler]
 
 
-def effective_batch(batch_size: int, accumulation: int) -> int:
-    """Accumulation emulates a larger batch: BS 1 x GA 4 is like BS 4; BS 4 x GA 4 like BS 16."""
-    return batch_size * accumulation
-
-
 def scale_lr_factor(mode: str, batch_size: int, accumulation: int, processes: int = 1) -> float:
     """What the trainer's scale_lr multiplies the LR by: linear (x BS x GA x GPUs) or EveryDream2's ^0.55."""
     total = batch_size * accumulation * processes
@@ -145,11 +131,6 @@ def scale_lr_factor(mode: str, batch_size: int, accumulation: int, processes: in
 def round_steps(value: float) -> int:
     """Round half up (the study's tables: 777.8 -> 778, 600.8 -> 601)."""
     return int(math.floor(value + 0.5))
-
-
-def dynamic_resolution_copies(resolution: int, base_resolution: int) -> int:
-    """Copies of each frame at a higher resolution in the study's dynamic-resolution method: floor(RC)."""
-    return max(1, math.floor(resolution_factor(resolution, base_resolution) + 1e-9))
 
 
 def dynamic_resolution_steps(frames: int, resolutions: list[int], spf_at: dict[int, float]) -> float:
@@ -363,22 +344,6 @@ def apply(result: WizardResult, config: TrainingConfig) -> TrainingConfig:
     for concept, count in zip(updated.concepts, result.class_images, strict=False):
         concept.num_class_images = count
     return updated
-
-
-def reference_resolution(family: str) -> int:
-    """The base resolution the study's SPF refers to for a model family."""
-    return REFERENCE_RESOLUTIONS.get(family, 512)
-
-
-def input_from_config(config: TrainingConfig, images: list[int], strength: str | float | None = None,
-                      lr: float | None = None) -> WizardInput:
-    """A wizard input with the config's batch, accumulation, resolution, TE switch and scheduler."""
-    extra = tuple(int(part) for part in config.extra_resolutions.replace(";", ",").split(",")
-                  if part.strip().isdigit())
-    return WizardInput(images=images, te=config.train_text_encoder, lr=lr, strength=strength,
-                       batch=config.train_batch_size, accumulation=config.gradient_accumulation_steps,
-                       resolution=config.resolution, base_resolution=reference_resolution(config.model_family),
-                       scheduler=config.lr_scheduler, extra_resolutions=extra, scale_lr=config.scale_lr)
 
 
 # --- CLI -------------------------------------------------------------------------------------------

@@ -84,17 +84,12 @@ class EmbeddedHost(NullHostMixin):
         self._device = device
         # Re-entrant: the service holds it for a whole run while the trainer samples through generate().
         self._gpu_lock = threading.RLock()
-        self._interrupt = threading.Event()
         self._cache_lock = threading.Lock()
         self._cache: dict[tuple[Any, ...], Any] = {}  # one pipeline at a time: memory is the constraint
-        self.last_progress: tuple[float, str] = (0.0, "")
 
     # --- folders and lists -------------------------------------------------------------------------
     def list_checkpoints(self) -> list[Path]:
         return find_checkpoints(self.layout.checkpoints_dir)
-
-    def list_loras(self) -> list[Path]:
-        return find_checkpoints(self.layout.lora_dir)
 
     # --- queue, interrupt, progress ------------------------------------------------------------------
     @contextlib.contextmanager
@@ -102,17 +97,6 @@ class EmbeddedHost(NullHostMixin):
         with self._gpu_lock:
             yield None
 
-    def interrupt(self) -> None:
-        self._interrupt.set()
-
-    def clear_interrupt(self) -> None:
-        self._interrupt.clear()
-
-    def interrupted(self) -> bool:
-        return self._interrupt.is_set()
-
-    def progress(self, fraction: float, text: str) -> None:
-        self.last_progress = (fraction, text)
 
     # --- models ----------------------------------------------------------------------------------------
     def release_model(self) -> None:

@@ -13,7 +13,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from ..config.io import from_dict, to_dict
+from ..config.io import from_dict
 from ..config.schema import GROUPS, Concept, TrainingConfig, field_type, parse_value, settings, validate
 from ..errors import ConfigError
 
@@ -210,8 +210,3 @@ def parse_concepts_json(text: str, source: str = "pasted concepts") -> tuple[lis
     warnings: list[str] = []
     config = from_dict({"concepts": data}, source, warn=warnings.append)
     return config.concepts, warnings
-
-
-def config_json(config: TrainingConfig) -> str:
-    """The config as the JSON it is saved as (for display and download)."""
-    return json.dumps(to_dict(config), indent=2)

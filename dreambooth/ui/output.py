@@ -39,10 +39,6 @@ def fraction_of(status: Any) -> float:
     return min(1.0, step / total) if total > 0 else 0.0
 
 
-def is_active(status: Any) -> bool:
-    return _get(status, "state", "idle") in ("running", "stopping")
-
-
 def progress_html(status: Any) -> str:
     """The progress bar with step, epoch, it/s and ETA; data-* attributes let the script read the state."""
     state = _get(status, "state", "idle")

@@ -11,7 +11,6 @@ import html
 import json
 import logging
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import gradio as gr
@@ -462,8 +461,3 @@ def _format_value(value: Any) -> str:
 def create_tab(host: Host, service: Any, store: ModelStore | None = None) -> gr.Blocks:
     """The training tab over a host, a TrainingService and the model store (default: the host's layout)."""
     return DreamboothTab(host, service, store or ModelStore(host.layout)).build()
-
-
-def static_path(name: str) -> Path:
-    """javascript/dreambooth.js or style.css at the extension root (where A1111 loads them from)."""
-    return Path(__file__).resolve().parents[2] / name

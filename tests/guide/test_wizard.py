@@ -94,13 +94,6 @@ def test_accumulation_factor() -> None:
     assert plan(WizardInput(images=10, te=True, accumulation=10)).max_train_steps == 3162
 
 
-# "train_batch_size=1 and gradient_accumulation_steps=4 will give us an emulation of train_batch_size=4.
-#  With train_batch_size=4 and gradient_accumulation_steps=4 we will get train_batch_size=16 emulation."
-def test_effective_batch() -> None:
-    assert wizard.effective_batch(1, 4) == 4
-    assert wizard.effective_batch(4, 4) == 16
-
-
 # "lr_scheduler step multipliers: constant - 1, linear/cosine/cosine_with_restarts-2, polynomial - ~2"
 # and "max_train_steps = s * m"
 def test_scheduler_multipliers() -> None:
@@ -129,8 +122,6 @@ def test_two_concepts() -> None:
 # "10 frames at 512 resolution and 20 at 768 resolution (10 x 2 copies) ... 40 in 1024 (10 x 4 copies)"
 # and "for 512 and 768 it will be: (1000 + 2250) / 2 = 1625"
 def test_dynamic_resolution() -> None:
-    assert wizard.dynamic_resolution_copies(768, 512) == 2
-    assert wizard.dynamic_resolution_copies(1024, 512) == 4
     result = plan(WizardInput(images=10, te=True, resolution=512, extra_resolutions=(768,)))
     assert result.max_train_steps == 1625
 
@@ -201,8 +192,3 @@ def test_cli_prints_formulas(capsys: pytest.CaptureFixture[str]) -> None:
         parser.parse_args(["--images", "3", "--lr", "1e-6", "--strength", "hard"])
 
 
-def test_input_from_config() -> None:
-    config = TrainingConfig(model_family="sdxl", resolution=1024, train_batch_size=2, train_text_encoder=False,
-                            lr_scheduler="linear", extra_resolutions="768")
-    inp = wizard.input_from_config(config, images=[10])
-    assert (inp.batch, inp.base_resolution, inp.scheduler, inp.extra_resolutions) == (2, 1024, "linear", (768,))

@@ -96,11 +96,6 @@ def test_missing_models_give_clear_errors(host, tmp_path):
         host.generate(GenerationRequest("p"))
 
 
-def test_interrupt_stops_between_batches(host, tiny_model_dir):
-    host.interrupt()
-    assert host.interrupted() and host.generate(request(tiny_model_dir, count=2)) == []
-    host.clear_interrupt()
-    assert not host.interrupted()
 
 
 def test_gpu_lock_is_reentrant_and_exclusive(host):

@@ -98,6 +98,3 @@ class LatentCache:
         if self.mode == "disk" and self.folder is not None and self.folder.is_dir():
             return sum(1 for _ in self.folder.glob("*/*.safetensors"))
         return 0
-
-    def clear_memory(self) -> None:
-        self._memory.clear()

@@ -46,7 +46,6 @@ class ClassImageJob:
     steps: int = 20
     size: tuple[int, int] = (512, 512)
     present: int = 0
-    requested: int = 0
 
 
 def count_usable(folder: Path) -> int:
@@ -86,7 +85,7 @@ def _job(index: int, concept: Concept, config: TrainingConfig, class_root: Path)
     seeds = list(_free_seeds(folder, stem, missing))
     return ClassImageJob(index, folder, prompt, concept.class_negative_prompt, missing, seeds,
                          [_name(stem, s) for s in seeds], concept.class_guidance_scale, concept.class_infer_steps,
-                         (config.resolution, config.resolution), present, concept.num_class_images)
+                         (config.resolution, config.resolution), present)
 
 
 def _name(stem: str, seed: int) -> str:
