@@ -18,6 +18,9 @@ from typing import Any
 from ..errors import ConfigError
 
 SCHEMA_VERSION = 3
+# The source of the step, LR and batch advice in help texts and the wizard, named where it is used.
+PARAMETER_STUDY = ("the community parameter study (sd_dreambooth_extension discussion #547, "
+                   "https://github.com/d8ahazard/sd_dreambooth_extension/discussions/547)")
 
 
 def setting(default: Any, label: str, help: str, group: str, *, min: float | None = None,
@@ -112,8 +115,8 @@ class Concept:
                                "previews are comparable across steps. Set a value to compare runs with "
                                "different settings on the same noise.", "Concept", min=-1)
     sample_guidance_scale: float = setting(7.5, "Sample CFG scale", "Classifier-free guidance (CFG) scale of "
-                                           "the previews. Typical: 7.5 (5-7 for SDXL); the study saw "
-                                           "overtraining first as distortion at high CFG, so preview at the "
+                                           "the previews. Typical: 7.5 (5-7 for SDXL); "
+                                           f"{PARAMETER_STUDY} saw overtraining first as distortion at high CFG, so preview at the "
                                            "CFG you will use.", "Concept",
                                            min=1.0, max=30.0)
     sample_steps: int = setting(20, "Sample steps", "Sampling steps of the previews. Typical: 20-30; lower "
@@ -153,8 +156,8 @@ class TrainingConfig:
     train_unet: bool = setting(True, "Train UNet", "Train the UNet (or its LoRA), the part that draws. On "
                                "(typical). Turn it off only to train the text encoder alone, e.g. to teach a "
                                "word without changing the look.", "Method")
-    train_text_encoder: bool = setting(True, "Train text encoder", "Also train the text encoder(s). The "
-                                       "study found it gives better likeness and halves the steps per image "
+    train_text_encoder: bool = setting(True, "Train text encoder", "Also train the text encoder(s). "
+                                       f"According to {PARAMETER_STUDY} it gives better likeness and halves the steps per image "
                                        "(100 instead of 200 at LR 1e-5) and the class images, but it uses "
                                        "more memory and overfits sooner. Turn off on small GPUs or when "
                                        "caching text-encoder outputs.", "Method")
@@ -175,14 +178,14 @@ class TrainingConfig:
                                     "Typical: 100-200 for 5-20 images. Use it instead of max steps when the "
                                     "dataset grows and steps should grow with it.", "Steps", min=0)
     train_batch_size: int = setting(1, "Batch size", "Images per forward pass. Typical: 1-4; memory grows "
-                                    "with it. The study found larger batches learn a concept in fewer but "
+                                    f"with it. According to {PARAMETER_STUDY}, larger batches learn a concept in fewer but "
                                     "slower steps (steps / sqrt(batch)); keep the image count divisible by "
                                     "it. A batch never mixes bucket sizes.",
                                     "Steps", min=1, max=256)
     gradient_accumulation_steps: int = setting(1, "Gradient accumulation", "Forward passes summed per "
                                                "optimizer step; effective batch = batch size x this. "
-                                               "Typical: 1 (the study advises 1: it only approximates a "
-                                               "larger batch). Raise it to emulate a bigger batch when "
+                                               f"Typical: 1, as {PARAMETER_STUDY} advises: it only approximates a "
+                                               "larger batch. Raise it to emulate a bigger batch when "
                                                "memory is short; steps grow with sqrt(accumulation).", "Steps", min=1, max=1024)
     seed: int = setting(1234, "Seed", "Seed for noise, shuffling and augmentation; each epoch shuffles with "
                         "seed + epoch. Typical: any fixed number such as 1234, so a rerun reproduces the "
@@ -203,9 +206,9 @@ class TrainingConfig:
                                        "ignored for other families. Typical: equal to the first text "
                                        "encoder's LR or lower; often 0-1e-6 because bigG overfits quickly.", "Learning rate", min=0.0, max=1.0)
     lr_scheduler: str = setting("constant_with_warmup", "LR scheduler", "How the LR changes over the run. "
-                                "constant keeps it fixed (the study's reference); cosine decays smoothly; "
-                                "linear and polynomial decay steadily; rex decays slowly then fast. The "
-                                "study found decaying schedules need about 2x the steps of constant (the "
+                                "constant keeps it fixed (the reference); cosine decays smoothly; linear "
+                                "and polynomial decay steadily; rex decays slowly then fast. According to "
+                                f"{PARAMETER_STUDY}, decaying schedules need about 2x the steps of constant (the "
                                 "wizard adds this). Keep constant unless you have few images and want to "
                                 "refine detail.",
                                 "Learning rate", choices=SCHEDULERS)
@@ -300,8 +303,8 @@ class TrainingConfig:
     # --- Data ------------------------------------------------------------------------------------
     resolution: int = setting(512, "Resolution", "Training resolution in pixels (512 for SD1/SD2-base, 768 "
                               "for SD2-v, 1024 for SDXL). A multiple of 8; of 64 with buckets. Memory and "
-                              "steps needed grow with its square (the study: 768 needs 2.25x the steps of "
-                              "512); lower it to fit memory.", "Data", min=64,
+                              f"steps needed grow with its square: 768 needs 2.25x the steps of 512 according to {PARAMETER_STUDY}"
+                              "; lower it to fit memory.", "Data", min=64,
                               max=4096)
     extra_resolutions: str = setting("", "Extra resolutions", "Comma-separated further resolutions in pixels "
                                      "for multi-resolution training, e.g. '384,768'; empty: one resolution "
@@ -350,7 +353,7 @@ class TrainingConfig:
                                     choices=None, min=75, max=225)
     pad_tokens: bool = setting(True, "Pad tokens", "Pad captions to the full chunk length (as the web UI "
                                "does at inference) rather than to the longest caption of the batch. On is "
-                               "typical; the study found it strengthens how closely training images are "
+                               f"typical; {PARAMETER_STUDY} found it strengthens how closely training images are "
                                "repeated. Turn it off if results copy the training images too literally.", "Captions")
     clip_skip: int = setting(1, "Clip skip", "Use the output of the N-th last text-encoder layer. Typical: "
                              "1; 2 for anime-style SD1 models (NovelAI lineage) trained that way. Match what "
@@ -400,7 +403,7 @@ class TrainingConfig:
                              min=0.0001, max=10.0)
     min_snr_gamma: float = setting(0.0, "Min-SNR gamma", "Min-SNR loss weighting gamma (0: off). Typical: "
                                    "5.0; it balances timesteps and speeds up convergence. Turn on for longer "
-                                   "runs; leave off to reproduce the study's step counts.", "Loss and noise", min=0.0, max=100.0)
+                                   f"runs; leave off to reproduce the step counts of {PARAMETER_STUDY}.", "Loss and noise", min=0.0, max=100.0)
     offset_noise: float = setting(0.0, "Offset noise", "Zero-frequency noise strength so the model can make "
                                   "very dark or bright images. Typical: 0 (off) or 0.02-0.1; higher values "
                                   "shift overall brightness. Use with care on v-prediction models.", "Loss and noise", min=0.0, max=1.0)
@@ -520,7 +523,7 @@ class TrainingConfig:
                                                                              "has its own instance images, "
                                                                              "prompts and class images. "
                                                                              "Typical: one concept per "
-                                                                             "subject; the study found "
+                                                                             f"subject; {PARAMETER_STUDY} found "
                                                                              "several concepts bleed into "
                                                                              "each other less when they have "
                                                                              "the same number of images."})

@@ -1,6 +1,7 @@
-"""Training wizard: steps, epochs, learning rate and class images from the community DreamBooth study.
+"""Training wizard: steps, epochs, learning rate and class images from the community parameter study.
 
-The formulas are those of the parameter study in shared/seeds/001 (a "frame" is one training image):
+The formulas are those of the community parameter study, sd_dreambooth_extension discussion #547
+(https://github.com/d8ahazard/sd_dreambooth_extension/discussions/547); a "frame" is one training image:
 
 * Steps per frame (SPF): 200 at LR 1e-5 without text-encoder training, 100 with it; inversely
   proportional to the LR; multiplied by RC = (resolution / base resolution)^2.
@@ -12,10 +13,10 @@ The formulas are those of the parameter study in shared/seeds/001 (a "frame" is 
 
 Two ways to pick the LR:
 
-* by strength (the study's "advanced formula", the default): the LR is scaled to the frames of one
+* by strength (the parameter study's "advanced formula", the default): the LR is scaled to the frames of one
   concept and the SPF stays at its LR-1e-5 value, so steps = FN x SPF(1e-5);
-* by LR (the study's "full pass" formula): every frame gets a full pass at that LR,
-  SPF = SPF(1e-5) x 1e-5 / LR, steps = FN x SPF.  The study caps this at 5 frames per concept.
+* by LR (the parameter study's "full pass" formula): every frame gets a full pass at that LR,
+  SPF = SPF(1e-5) x 1e-5 / LR, steps = FN x SPF.  The parameter study caps this at 5 frames per concept.
 
 With several concepts the steps use the frames of all concepts together and the LR the frames of one
 concept (the largest, so none is oversaturated).  Everything here is plain arithmetic: no torch.
@@ -28,13 +29,13 @@ import copy
 import math
 from dataclasses import dataclass, field
 
-from ..config.schema import SCHEDULERS, TrainingConfig
+from ..config.schema import PARAMETER_STUDY, SCHEDULERS, TrainingConfig
 from ..errors import ConfigError
 
 REFERENCE_LR = 1e-5
 SPF_WITHOUT_TE = 200
 SPF_WITH_TE = 100
-# Frames one concept holds at LR 1e-5 in the study's standard formula; above it the token oversaturates.
+# Frames one concept holds at LR 1e-5 in the parameter study's standard formula; above it the token oversaturates.
 STANDARD_FRAME_LIMIT = 5
 CLASS_IMAGES_PER_FRAME = {False: 200, True: 100}
 
@@ -43,8 +44,8 @@ STRENGTHS: dict[str, float] = {
     "hard": 2.00, "very_hard": 3.00, "ultra_hard": 4.00, "high_end": 5.00,
 }
 
-# Steps of a decaying schedule relative to constant (the study: linear/cosine/restarts 2, polynomial ~2).
-# rex is not in the study: 1 / (mean LR factor of REX) = 1 / (2 - 2 ln 2), the rule that gives 2 for linear.
+# Steps of a decaying schedule relative to constant (parameter study: linear/cosine/restarts 2, polynomial ~2).
+# rex is not in the parameter study: 1 / (mean LR factor of REX) = 1 / (2 - 2 ln 2), the rule that gives 2 for linear.
 SCHEDULER_STEP_MULTIPLIERS: dict[str, float] = {
     "constant": 1.0, "constant_with_warmup": 1.0, "linear": 2.0, "cosine": 2.0,
     "cosine_with_restarts": 2.0, "polynomial": 2.0, "rex": 1.0 / (2.0 - 2.0 * math.log(2.0)),
@@ -68,7 +69,7 @@ def steps_per_frame(lr: float = REFERENCE_LR, te: bool = False, resolution: int 
 
 
 def incremental_steps_per_frame(spf: float, te: bool) -> int | float:
-    """SPF_A: SPF with TE, SPF / 1.5 rounded up without (the study: SPF 200 gives SPF_A 134)."""
+    """SPF_A: SPF with TE, SPF / 1.5 rounded up without (parameter study: SPF 200 gives SPF_A 134)."""
     return spf if te else math.ceil(spf / 1.5 - 1e-9)
 
 
@@ -129,7 +130,7 @@ def scale_lr_factor(mode: str, batch_size: int, accumulation: int, processes: in
 
 
 def round_steps(value: float) -> int:
-    """Round half up (the study's tables: 777.8 -> 778, 600.8 -> 601)."""
+    """Round half up (the parameter study's tables: 777.8 -> 778, 600.8 -> 601)."""
     return int(math.floor(value + 0.5))
 
 
@@ -253,8 +254,8 @@ def _learning_rate(inp: WizardInput, frames: int, lines: list[Line], notes: list
     lines.append(Line("images for 'medium'", medium_frames,
                       f"(1e-5 / LR) x F = (1e-5 / {lr:g}) x 1.00 (the advanced formula's count at this LR)"))
     if frames > STANDARD_FRAME_LIMIT:
-        notes.append(f"{frames} images per concept with a fixed LR: the study's full-pass formula holds up to "
-                     f"{STANDARD_FRAME_LIMIT} (more oversaturate the token and blur); use a strength instead so "
+        notes.append(f"{frames} images per concept with a fixed LR: the full-pass formula of {PARAMETER_STUDY} "
+                     f"holds up to {STANDARD_FRAME_LIMIT} (more oversaturate the token and blur); use a strength instead so "
                      "the LR scales to the images.")
     strength = strength_of(frames, lr)
     return lr, strength, lr
@@ -315,13 +316,14 @@ def _scaled_lr_line(inp: WizardInput, lr: float, lines: list[Line]) -> float:
 
 def _general_notes(inp: WizardInput, counts: list[int], notes: list[str]) -> None:
     if len(set(counts)) > 1:
-        notes.append("Concepts have different image counts: the study found they bleed into each other less "
-                     "with equal counts; the LR uses the largest concept.")
+        notes.append(f"Concepts have different image counts: {PARAMETER_STUDY} found they bleed into each "
+                     "other less with equal counts; the LR uses the largest concept.")
     if inp.batch > min(counts):
-        notes.append(f"Batch {inp.batch} is larger than a concept's {min(counts)} images; the study keeps "
+        notes.append(f"Batch {inp.batch} is larger than a concept's {min(counts)} images; {PARAMETER_STUDY} keeps "
                      "batch <= images and images divisible by the batch.")
     if inp.accumulation > 1:
-        notes.append("The study found accumulation close to, not equal to, a larger batch, and advises 1.")
+        notes.append(f"According to {PARAMETER_STUDY}, accumulation comes close to, but does not equal, a larger "
+                     "batch; it advises 1.")
 
 
 # --- apply to a config -----------------------------------------------------------------------------
@@ -335,7 +337,7 @@ def apply(result: WizardResult, config: TrainingConfig) -> TrainingConfig:
     updated.train_text_encoder = result.train_text_encoder
     updated.lr_scheduler = result.lr_scheduler
     if result.train_text_encoder:
-        # The study trained the text encoder at the UNet's LR.
+        # The parameter study trained the text encoder at the UNet's LR.
         updated.text_encoder_lr = result.learning_rate_setting
         updated.text_encoder_2_lr = result.learning_rate_setting
     if updated.concepts and len(updated.concepts) != len(result.class_images):
@@ -363,7 +365,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--accum", type=int, default=1, help="Gradient accumulation steps (default 1).")
     parser.add_argument("--resolution", type=int, default=512, help="Training resolution in pixels (default 512).")
     parser.add_argument("--base-resolution", type=int, default=512,
-                        help="Resolution the study's steps refer to (512; 1024 for SDXL). Default 512.")
+                        help=f"Resolution the steps of {PARAMETER_STUDY} refer to (512; 1024 for SDXL). "
+                        "Default 512.")
     parser.add_argument("--scheduler", default="constant", choices=list(SCHEDULERS),
                         help="LR scheduler; decaying ones need about 2x the steps of constant.")
     parser.add_argument("--scale-lr", default="none", choices=("none", "linear", "sqrt"),

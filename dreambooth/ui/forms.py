@@ -17,7 +17,7 @@ from ..config.io import from_dict
 from ..config.schema import GROUPS, Concept, TrainingConfig, field_type, parse_value, settings, validate
 from ..errors import ConfigError
 
-# Concept panels the tab offers (the issue asks for at least 4).
+# Concept panels the tab offers: four covers subject, style and two extra subjects; six leaves room.
 MAX_CONCEPTS = 6
 # Groups shown in the Model and Saving sections instead of the Parameters tabs.
 MODEL_GROUP = "Model"

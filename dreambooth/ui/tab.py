@@ -180,7 +180,9 @@ class DreamboothTab:
             self.export_lora_button = compat.button("Export LoRA", "db_export_lora")
 
     def _wizard_section(self) -> None:
-        gr.Markdown("Steps, epochs, learning rate and class images from the community DreamBooth study. "
+        gr.Markdown("Steps, epochs, learning rate and class images from the community parameter study, "
+                    "[sd_dreambooth_extension discussion #547]"
+                    "(https://github.com/d8ahazard/sd_dreambooth_extension/discussions/547). "
                     "'Apply' writes them into the settings (save or train to keep them).")
         with gr.Row():
             self.wiz_images = gr.Textbox(value="10", label="Images per concept (comma-separated)",

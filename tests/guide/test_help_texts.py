@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import re
+from pathlib import Path
 
 import pytest
 
@@ -50,3 +52,46 @@ def test_choices_are_explained() -> None:
         if choices and len(named) * 2 < len(choices):
             vague.append(f"{owner}.{f.name}")
     assert not vague, f"settings whose help does not explain their choices: {vague}"
+
+
+# --- sources are named by title and link ----------------------------------------------------------------
+
+ROOT = Path(__file__).resolve().parents[2]
+STUDY_LINK = "https://github.com/d8ahazard/sd_dreambooth_extension/discussions/547"
+# "The study" says nothing to a user; a path outside the repository leads nowhere.
+UNNAMED_SOURCES = re.compile(r"\bthe study\b|\bshared/|\bseeds/\d", re.IGNORECASE)
+
+
+def user_facing_strings() -> list[tuple[str, str]]:
+    """(where, text) of every help text and every string literal in the package (notes, flags' help, tab text)."""
+    found = [(f"{owner}.{f.name}", f.metadata.get("help", "")) for owner, f in all_fields()]
+    for path in sorted((ROOT / "dreambooth").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str):
+                found.append((f"{path.relative_to(ROOT)}:{node.lineno}", node.value))
+    return found
+
+
+def test_help_texts_name_their_sources() -> None:
+    unnamed = [where for where, text in user_facing_strings() if UNNAMED_SOURCES.search(text)]
+    assert unnamed == [], f"say which source (title and link), not 'the study' or a local path: {unnamed}"
+    cited = {f"{owner}.{f.name}": f.metadata["help"] for owner, f in all_fields() if "study" in f.metadata.get("help", "")}
+    assert cited, "the parameter study is cited in help texts"
+    unlinked = [name for name, text in cited.items() if STUDY_LINK not in text]
+    assert unlinked == [], f"help texts citing the study without its link: {unlinked}"
+
+
+def test_wizard_notes_name_the_study_with_its_link() -> None:
+    from dreambooth.guide.wizard import WizardInput, plan
+
+    notes = plan(WizardInput(images=[10, 4], batch=8, accumulation=2)).notes
+    cited = [note for note in notes if "study" in note]
+    assert cited and all(STUDY_LINK in note for note in cited)
+
+
+def test_no_comment_gives_a_request_as_its_reason() -> None:
+    phrase = "the issue " + "asks"
+    offenders = [str(path.relative_to(ROOT)) for folder in ("dreambooth", "tests", "scripts", "tools")
+                 for path in sorted((ROOT / folder).rglob("*.py"))
+                 if phrase in path.read_text(encoding="utf-8").lower()]
+    assert offenders == [], f"say why, not who asked: {offenders}"

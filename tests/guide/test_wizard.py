@@ -1,6 +1,7 @@
-"""The wizard reproduces every worked example of the DreamBooth parameter study (shared/seeds/001).
+"""The wizard reproduces every worked example of the community parameter study, sd_dreambooth_extension
+discussion #547 (https://github.com/d8ahazard/sd_dreambooth_extension/discussions/547).
 
-Each test quotes the sentence of the study it reproduces.
+Each test quotes the sentence of the parameter study it reproduces.
 """
 
 from __future__ import annotations
@@ -101,7 +102,7 @@ def test_scheduler_multipliers() -> None:
     for scheduler, multiplier in (("linear", 2), ("cosine", 2), ("cosine_with_restarts", 2), ("polynomial", 2),
                                   ("constant_with_warmup", 1)):
         assert plan(WizardInput(images=5, scheduler=scheduler)).max_train_steps == constant * multiplier
-    # rex is not in the study: between constant and linear, from its mean LR factor.
+    # rex is not in the parameter study: between constant and linear, from its mean LR factor.
     assert 1 < wizard.scheduler_multiplier("rex") < 2
 
 
@@ -137,7 +138,7 @@ def test_fixed_lr_full_pass_and_frame_limit() -> None:
     assert any("up to 5" in note for note in many.notes)
 
 
-# scale_lr of the study: "learning_rate * gradient_accumulation_steps * train_batch_size * num_processes";
+# scale_lr of the parameter study: "learning_rate * gradient_accumulation_steps * train_batch_size * num_processes";
 # EveryDream2 (seed 000): "(batch_size times grad_accum)^0.55".
 def test_scale_lr_rules() -> None:
     assert wizard.scale_lr_factor("linear", 2, 3, processes=2) == 12
