@@ -78,6 +78,7 @@ def ensure_demo(layout: Layout, store: ModelStore) -> str | None:
     """On first run (no models yet) create the demo model and dataset; returns the model name or None."""
     if store.names():
         return None
+    from ..config.overrides import apply_overrides
     from ..config.schema import Concept
     from ..models.demo import write_demo_checkpoint
     from ..models.loading import create_model
@@ -86,9 +87,7 @@ def ensure_demo(layout: Layout, store: ModelStore) -> str | None:
     if not checkpoint.is_file():
         write_demo_checkpoint("sd1", checkpoint)
     model = create_model(store, DEMO_MODEL, checkpoint, family="sd1")
-    config = model.load_config()
-    for name, value in DEMO_SETTINGS.items():
-        setattr(config, name, value)
+    config = apply_overrides(model.load_config(), DEMO_SETTINGS)
     folder = write_demo_dataset(demo_data_folder(layout))
     config.concepts = [Concept(instance_data_dir=str(folder), **DEMO_CONCEPT)]
     model.save_config(config)

@@ -166,6 +166,21 @@ def test_train_status_cancel_and_409(world):
     assert bad.status_code == 400 and "learning_rate" in bad.json()["detail"]
 
 
+def test_train_overrides_follow_the_same_rules_and_folder_checks(world):
+    """Overrides use the one applier (concepts.N.field included) and cannot point a run outside the roots."""
+    client = client_for(world, data_roots=[world.tmp / "data"])
+    typo = client.post("/dreambooth/models/dog/train", json={"overrides": {"learnin_rate": 1e-6}})
+    assert typo.status_code == 400 and "did you mean learning_rate" in typo.json()["detail"]
+    missing = client.post("/dreambooth/models/dog/train", json={"overrides": {"concepts.3.instance_prompt": "x"}})
+    assert missing.status_code == 400 and "has 1 concept(s)" in missing.json()["detail"]
+    outside = client.post("/dreambooth/models/dog/train",
+                          json={"overrides": {"concepts.0.instance_data_dir": str(world.tmp)}})
+    assert outside.status_code == 400 and "outside the folders" in outside.json()["detail"]
+    assert not world.service.is_busy()
+    started = client.post("/dreambooth/models/dog/train", json={"overrides": {"concepts.0.instance_prompt": "sks"}})
+    assert started.status_code == 202
+
+
 def test_simultaneous_api_starts_leave_one_run(world):
     client = client_for(world)
     barrier = threading.Barrier(6)
