@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from .config.legacy import IDENTITY_FIELDS, IdentityChange
 from .config.schema import TrainingConfig, parse_value, settings, validate
 from .errors import ConfigError, DreamboothError
 from .host.base import Host
@@ -162,6 +163,9 @@ def apply_overrides(config: TrainingConfig, overrides: dict[str, Any] | None) ->
             raise ConfigError(f"Unknown setting {name!r}; see db_config.json for the setting names.")
         if name == "model_name":
             raise ConfigError("Setting 'model_name' cannot be overridden; choose the model instead.")
+        if name in IDENTITY_FIELDS and parse_value(TrainingConfig, name, raw) != getattr(config, name):
+            raise IdentityChange(f"Setting '{name}' says which weights the model is and cannot be overridden for a "
+                                 "run; correct it with the model's identity option (CLI: config --set-identity).")
         setattr(config, name, parse_value(TrainingConfig, name, raw))
     return validate(config)
 

@@ -119,6 +119,7 @@ SETTING_MAP: dict[str, tuple[str, Converter | None]] = {
     "max_steps": ("max_train_steps", lambda raw: max(0, parse_value(TrainingConfig, "max_train_steps", raw))),
     "num_train_epochs": ("num_train_epochs", None),
     "prior_loss_weight": ("prior_loss_weight", None),
+    "with_prior_preservation": ("with_prior_preservation", None),
     "resolution": ("resolution", None),
     "mixed_precision": ("mixed_precision", None),
     "use_ema": ("use_ema", None),
@@ -176,8 +177,9 @@ IGNORED_REASONS: dict[str, str] = {
     **{key: "a training progress counter, not a setting" for key in (
         "epoch", "revision", "lifetime_revision", "lifetime_epoch", "lifetime_step", "total_steps")},
     **{key: "the old extension's bookkeeping, not a training setting" for key in (
-        "output_dir", "snapshot", "graph_smoothing", "disable_logging", "save_class_txt", "save_use_global_counts",
-        "is_valid")},
+        "output_dir", "snapshot", "graph_smoothing", "disable_logging", "save_class_txt")},
+    "save_use_global_counts": "save intervals counted across all runs of the model there; here they count within "
+                              "a run",
     **{key: "saving training state (optimizer, RNG) is set by snapshot_every_n_steps here" for key in (
         "save_state_after", "save_state_during", "save_state_cancel")},
     **{key: "a cancelled run's weights always stay in the model's working folder here; export them with "
@@ -253,6 +255,13 @@ def import_data(data: Any, source: str, base_dir: Path | None = None,
     return importer.finish(base)
 
 
+def merge_config(data: dict[str, Any], base: TrainingConfig, source: str, replace: bool = False) -> ImportResult:
+    """Settings in our own format (any subset) merged onto `base`, as an edit does; identity kept."""
+    importer = _Importer(source, None, _starting_config(base, replace), replace)
+    importer.import_ours(data)
+    return importer.finish(base)
+
+
 def _starting_config(base: TrainingConfig | None, replace: bool) -> TrainingConfig:
     if base is None:
         return TrainingConfig()
@@ -303,6 +312,11 @@ CONCEPT_ALIASES: dict[str, str] = {
     "save_sample_template": "",
 }
 PATH_FIELDS = ("instance_data_dir", "class_data_dir")
+CONCEPT_IGNORED_REASONS = {"is_valid": "recomputed from the folder here"}
+# The old extension's concept keys that carry over under the same name.
+INCUMBENT_CONCEPT_KEYS = frozenset({
+    "instance_data_dir", "instance_prompt", "instance_token", "class_data_dir", "class_prompt", "class_token",
+    "class_negative_prompt", "class_guidance_scale", "class_infer_steps", "num_class_images", "sample_seed"})
 
 
 class _Importer:
@@ -346,6 +360,7 @@ class _Importer:
 
     # ---- incumbent db_config.json
     def import_settings(self, data: dict[str, Any]) -> None:
+        data = {_undecorated(key, data): raw for key, raw in data.items()}
         for key, raw in data.items():
             if key in SETTING_MAP:
                 self._set_mapped(key, raw)
@@ -395,8 +410,17 @@ class _Importer:
         if self._flag(data, "use_8bit_adam") and "optimizer" not in data:
             self.config.optimizer = "adamw_8bit"
         self._apply_weight_decay(data)
+        self._check_ramped_schedule(data)
         self._apply_saving(data)
         self._apply_concepts(data)
+
+    def _check_ramped_schedule(self, data: dict[str, Any]) -> None:
+        # Files with lr_factor come from versions whose linear schedule ramped the LR *up* from
+        # lr_factor x LR over lr_scale_pos of the run and then held it, unlike a linear decay.
+        if str(data.get("lr_scheduler", "")).lower() == "linear" and "lr_factor" in data:
+            self.config.lr_scheduler = "constant_with_warmup"
+            self.messages.append("mapped: lr_scheduler='linear' (a ramp up from lr_factor x LR, then constant, in "
+                                 "that version) -> constant_with_warmup: set lr_warmup_steps to the ramp's length")
 
     def _apply_weight_decay(self, data: dict[str, Any]) -> None:
         # 2022 and early-2023 files had one decay for the single optimizer over UNet and text encoder.
@@ -516,7 +540,8 @@ class _Importer:
             if name and not _unset(Concept, name, raw):
                 self._set_concept_field(concept, index, key, name, raw)
             elif name is None:
-                self._ignore(f"concepts[{index}].{key}", raw, "no equivalent concept setting here")
+                self._ignore(f"concepts[{index}].{key}", raw,
+                             CONCEPT_IGNORED_REASONS.get(key, "no equivalent concept setting here"))
         self._concept_specials(concept, index, data)
         self._resolve_paths(concept, index)
         # num_class_images_per replaced the total in 2023; files rewritten since keep a stale total beside it.
@@ -623,6 +648,19 @@ class _Importer:
         except ConfigError as error:
             raise ConfigError(f"{self.source}: {error}") from None
         return ImportResult(self.config, self.messages)
+
+
+def _undecorated(key: str, data: dict[str, Any]) -> str:
+    """The old extension read a UI-prefixed 'db_X' as 'X' (unless X itself is also present)."""
+    if key.startswith("db_") and key[3:] not in data:
+        return key[3:]
+    return key
+
+
+def known_incumbent_keys() -> set[str]:
+    """Every key of the old extension's files that this importer gives a meaning or a reason."""
+    return set(SETTING_MAP) | set(SPECIAL_KEYS) | set(IGNORED_REASONS) | set(CONCEPT_ALIASES) \
+        | set(CONCEPT_IGNORED_REASONS) | INCUMBENT_CONCEPT_KEYS
 
 
 def _unset(cls: type, name: str, raw: Any) -> bool:

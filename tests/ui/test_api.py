@@ -73,10 +73,10 @@ def test_models_and_config_round_trip(world):
     assert world.store.existing("dog").load_config().learning_rate == pytest.approx(4e-6)
 
 
-def test_bad_config_is_a_400_naming_the_setting(world):
+def test_bad_config_is_a_422_naming_the_setting(world):
     client = client_for(world)
     answer = client.put("/dreambooth/models/dog/config", json={"optimizer": "sgd"})
-    assert answer.status_code == 400 and "optimizer" in answer.json()["detail"]
+    assert answer.status_code == 422 and "optimizer" in answer.json()["detail"]
     assert client.get("/dreambooth/models/nobody/config").status_code == 404
 
 
