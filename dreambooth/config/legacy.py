@@ -350,9 +350,6 @@ class _Importer:
     def _replace_concepts(self, concepts: list[Concept], where: str) -> None:
         """Set the imported concepts; an empty list keeps the model's own unless this is a full replace."""
         if concepts or self.replace:
-            if not concepts and self.config.concepts:
-                self.messages.append(f"{where}: the file has no concepts; the full replace removed the model's "
-                                     f"{len(self.config.concepts)} concept(s)")
             self.config.concepts = concepts
         elif self.config.concepts:
             self.messages.append(f"{where}: the file's list of concepts is empty; kept the model's "
@@ -625,11 +622,13 @@ class _Importer:
 
     # ---- result
     def finish(self, base: TrainingConfig | None) -> ImportResult:
+        if self.replace and base is not None and base.concepts and not self.config.concepts:
+            self.messages.append(f"concepts: the file has none; the full replace removed the model's "
+                                 f"{len(base.concepts)} concept(s)")
         if base is not None:
             for name in IDENTITY_FIELDS:
                 setattr(self.config, name, getattr(base, name))
-                if name in self.file_identity and self.file_identity[name] != getattr(base, name) \
-                        and name not in IGNORED_REASONS:
+                if name in self.file_identity and self.file_identity[name] != getattr(base, name):
                     self.messages.append(f"ignored: {name} ({self.file_identity[name]!r}; an import keeps the "
                                          f"model's {getattr(base, name)!r}: correct it with config --set-identity)")
         elif self.file_identity:
