@@ -361,7 +361,7 @@ class _Importer:
         for key, raw in data.items():
             if key in SETTING_MAP:
                 self._set_mapped(key, raw)
-            elif key in CONFIG_FIELDS and key not in IDENTITY_FIELDS:
+            elif key in CONFIG_FIELDS and key not in IDENTITY_FIELDS and key not in SPECIAL_KEYS:
                 self._set_field(key, key, raw)
             elif key not in SPECIAL_KEYS:
                 self._ignore(key, raw, IGNORED_REASONS.get(key, "no equivalent setting here"))
