@@ -15,8 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import io as config_io
-from ..config.legacy import (CORRECTABLE_IDENTITY, IdentityChange, apply_identity, check_identity_unchanged,
-                             merge_config)
+from ..config import legacy
 from ..config.schema import TrainingConfig
 from ..errors import ConfigError, DreamboothError
 from ..service import RunInProgress, TrainingService
@@ -72,7 +71,7 @@ def check_concept_folders(config: TrainingConfig, write_roots: list[Path], read_
 def status_code_for(error: DreamboothError) -> int:
     if isinstance(error, RunInProgress):
         return 409
-    if isinstance(error, (InvalidBody, IdentityChange)):
+    if isinstance(error, (InvalidBody, legacy.IdentityChange)):
         return 422
     if isinstance(error, ConfigError) and str(error).startswith("No model named"):
         return 404
@@ -123,14 +122,14 @@ class DreamboothApi:
         if not isinstance(body, dict):
             raise InvalidBody(f"request body: expected a JSON object of settings, found {type(body).__name__}.")
         if not set_identity:
-            check_identity_unchanged(current, body, "request body")
+            legacy.check_identity_unchanged(current, body, "request body")
         try:
-            result = merge_config(body, current, "request body", replace)
+            result = legacy.merge_config(body, current, "request body", replace)
             config = result.config
             if set_identity:
-                changes = {key: body[key] for key in CORRECTABLE_IDENTITY if key in body}
-                config = apply_identity(config, changes, "request body")
-        except IdentityChange:
+                changes = {key: body[key] for key in legacy.CORRECTABLE_IDENTITY if key in body}
+                config = legacy.apply_identity(config, changes, "request body")
+        except legacy.IdentityChange:
             raise
         except ConfigError as error:
             raise InvalidBody(str(error)) from None
