@@ -27,6 +27,12 @@ def counts_steps(data: dict[str, Any]) -> bool:
     return "not_cache_latents" in data
 
 
+def ramps_up(data: dict[str, Any]) -> bool:
+    """Whether the file's 'linear' schedule is the one that ramped the LR *up* from lr_factor x LR over
+    lr_scale_pos of the run and then held it (versions whose files carry lr_factor), not a linear decay."""
+    return str(data.get("lr_scheduler", "")).lower() == "linear" and "lr_factor" in data
+
+
 def _number(raw: Any, key: str, source: str) -> float:
     try:
         return float(raw)

@@ -407,17 +407,12 @@ class _Importer:
         if self._flag(data, "use_8bit_adam") and "optimizer" not in data:
             self.config.optimizer = "adamw_8bit"
         self._apply_weight_decay(data)
-        self._check_ramped_schedule(data)
-        self._apply_saving(data)
-        self._apply_concepts(data)
-
-    def _check_ramped_schedule(self, data: dict[str, Any]) -> None:
-        # Files with lr_factor come from versions whose linear schedule ramped the LR *up* from
-        # lr_factor x LR over lr_scale_pos of the run and then held it, unlike a linear decay.
-        if str(data.get("lr_scheduler", "")).lower() == "linear" and "lr_factor" in data:
+        if incumbent_eras.ramps_up(data):
             self.config.lr_scheduler = "constant_with_warmup"
             self.messages.append("mapped: lr_scheduler='linear' (a ramp up from lr_factor x LR, then constant, in "
                                  "that version) -> constant_with_warmup: set lr_warmup_steps to the ramp's length")
+        self._apply_saving(data)
+        self._apply_concepts(data)
 
     def _apply_weight_decay(self, data: dict[str, Any]) -> None:
         # 2022 and early-2023 files had one decay for the single optimizer over UNet and text encoder.
@@ -602,23 +597,7 @@ class _Importer:
                                  "machine; fix the path before training")
 
     def resolve_path(self, raw: str, where: str) -> str:
-        """Absolute paths stay; relative ones resolve against the JSON file's folder."""
-        if _WINDOWS_PATH.match(raw):
-            if os.name != "nt":
-                self.messages.append(f"{where}: '{raw}' is a Windows path, which does not exist on this "
-                                     "machine; fix the path to where the folder is here")
-            return raw
-        text = os.path.expanduser(raw)
-        if os.name != "nt" and "\\" in text and not os.path.exists(text):
-            text = text.replace("\\", "/")
-            self.messages.append(f"{where}: Windows separators in '{raw}' read as '/'")
-        if os.path.isabs(text):
-            return os.path.normpath(text)
-        if self.base_dir is None:
-            self.messages.append(f"{where}: relative path '{raw}' kept as given (no file folder to resolve "
-                                 "it against); use an absolute path")
-            return raw
-        return os.path.normpath(self.base_dir / text)
+        return resolve_import_path(raw, where, self.base_dir, self.messages)
 
     # ---- result
     def finish(self, base: TrainingConfig | None) -> ImportResult:
@@ -628,9 +607,7 @@ class _Importer:
         if base is not None:
             for name in IDENTITY_FIELDS:
                 setattr(self.config, name, getattr(base, name))
-                if name in self.file_identity and self.file_identity[name] != getattr(base, name):
-                    self.messages.append(f"ignored: {name} ({self.file_identity[name]!r}; an import keeps the "
-                                         f"model's {getattr(base, name)!r}: correct it with config --set-identity)")
+            self.messages.extend(_kept_identity(self.file_identity, base))
         elif self.file_identity:
             for name, raw in self.file_identity.items():
                 if name in CONFIG_FIELDS:
@@ -647,6 +624,31 @@ class _Importer:
         except ConfigError as error:
             raise ConfigError(f"{self.source}: {error}") from None
         return ImportResult(self.config, self.messages)
+
+
+def resolve_import_path(raw: str, where: str, base_dir: Path | None, messages: list[str]) -> str:
+    """Absolute paths stay; relative ones resolve against the JSON file's folder (`base_dir`)."""
+    if _WINDOWS_PATH.match(raw):
+        if os.name != "nt":
+            messages.append(f"{where}: '{raw}' is a Windows path, which does not exist on this machine; fix the "
+                            "path to where the folder is here")
+        return raw
+    text = os.path.expanduser(raw)
+    if os.name != "nt" and "\\" in text and not os.path.exists(text):
+        text = text.replace("\\", "/")
+        messages.append(f"{where}: Windows separators in '{raw}' read as '/'")
+    if os.path.isabs(text):
+        return os.path.normpath(text)
+    if base_dir is None:
+        messages.append(f"{where}: relative path '{raw}' kept as given (no file folder to resolve it against); "
+                        "use an absolute path")
+        return raw
+    return os.path.normpath(base_dir / text)
+
+
+def _kept_identity(file_identity: dict[str, Any], base: TrainingConfig) -> list[str]:
+    return [f"ignored: {name} ({raw!r}; an import keeps the model's {getattr(base, name)!r}: correct it with "
+            "config --set-identity)" for name, raw in file_identity.items() if raw != getattr(base, name)]
 
 
 def _undecorated(key: str, data: dict[str, Any]) -> str:
