@@ -209,13 +209,20 @@ def cmd_config(args: argparse.Namespace, layout: Layout) -> int:
     model = ModelStore(layout).existing(args.name)
     config = model.load_config()
     changed = False
+    if args.replace and not args.import_file:
+        raise UsageError("--replace goes with --import FILE (it replaces the settings with the file's).")
     if args.import_file:
         from .config.legacy import import_file
 
-        result = import_file(args.import_file, base=config)
+        result = import_file(args.import_file, base=config, replace=args.replace)
         config, changed = result.config, True
         for message in result.messages:
             _note(message)
+    if args.set_identity:
+        from .config.legacy import apply_identity
+
+        changes = dict(_split_assignment(item) for item in args.set_identity)
+        config, changed = apply_identity(config, changes, "--set-identity"), True
     if args.set:
         config, changed = apply_assignments(config, args.set), True
     if changed:
@@ -334,7 +341,13 @@ def build_parser() -> argparse.ArgumentParser:
     config.add_argument("--set", nargs="+", action="extend", metavar="FIELD=VALUE", help="Change settings, e.g. learning_rate=1e-6 "
                         "concepts.0.instance_prompt='photo of sks dog' (index = count adds a concept).")
     config.add_argument("--import", dest="import_file", metavar="FILE", help="Import our JSON, the old DreamBooth "
-                        "extension's db_config.json, or a concepts list JSON; unmapped keys are listed.")
+                        "extension's db_config.json, or a concepts list JSON, merged onto the current settings "
+                        "(the model's family, prediction type and base are kept); unmapped keys are listed.")
+    config.add_argument("--replace", action="store_true", help="With --import: replace all settings with the "
+                        "file's (unnamed ones go back to their defaults) instead of merging.")
+    config.add_argument("--set-identity", nargs="+", action="extend", metavar="FIELD=VALUE", help="Correct what "
+                        "the model is when detection chose wrong: model_family, prediction_type or "
+                        "base_checkpoint, e.g. prediction_type=v_prediction.")
     export = add("export", cmd_export, "Export a model as a .safetensors checkpoint for the web UI.")
     export.add_argument("--name", required=True, help="The model.")
     export.add_argument("--precision", choices=PRECISIONS, help="Weights precision (default: the model's "

@@ -321,3 +321,57 @@ def test_repeated_set_flags_all_apply(tmp_path):
 
     args = build_parser().parse_args(["config", "--name", "m", "--set", "resolution=64", "--set", "seed=3"])
     assert args.set == ["resolution=64", "seed=3"]
+
+
+# --- a model's settings across imports and edits -----------------------------------------------
+
+def test_seed_beyond_any_rng_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    make_model(tmp_path)
+    assert run_cli(tmp_path, "config", "--name", "dog", "--set", f"seed={2**64}") == 1
+    line = one_error_line(capsys)
+    assert "'seed'" in line and str(2**64) in line and "4294967295" in line
+    assert run_cli(tmp_path, "train", "--name", "dog", "--seed", str(2**64)) == 2
+    assert "'seed'" in one_error_line(capsys)
+
+
+def test_partial_import_of_our_format_merges(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    make_model(tmp_path, seed=77, learning_rate=3e-6, model_family="sdxl", resolution=1024)
+    partial = tmp_path / "partial.json"
+    partial.write_text(json.dumps({"version": 3, "learning_rate": 1e-5, "model_family": "sd1"}))
+    assert run_cli(tmp_path, "config", "--name", "dog", "--import", str(partial)) == 0
+    saved = ModelStore(layout_of(tmp_path)).existing("dog").load_config()
+    assert (saved.learning_rate, saved.seed, saved.resolution, saved.model_family) == (1e-5, 77, 1024, "sdxl")
+    assert len(saved.concepts) == 1
+    assert "model_family" in capsys.readouterr().err  # the refused identity change is reported
+    assert run_cli(tmp_path, "config", "--name", "dog", "--import", str(partial), "--replace") == 0
+    replaced = ModelStore(layout_of(tmp_path)).existing("dog").load_config()
+    assert (replaced.learning_rate, replaced.seed, replaced.model_family) == (1e-5, TrainingConfig().seed, "sdxl")
+
+
+def test_import_never_empties_concepts_silently(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    make_model(tmp_path)
+    empty = tmp_path / "empty.json"
+    empty.write_text("[]")
+    assert run_cli(tmp_path, "config", "--name", "dog", "--import", str(empty)) == 1
+    assert "empty" in one_error_line(capsys)
+    old = tmp_path / "db_config.json"
+    old.write_text(json.dumps({"learning_rate": 4e-6, "concepts_list": []}))
+    assert run_cli(tmp_path, "config", "--name", "dog", "--import", str(old)) == 0
+    assert "kept the model's 1 concept" in capsys.readouterr().err
+    saved = ModelStore(layout_of(tmp_path)).existing("dog").load_config()
+    assert saved.learning_rate == 4e-6 and saved.concepts[0].instance_prompt == "photo of sks dog"
+
+
+def test_identity_changes_only_through_set_identity(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    make_model(tmp_path)
+    assert run_cli(tmp_path, "config", "--name", "dog", "--set", "prediction_type=v_prediction") == 1
+    assert "--set-identity" in one_error_line(capsys)
+    assert run_cli(tmp_path, "train", "--name", "dog", "--set", "model_family=sdxl") == 1
+    assert "--set-identity" in one_error_line(capsys)
+    assert run_cli(tmp_path, "config", "--name", "dog", "--set-identity", "prediction_type=v_prediction") == 0
+    assert ModelStore(layout_of(tmp_path)).existing("dog").load_config().prediction_type == "v_prediction"
+    capsys.readouterr()
+    assert run_cli(tmp_path, "config", "--name", "dog", "--set-identity", "prediction_type=x_prediction") == 1
+    assert "prediction_type" in one_error_line(capsys)
+    assert run_cli(tmp_path, "config", "--name", "dog", "--set-identity", "learning_rate=1") == 1
+    assert "not an identity field" in one_error_line(capsys)

@@ -33,3 +33,5 @@ _.setup  # Trainer.setup: loads a run without training it (the trainer and runti
 _.signum  # signal handler parameter, required by signal.signal's calling convention
 _.frame  # signal handler parameter, required by signal.signal's calling convention
 _.should_exit  # uvicorn.Server's stop flag, read by uvicorn's serving loop
+_.known_incumbent_keys  # every incumbent field the importer knows: tests check docs/INCUMBENT_FIELDS.md lists them
+_._body  # starlette's cache of a request body: set after a bounded read so fastapi reads the body again

@@ -12,6 +12,8 @@ def _allowed(f: dataclasses.Field) -> str:
     if meta.get("choices"):
         return " / ".join(f"`{c}`" for c in meta["choices"])
     low, high = meta.get("min"), meta.get("max")
+    if meta.get("max_length"):
+        return f"text, up to {meta['max_length']:,} characters"
     if low is None and high is None:
         return ""
     return f"{'' if low is None else low} … {'' if high is None else high}"

@@ -11,7 +11,7 @@ from typing import Any
 
 from .. import atomic
 from ..errors import ConfigError
-from .schema import SCHEMA_VERSION, Concept, TrainingConfig, settings, validate
+from .schema import MAX_CONCEPTS, SCHEMA_VERSION, Concept, TrainingConfig, settings, validate
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +73,12 @@ def from_dict(data: Any, source: str = "config", warn: Callable[[str], None] | N
         raise ConfigError(f"{source}: expected a JSON object of settings, found {type(data).__name__}.")
     data = migrate(data, source)
     concepts_raw = data.get("concepts", [])
-    if not isinstance(concepts_raw, list) or not all(isinstance(c, dict) for c in concepts_raw):
+    if not isinstance(concepts_raw, list):
+        raise ConfigError(f"{source}: 'concepts' must be a list of objects.")
+    if len(concepts_raw) > MAX_CONCEPTS:  # checked before building them: a huge list must fail fast
+        raise ConfigError(f"{source}: 'concepts' has {len(concepts_raw):,} entries, more than the maximum "
+                          f"{MAX_CONCEPTS}.")
+    if not all(isinstance(c, dict) for c in concepts_raw):
         raise ConfigError(f"{source}: 'concepts' must be a list of objects.")
     config = _build(TrainingConfig, data, source, warn)
     config.concepts = [_build(Concept, c, f"{source} concept {i + 1}", warn) for i, c in enumerate(concepts_raw)]

@@ -13,6 +13,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from ..errors import ConfigError
+from .legacy import CORRECTABLE_IDENTITY, IdentityChange
 from .schema import Concept, TrainingConfig, check_value, parse_value, settings, validate
 
 CONCEPT_PREFIX = "concepts."
@@ -44,6 +45,12 @@ def set_override(config: TrainingConfig, name: str, raw: Any, *, add_concepts: b
     if name in NOT_SETTABLE:
         raise ConfigError(f"Setting '{name}' cannot be changed: {NOT_SETTABLE[name]}.")
     value = parse_checked(TrainingConfig, name, raw)
+    if name in CORRECTABLE_IDENTITY and value != getattr(config, name):
+        # Which weights the model is (family, prediction, base) is corrected on purpose, never by a run's or
+        # an edit's settings: a wrong value silently trains the wrong objective.
+        raise IdentityChange(f"Setting '{name}' says which weights the model is ({getattr(config, name)!r}) and "
+                             "is not changed with the settings; correct it with: python -m dreambooth config "
+                             f"--name NAME --set-identity {name}=VALUE (REST: PUT ...?set_identity=true).")
     setattr(config, name, value)
     return value
 

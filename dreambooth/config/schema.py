@@ -22,17 +22,30 @@ SCHEMA_VERSION = 3
 PARAMETER_STUDY = ("the community parameter study (sd_dreambooth_extension discussion #547, "
                    "https://github.com/d8ahazard/sd_dreambooth_extension/discussions/547)")
 
+# Bounds of inputs with no natural limit, so a typo or a hostile request fails early with a clear
+# message instead of deep inside training (or after minutes of listing a huge config).
+TEXT_MAX_LENGTH = 10_000          # characters of a prompt, token or other one-line text
+MULTILINE_MAX_LENGTH = 100_000    # characters of multi-line text (sample prompt lines)
+PATH_MAX_LENGTH = 4096            # characters of a folder or file path (PATH_MAX on Linux)
+MAX_CONCEPTS = 1000               # concepts in one config
+MAX_STEPS = 10_000_000            # optimizer steps, and step intervals
+MAX_EPOCHS = 100_000
+SEED_MAX = 2**32 - 1              # numpy's seed range; -1 asks for a random seed
+
 
 def setting(default: Any, label: str, help: str, group: str, *, min: float | None = None,
             max: float | None = None, choices: tuple[str, ...] | None = None,
-            ui_only: str | None = None, multiline: bool = False) -> Any:
+            ui_only: str | None = None, multiline: bool = False, max_length: int | None = None) -> Any:
     """A dataclass field with the metadata the UI, JSON and CLI are generated from.
 
     `ui_only` holds the reason a setting does not change what training does (for the honesty
-    matrix); leave it None for every setting that acts on training.
+    matrix); leave it None for every setting that acts on training. `max_length` bounds a text
+    setting (default: TEXT_MAX_LENGTH, or MULTILINE_MAX_LENGTH for multi-line text).
     """
+    if max_length is None and isinstance(default, str) and not choices:
+        max_length = MULTILINE_MAX_LENGTH if multiline else TEXT_MAX_LENGTH
     meta = {"label": label, "help": help, "group": group, "min": min, "max": max,
-            "choices": choices, "ui_only": ui_only, "multiline": multiline}
+            "choices": choices, "ui_only": ui_only, "multiline": multiline, "max_length": max_length}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -58,7 +71,7 @@ class Concept:
                                      ".caption files beside each image. Typical: 5-20 varied photos for a "
                                      "person or object, 20-200 for a style. Change it to train a different "
                                      "subject.",
-                                     "Concept")
+                                     "Concept", max_length=PATH_MAX_LENGTH)
     instance_prompt: str = setting("", "Instance prompt", "Prompt for the instance images, e.g. 'photo of "
                                    "sks dog'. '[filewords]' is replaced by the image's caption file; the "
                                    "instance and class tokens are inserted into captions that lack them. Use "
@@ -75,7 +88,7 @@ class Concept:
                                   "class. Empty: the model's class folder is used and missing images are "
                                   "generated. Set it to reuse class images across models or to supply real "
                                   "photos of the class, e.g. 'class/dog'.",
-                                  "Concept")
+                                  "Concept", max_length=PATH_MAX_LENGTH)
     class_prompt: str = setting("", "Class prompt", "Prompt describing the class, e.g. 'photo of a dog'. "
                                 "Used to generate class images and as their caption. Make it match the "
                                 "instance prompt without the instance token; leave empty only when the class "
@@ -113,7 +126,8 @@ class Concept:
                              "costs time at every sampling.", "Concept", min=0, max=16)
     sample_seed: int = setting(-1, "Sample seed", "Seed of the preview images (-1: the run's seed), fixed so "
                                "previews are comparable across steps. Set a value to compare runs with "
-                               "different settings on the same noise.", "Concept", min=-1)
+                               "different settings on the same noise.", "Concept", min=-1,
+                               max=SEED_MAX)
     sample_guidance_scale: float = setting(7.5, "Sample CFG scale", "Classifier-free guidance (CFG) scale of "
                                            "the previews. Typical: 7.5 (5-7 for SDXL); "
                                            f"{PARAMETER_STUDY} saw overtraining first as distortion at high CFG, so preview at the "
@@ -137,7 +151,8 @@ class TrainingConfig:
                                    "(recorded in exported metadata), e.g. 'v1-5-pruned-emaonly.safetensors'. "
                                    "Missing class images are generated with it while it is in the checkpoints "
                                    "folder (else with the model's working weights). Set when the model is "
-                                   "created; change it only to correct the record.", "Model")
+                                   "created; change it only to correct the record.", "Model",
+                                   max_length=PATH_MAX_LENGTH)
     model_family: str = setting("sd1", "Model family", "Architecture: sd1 (SD 1.x), sd2 (SD 2.x 512, "
                                 "epsilon), sd2v (SD 2.x 768 v-prediction) or sdxl. Detected when the model "
                                 "is created; change it only if detection chose wrong, since it decides the "
@@ -172,11 +187,12 @@ class TrainingConfig:
                                    "which the wizard computes with batch, accumulation, resolution and "
                                    "scheduler corrections. Raise it if the subject does not appear, lower it "
                                    "if previews overfit.", "Steps",
-                                   min=0)
+                                   min=0, max=MAX_STEPS)
     num_train_epochs: int = setting(100, "Epochs", "Passes over the dataset, used when max steps is 0; one "
                                     "epoch = instance images x repeats / batch / accumulation steps. "
                                     "Typical: 100-200 for 5-20 images. Use it instead of max steps when the "
-                                    "dataset grows and steps should grow with it.", "Steps", min=0)
+                                    "dataset grows and steps should grow with it.", "Steps", min=0,
+                                    max=MAX_EPOCHS)
     train_batch_size: int = setting(1, "Batch size", "Images per forward pass. Typical: 1-4; memory grows "
                                     f"with it. According to {PARAMETER_STUDY}, larger batches learn a concept in fewer but "
                                     "slower steps (steps / sqrt(batch)); keep the image count divisible by "
@@ -190,7 +206,7 @@ class TrainingConfig:
     seed: int = setting(1234, "Seed", "Seed for noise, shuffling and augmentation; each epoch shuffles with "
                         "seed + epoch. Typical: any fixed number such as 1234, so a rerun reproduces the "
                         "result; -1: a random seed each run. Change it to get a different sample of the same "
-                        "training.", "Steps", min=-1)
+                        "training.", "Steps", min=-1, max=SEED_MAX)
     # --- Learning rate ---------------------------------------------------------------------------
     learning_rate: float = setting(2e-6, "UNet learning rate", "Learning rate of the UNet (per optimizer "
                                    "step). Typical: 1e-6 to 5e-6 for DreamBooth, 1e-4 for LoRA, 1.0 for "
@@ -215,7 +231,8 @@ class TrainingConfig:
     lr_warmup_steps: int = setting(0, "Warmup steps", "Steps over which the LR ramps up from 0 at the start. "
                                    "Typical: 0 for constant, 2-5% of the run otherwise; -1: 2% of the run "
                                    "(EveryDream2's default). Raise it if the first steps produce NaN or wild "
-                                   "previews; leave 0 with rex.", "Learning rate", min=-1)
+                                   "previews; leave 0 with rex.", "Learning rate", min=-1,
+                                   max=MAX_STEPS)
     lr_cycles: int = setting(1, "Scheduler cycles", "Number of cosine restarts for cosine_with_restarts "
                              "(ignored by other schedulers). Typical: 1-4; more cycles revisit a high LR, "
                              "which can shake a run out of a bad minimum at the cost of stability; raise it "
@@ -264,7 +281,7 @@ class TrainingConfig:
     max_grad_norm: float = setting(1.0, "Clip grad norm", "Clip the gradient norm to this value before each "
                                    "optimizer step (0: no clipping). Typical: 1.0. Lower it if the loss "
                                    "spikes; set 0 for prodigy or when comparing with unclipped runs.",
-                                   "Optimizer", min=0.0)
+                                   "Optimizer", min=0.0, max=1000.0)
     # --- Prior preservation ----------------------------------------------------------------------
     with_prior_preservation: bool = setting(True, "Prior preservation", "Train on class images too so the "
                                             "model keeps what the class looks like (DreamBooth's prior "
@@ -392,7 +409,7 @@ class TrainingConfig:
     validation_every_n_steps: int = setting(0, "Validate every N steps", "How often, in optimizer steps, the "
                                             "validation loss is computed (0: at the end of each epoch). "
                                             "Typical: 0 or about 1-5% of the run; lower values cost more "
-                                            "time.", "Validation", min=0)
+                                            "time.", "Validation", min=0, max=MAX_STEPS)
     # --- Loss and noise --------------------------------------------------------------------------
     loss_type: str = setting("l2", "Loss", "l2 (MSE, typical), huber or smooth_l1: the latter two are robust "
                              "to outliers and can help with noisy datasets. Change only when l2 gives "
@@ -459,7 +476,7 @@ class TrainingConfig:
     ema_update_every: int = setting(1, "EMA every N steps", "Update the average every N optimizer steps. "
                                     "Typical: 1; raise it (5-10) to save time on large models, with a "
                                     "slightly lower decay.", "EMA",
-                                    min=1)
+                                    min=1, max=MAX_STEPS)
     ema_for_output: bool = setting(True, "Use EMA for saves and samples", "Save and sample the averaged "
                                    "(EMA) weights instead of the raw ones. On is typical when EMA is used; "
                                    "turn off to compare the raw weights.",
@@ -469,19 +486,20 @@ class TrainingConfig:
                                       "steps (0: off). Typical: 10-25% of the run, so you can pick the best "
                                       "point; each save costs disk (2-7 GB per checkpoint). Set it when you "
                                       "do not know the right step count yet.",
-                                      "Saving", min=0)
+                                      "Saving", min=0, max=MAX_STEPS)
     save_every_n_epochs: int = setting(0, "Save every N epochs", "Write a checkpoint or LoRA every N epochs "
                                        "(0: off). Typical: 0 when saving by steps; 10-50 for epoch-based "
                                        "runs.",
-                                       "Saving", min=0)
+                                       "Saving", min=0, max=MAX_EPOCHS)
     save_keep_last: int = setting(0, "Keep last N saves", "Delete older intermediate saves, keeping the "
                                   "newest N (0: keep all). Typical: 0 for short runs, 3-5 to bound disk use "
                                   "on long ones.",
-                                  "Saving", min=0)
+                                  "Saving", min=0, max=100_000)
     snapshot_every_n_steps: int = setting(0, "Snapshot every N steps", "Save the full training state "
                                           "(optimizer, RNG, data order) to resume from every N steps (0: "
                                           "only at stop). Typical: 500-2000; snapshots are 2-3x a "
-                                          "checkpoint's size. Set it for long or interruptible runs.", "Saving", min=0)
+                                          "checkpoint's size. Set it for long or interruptible runs.", "Saving", min=0,
+                                          max=MAX_STEPS)
     save_precision: str = setting("fp16", "Save precision", "Precision of exported checkpoints and LoRAs. "
                                   "fp16 (typical) halves the file; it can drop the small updates of very low "
                                   "LRs, where fp32 keeps everything; bf16 keeps range but less detail. "
@@ -495,7 +513,7 @@ class TrainingConfig:
                                         "steps (0: off). Typical: 10% of the run; each sampling pauses "
                                         "training for a few seconds to minutes. Lower it to watch a new "
                                         "setup closely, set 0 for speed.",
-                                        "Samples", min=0)
+                                        "Samples", min=0, max=MAX_STEPS)
     sample_prompts: str = setting("", "Sample prompt lines", "Extra preview prompts, one per line, in "
                                   "sd-scripts syntax: 'prompt --n negative --w 512 --h 512 --d seed --l cfg "
                                   "--s steps' (unknown flags are refused). Add prompts that test "
@@ -508,7 +526,8 @@ class TrainingConfig:
     # --- Logging ---------------------------------------------------------------------------------
     log_every_n_steps: int = setting(1, "Log every N steps", "How often, in optimizer steps, loss and LR are "
                                      "logged (the loss is averaged over the interval). Typical: 1-10; raise "
-                                     "it for smoother curves and smaller logs on long runs.", "Logging", min=1)
+                                     "it for smoother curves and smaller logs on long runs.", "Logging", min=1,
+                                     max=MAX_STEPS)
     # --- Faults ----------------------------------------------------------------------------------
     nan_policy: str = setting("stop", "On NaN loss", "stop: stop and keep the last good save (typical). "
                               "skip: skip the step with a non-finite loss, up to the limit below; use it for "
@@ -516,7 +535,7 @@ class TrainingConfig:
     max_nan_skips: int = setting(10, "NaN skip limit", "Non-finite (NaN/inf) steps skipped before stopping "
                                  "when the NaN policy is skip. Typical: 10; repeated NaNs mean the LR is too "
                                  "high or fp16 overflows.", "Faults",
-                                 min=0)
+                                 min=0, max=MAX_STEPS)
 
     concepts: list[Concept] = field(default_factory=list, metadata={"group": "Concepts", "label": "Concepts",
                                                                      "help": "The concepts to train: each "
@@ -563,7 +582,7 @@ def parse_value(cls: type, name: str, raw: Any) -> Any:
                 raise ValueError
             return str(raw)
     except (TypeError, ValueError):
-        raise ConfigError(f"Setting '{name}': {raw!r} is not a valid {kind.__name__}.") from None
+        raise ConfigError(f"Setting '{name}': {_short(raw)} is not a valid {kind.__name__}.") from None
     raise ConfigError(f"Setting '{name}' cannot be set from a single value.")
 
 
@@ -581,20 +600,43 @@ def _parse_bool(raw: Any) -> bool:
 def check_value(cls: type, f: dataclasses.Field, value: Any) -> None:
     """Raise ConfigError naming the field, the value and what is allowed, if `value` is out of bounds."""
     meta = f.metadata
+    longest = meta.get("max_length")
+    if isinstance(value, str) and longest is not None and len(value) > longest:
+        raise ConfigError(f"Setting '{f.name}': {len(value):,} characters is longer than the maximum "
+                          f"{longest:,}; shorten it.")
     if isinstance(value, float) and not math.isfinite(value):
         raise ConfigError(f"Setting '{f.name}': {value!r} is not a finite number.")
     choices = meta.get("choices")
     if choices and value not in choices:
-        raise ConfigError(f"Setting '{f.name}': {value!r} is not allowed; choose one of {', '.join(choices)}.")
+        raise ConfigError(f"Setting '{f.name}': {_short(value)} is not allowed; choose one of {', '.join(choices)}.")
     low, high = meta.get("min"), meta.get("max")
     if low is not None and value < low:
-        raise ConfigError(f"Setting '{f.name}': {value!r} is below the minimum {low}.")
+        raise ConfigError(f"Setting '{f.name}': {_short(value)} is below the minimum {low} "
+                          f"(allowed: {_range_text(low, high)}).")
     if high is not None and value > high:
-        raise ConfigError(f"Setting '{f.name}': {value!r} is above the maximum {high}.")
+        raise ConfigError(f"Setting '{f.name}': {_short(value)} is above the maximum {high} "
+                          f"(allowed: {_range_text(low, high)}).")
+
+
+def _short(value: Any) -> str:
+    """The value as the user wrote it, cut when it is too long to read on one line."""
+    text = repr(value)
+    return text if len(text) <= 40 else f"{text[:24]}... ({len(text):,} characters)"
+
+
+def _range_text(low: float | None, high: float | None) -> str:
+    if high is None:
+        return f"{low} or more"
+    if low is None:
+        return f"up to {high}"
+    return f"{low}..{high}"
 
 
 def validate(config: TrainingConfig) -> TrainingConfig:
     """Check every setting of the config and its concepts; raise ConfigError on the first bad one."""
+    if len(config.concepts) > MAX_CONCEPTS:
+        raise ConfigError(f"Setting 'concepts': {len(config.concepts):,} concepts is more than the maximum "
+                          f"{MAX_CONCEPTS}; split the data into fewer concepts (a concept can hold many images).")
     for f in settings(TrainingConfig):
         value = parse_value(TrainingConfig, f.name, getattr(config, f.name))
         setattr(config, f.name, value)

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import io as config_io
+from ..config import legacy
 from ..config.overrides import apply_overrides
 from ..config.schema import TrainingConfig
 from ..errors import ConfigError, DreamboothError
@@ -24,6 +25,13 @@ from ..store import ModelDir, ModelStore, check_model_name
 log = logging.getLogger(__name__)
 
 PREFIX = "/dreambooth"
+# Largest request body read: a config with a thousand concepts fits many times over, a runaway or
+# hostile upload is refused before it is parsed.
+MAX_BODY_BYTES = 1_000_000
+
+
+class InvalidBody(ConfigError):
+    """A request body whose values the schema refuses (answered 422)."""
 
 
 def is_inside(path: Path, roots: Iterable[Path]) -> bool:
@@ -51,6 +59,8 @@ def check_concept_folders(config: TrainingConfig, write_roots: list[Path], read_
 def status_code_for(error: DreamboothError) -> int:
     if isinstance(error, RunInProgress):
         return 409
+    if isinstance(error, (InvalidBody, legacy.IdentityChange)):
+        return 422
     if isinstance(error, ConfigError) and str(error).startswith("No model named"):
         return 404
     return 400
@@ -93,19 +103,36 @@ class DreamboothApi:
     def get_config(self, name: str) -> dict[str, Any]:
         return config_io.to_dict(self._model(name).load_config())
 
-    def put_config(self, name: str, body: Any) -> dict[str, Any]:
+    def put_config(self, name: str, body: Any, replace: bool = False, set_identity: bool = False) -> dict[str, Any]:
+        """Merge `body` onto the model's config (all settings with `replace`); identity only with `set_identity`."""
         model = self._model(name)
-        warnings: list[str] = []
-        config = config_io.from_dict(body, "request body", warn=warnings.append)
+        current = model.load_config()
+        if not isinstance(body, dict):
+            raise InvalidBody(f"request body: expected a JSON object of settings, found {type(body).__name__}.")
+        if not set_identity:
+            legacy.check_identity_unchanged(current, body, "request body")
+        try:
+            result = legacy.merge_config(body, current, "request body", replace)
+            config = result.config
+            if set_identity:
+                changes = {key: body[key] for key in legacy.CORRECTABLE_IDENTITY if key in body}
+                config = legacy.apply_identity(config, changes, "request body")
+        except legacy.IdentityChange:
+            raise
+        except ConfigError as error:
+            raise InvalidBody(str(error)) from None
         check_concept_folders(config, self.write_roots, self.read_roots)
         model.save_config(config)
-        return {"config": config_io.to_dict(config), "warnings": warnings}
+        return {"config": config_io.to_dict(config), "warnings": list(result.messages)}
 
     def import_concepts(self, name: str, body: Any) -> dict[str, Any]:
         from ..config.legacy import import_data
 
         model = self._model(name)
-        result = import_data(body, "request body", None, model.load_config())
+        try:
+            result = import_data(body, "request body", None, model.load_config())
+        except ConfigError as error:
+            raise InvalidBody(str(error)) from None
         check_concept_folders(result.config, self.write_roots, self.read_roots)
         model.save_config(result.config)
         return {"concepts": len(result.config.concepts), "messages": list(result.messages)}
@@ -152,14 +179,54 @@ def basic_auth_dependency(credentials: dict[str, str]) -> Callable[..., None]:
     return check
 
 
+def too_large_answer(limit: int) -> Any:
+    from fastapi.responses import JSONResponse
+
+    return JSONResponse({"detail": f"Request body is larger than {limit:,} bytes; send the settings that change, "
+                                   "or import large concept lists from a file with the CLI."}, status_code=413)
+
+
+def body_limited_route(limit: int) -> type:
+    """An APIRoute class that refuses bodies over `limit` bytes (413) before fastapi reads or parses them."""
+    from fastapi.routing import APIRoute
+
+    class BodyLimitedRoute(APIRoute):
+        def get_route_handler(self) -> Callable[..., Any]:
+            handler = super().get_route_handler()
+
+            async def limited(request: Any) -> Any:
+                if request.method in ("POST", "PUT", "PATCH") and not await _body_fits(request, limit):
+                    return too_large_answer(limit)
+                return await handler(request)
+
+            return limited
+
+    return BodyLimitedRoute
+
+
+async def _body_fits(request: Any, limit: int) -> bool:
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit():
+        return int(declared) <= limit
+    body = bytearray()  # no length given (chunked): read at most limit + 1 bytes
+    async for chunk in request.stream():
+        body.extend(chunk)
+        if len(body) > limit:
+            return False
+    request._body = bytes(body)  # starlette's cache of the body, read again by fastapi
+    return True
+
+
 def register_api(app: Any, service: TrainingService, store: ModelStore, auth: dict[str, str] | None = None,
-                 data_roots: list[Path] | None = None, prefix: str = PREFIX) -> DreamboothApi:
+                 data_roots: list[Path] | None = None, prefix: str = PREFIX,
+                 max_body_bytes: int = MAX_BODY_BYTES) -> DreamboothApi:
     """Add the /dreambooth/ routes to a FastAPI app; with `auth` ({user: password}) they need HTTP basic auth."""
     from fastapi import APIRouter, Body, Depends
 
     api = DreamboothApi(service, store, data_roots)
     dependencies = [Depends(basic_auth_dependency(auth))] if auth else []
-    router = APIRouter(prefix=prefix, dependencies=dependencies, tags=["dreambooth"])
+    router = APIRouter(prefix=prefix, dependencies=dependencies, tags=["dreambooth"],
+                       route_class=body_limited_route(max_body_bytes))
 
     @router.get("/models")
     def list_models() -> Any:
@@ -174,8 +241,10 @@ def register_api(app: Any, service: TrainingService, store: ModelStore, auth: di
         return _answer(lambda: api.get_config(name))
 
     @router.put("/models/{name}/config")
-    def put_config(name: str, body: dict = Body(...)) -> Any:
-        return _answer(lambda: api.put_config(name, body))
+    def put_config(name: str, body: dict = Body(...), replace: bool = False, set_identity: bool = False) -> Any:
+        """Merge the body's settings onto the model's; ?replace=true replaces them all, ?set_identity=true
+        allows correcting model_family, prediction_type and base_checkpoint."""
+        return _answer(lambda: api.put_config(name, body, replace, set_identity))
 
     @router.post("/models/{name}/concepts")
     def import_concepts(name: str, body: Any = Body(...)) -> Any:

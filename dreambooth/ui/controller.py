@@ -116,7 +116,16 @@ class TabController:
             source = "pasted concepts"
         if not text or not text.strip():
             raise ConfigError("Paste a concepts JSON list or upload a .json file first.")
-        return forms.parse_concepts_json(text, source)
+        from ..config.legacy import import_text
+
+        # The same importer as the CLI and the API, so old concepts_list.json keys map the same way;
+        # an upload's folder is a temporary one, so relative paths are reported, not resolved there.
+        result = import_text(text, source)
+        if not result.config.concepts:
+            raise ConfigError(f"{source}: no concepts found; nothing was imported. Paste a list of concept "
+                              'objects, e.g. [{"instance_data_dir": "/data/dog", "instance_prompt": "photo of sks '
+                              'dog"}].')
+        return result.config.concepts, result.messages
 
     def preview_concept(self, name: str | None, values: list[Any], index: int) -> tuple[list[Any], str]:
         """(gallery items, Markdown summary) of the concept in panel `index`, as the trainer would read it."""

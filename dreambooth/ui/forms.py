@@ -9,11 +9,9 @@ round-trips through the UI unchanged.
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass
 from typing import Any
 
-from ..config.io import from_dict
 from ..config.schema import GROUPS, Concept, TrainingConfig, field_type, parse_value, settings, validate
 from ..errors import ConfigError
 
@@ -189,24 +187,3 @@ def form_to_config(values: list[Any]) -> TrainingConfig:
     """The inverse of form_values."""
     count = len(config_specs())
     return values_to_config(values[:count], values[count], values[count + 1:])
-
-
-# --- concept list import ---------------------------------------------------------------------------
-
-def parse_concepts_json(text: str, source: str = "pasted concepts") -> tuple[list[Concept], list[str]]:
-    """(concepts, warnings about ignored keys) from a JSON list of concept objects or {"concepts": [...]}."""
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as error:
-        raise ConfigError(f"{source} is not valid JSON (line {error.lineno}, column {error.colno}: "
-                          f"{error.msg}); paste a list of concept objects.") from None
-    if isinstance(data, dict) and "concepts" in data:
-        data = data["concepts"]
-    if isinstance(data, dict):
-        data = [data]
-    if not isinstance(data, list) or not data:
-        raise ConfigError(f"{source}: expected a non-empty JSON list of concept objects, e.g. "
-                          '[{"instance_data_dir": "/data/dog", "instance_prompt": "photo of sks dog"}].')
-    warnings: list[str] = []
-    config = from_dict({"concepts": data}, source, warn=warnings.append)
-    return config.concepts, warnings

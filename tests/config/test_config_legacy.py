@@ -304,3 +304,187 @@ def test_utf8_bom_is_accepted(tmp_path: Path) -> None:
     path = tmp_path / "bom.json"
     path.write_bytes(b"\xef\xbb\xbf" + json.dumps({"learning_rate": 1e-6}).encode())
     assert import_file(path).config.learning_rate == 1e-6
+
+
+# --- one merge rule; concepts never replaced by nothing silently ---------------------------------
+
+def test_concepts_path_wins_over_an_empty_inline_list(tmp_path: Path) -> None:
+    make_images(tmp_path / "model" / "images" / "dog", 2)
+    write_json(tmp_path / "model" / "concepts_list.json", [old_concept(num_class_images_per=3)])
+    data = {**db_config(concepts_list=[]), "use_concepts": True, "concepts_path": "concepts_list.json"}
+    config = import_file(write_json(tmp_path / "model" / "db_config.json", data), model_base()).config
+    assert [c.instance_prompt for c in config.concepts] == ["photo of sks dog"]
+    assert config.concepts[0].num_class_images == 6
+
+
+def test_an_absolute_concepts_path_is_followed(tmp_path: Path) -> None:
+    listing = write_json(tmp_path / "elsewhere" / "c.json", [old_concept(instance_data_dir=str(tmp_path))])
+    data = {"use_concepts": True, "concepts_path": str(listing), "concepts_list": []}
+    config = import_file(write_json(tmp_path / "model" / "db.json", data)).config
+    assert config.concepts[0].instance_data_dir == str(tmp_path)
+
+
+def test_empty_concepts_keep_the_models_own(tmp_path: Path) -> None:
+    base = model_base()
+    base.concepts = [Concept(instance_prompt="mine")]
+    for data in ({"learning_rate": 1e-6, "concepts_list": []}, {"version": 3, "concepts": []},
+                 {"use_concepts": True, "concepts_path": "missing.json", "concepts_list": []}):
+        result = import_file(write_json(tmp_path / "x.json", data), base)
+        assert [c.instance_prompt for c in result.config.concepts] == ["mine"], data
+        assert any("concept" in m for m in result.messages), data
+    with pytest.raises(ConfigError, match="empty"):
+        import_file(write_json(tmp_path / "list.json", []), base)
+
+
+def test_our_partial_file_merges_with_or_without_version(tmp_path: Path) -> None:
+    base = model_base()
+    base.seed, base.concepts = 77, [Concept(instance_prompt="mine")]
+    for data in ({"version": 3, "learning_rate": 1e-5}, {"learning_rate": 1e-5}, {"version": 1, "max_steps": 9}):
+        config = import_file(write_json(tmp_path / "p.json", data), base).config
+        assert (config.seed, config.resolution, len(config.concepts)) == (77, 1024, 1), data
+    replaced = import_file(write_json(tmp_path / "p.json", {"version": 3, "learning_rate": 1e-5}), base,
+                           replace=True)
+    assert (replaced.config.seed, replaced.config.resolution) == (TrainingConfig().seed, TrainingConfig().resolution)
+    assert replaced.config.model_family == "sdxl" and replaced.config.concepts == []
+    assert any("removed the model's 1 concept" in m for m in replaced.messages)
+
+
+def test_identity_in_our_file_is_kept_and_reported(tmp_path: Path) -> None:
+    data = {"version": 3, "prediction_type": "v_prediction", "model_family": "sd2v", "learning_rate": 1e-6}
+    result = import_file(write_json(tmp_path / "ours.json", data), model_base())
+    assert (result.config.model_family, result.config.prediction_type) == ("sdxl", "epsilon")
+    assert messages_about(result, "ignored: prediction_type") and messages_about(result, "ignored: model_family")
+
+
+# --- each era of the old extension's files, read with its own meaning ------------------------------
+
+NOV_2022 = {  # one concept at the top level; intervals in steps; one weight decay for everything
+    "model_dir": "/sd/models/dreambooth/dog", "pretrained_model_name_or_path": "/sd/models/dreambooth/dog/working",
+    "use_concepts": False, "pretrained_vae_name_or_path": "", "instance_data_dir": "images/dog",
+    "class_data_dir": "classes/dog", "instance_prompt": "photo of sks dog", "class_prompt": "photo of a dog",
+    "save_sample_prompt": "sks dog on the moon", "save_sample_negative_prompt": "blurry", "n_save_sample": 2,
+    "seed": 4242, "save_guidance_scale": 7.0, "save_infer_steps": 40, "with_prior_preservation": True,
+    "num_class_images": 150, "output_dir": "/sd/models/dreambooth/dog", "resolution": 512, "center_crop": False,
+    "train_text_encoder": True, "train_batch_size": 1, "sample_batch_size": 4, "num_train_epochs": 1,
+    "max_train_steps": 1200, "gradient_accumulation_steps": 1, "gradient_checkpointing": True,
+    "learning_rate": 5e-6, "scale_lr": False, "lr_scheduler": "constant", "lr_warmup_steps": 0,
+    "use_8bit_adam": True, "adam_beta1": 0.9, "adam_beta2": 0.999, "adam_weight_decay": 0.03,
+    "adam_epsilon": 1e-8, "max_grad_norm": 1.0, "save_preview_every": 300, "save_embedding_every": 400,
+    "mixed_precision": "fp16", "not_cache_latents": True, "concepts_list": None, "use_cpu": False,
+    "pad_tokens": True, "max_token_length": 75, "hflip": False, "use_ema": False, "prior_loss_weight": 1,
+    "class_negative_prompt": "", "class_guidance_scale": 7.5, "class_infer_steps": 60, "scheduler": "ddim",
+    "total_steps": 0, "revision": 0}
+
+
+def test_november_2022_top_level_concept_and_step_intervals(tmp_path: Path) -> None:
+    make_images(tmp_path / "images" / "dog", 3)
+    result = import_file(write_json(tmp_path / "db_config.json", NOV_2022), model_base())
+    config = result.config
+    concept = config.concepts[0]
+    assert (concept.instance_data_dir, concept.instance_prompt) == (str(tmp_path / "images" / "dog"),
+                                                                    "photo of sks dog")
+    assert (concept.class_prompt, concept.num_class_images, concept.sample_prompt) == \
+        ("photo of a dog", 150, "sks dog on the moon")
+    assert (concept.n_samples, concept.sample_steps, concept.sample_guidance_scale) == (2, 40, 7.0)
+    assert (config.save_every_n_steps, config.save_every_n_epochs, config.sample_every_n_steps) == (400, 0, 300)
+    assert (config.weight_decay, config.text_encoder_weight_decay) == (0.03, 0.03)
+    assert (config.cache_latents, config.random_crop, config.optimizer) == ("off", True, "adamw_8bit")
+    assert (config.seed, config.max_train_steps, config.with_prior_preservation) == (4242, 1200, True)
+    assert not messages_about(result, "ignored: instance_data_dir")
+
+
+DEC_2022 = {  # stop_text_encoder in epochs, intervals in epochs, no weight-decay key
+    "model_name": "dog", "attention": "default", "cache_latents": True, "center_crop": True, "clip_skip": 1,
+    "concepts_path": "", "custom_model_name": "", "epoch": 0, "epoch_pause_frequency": 0, "epoch_pause_time": 0,
+    "gradient_accumulation_steps": 1, "gradient_checkpointing": True, "gradient_set_to_none": True,
+    "half_model": False, "has_ema": False, "hflip": False, "learning_rate": 2e-6, "learning_rate_min": 1e-6,
+    "lora_learning_rate": 1e-4, "lora_txt_learning_rate": 5e-5, "lora_txt_weight": 1.0, "lora_weight": 1.0,
+    "lr_cycles": 1, "lr_factor": 0.5, "lr_power": 1.0, "lr_scale_pos": 0.5, "lr_scheduler": "constant",
+    "lr_warmup_steps": 0, "max_token_length": 75, "mixed_precision": "fp16", "model_path": "",
+    "num_train_epochs": 100, "pad_tokens": True, "prior_loss_weight": 1.0, "resolution": 512, "revision": 0,
+    "sample_batch_size": 1, "sanity_prompt": "", "sanity_seed": 420420, "save_ckpt_after": True,
+    "save_ckpt_cancel": True, "save_ckpt_during": False, "save_embedding_every": 25, "save_lora_after": True,
+    "save_lora_cancel": True, "save_lora_during": True, "save_preview_every": 5, "save_state_after": False,
+    "save_state_cancel": False, "save_state_during": False, "scheduler": "EulerAncestralDiscrete", "src": "x.ckpt",
+    "shuffle_tags": False, "train_batch_size": 1, "stop_text_encoder": 50, "use_8bit_adam": True,
+    "use_concepts": False, "use_ema": False, "use_lora": False, "v2": False,
+    "concepts_list": [{"max_steps": -1, "instance_data_dir": "images/dog", "instance_prompt": "sks dog",
+                       "class_prompt": "dog", "num_class_images": 100, "save_sample_prompt": "",
+                       "save_sample_template": "", "instance_token": "sks", "class_token": "dog",
+                       "class_negative_prompt": "", "class_guidance_scale": 7.5, "class_infer_steps": 60,
+                       "save_sample_negative_prompt": "", "n_save_sample": 1, "sample_seed": -1,
+                       "save_guidance_scale": 7.5, "save_infer_steps": 60}]}
+
+
+def test_december_2022_epochs_for_the_text_encoder_and_no_saves_during(tmp_path: Path) -> None:
+    make_images(tmp_path / "images" / "dog", 2)
+    base = model_base()
+    base.save_every_n_epochs = 10
+    result = import_file(write_json(tmp_path / "db_config.json", DEC_2022), base)
+    config = result.config
+    assert (config.stop_text_encoder, config.train_text_encoder) == (0.5, True)
+    assert messages_about(result, "stop_text_encoder=50")
+    assert (config.save_every_n_epochs, config.save_every_n_steps) == (0, 0)  # save_ckpt_during: false
+    assert config.sample_scheduler == "euler_a" and config.concepts[0].num_class_images == 100
+    for key in ("lora_weight", "save_preview_every", "lr_factor", "save_ckpt_cancel"):
+        assert messages_about(result, f"ignored: {key}"), key
+    always = import_file(write_json(tmp_path / "a.json", {**DEC_2022, "stop_text_encoder": -1})).config
+    assert (always.stop_text_encoder, always.train_text_encoder) == (1.0, True)
+    one_epoch = import_file(write_json(tmp_path / "b.json", {**DEC_2022, "stop_text_encoder": 1})).config
+    assert one_epoch.stop_text_encoder == pytest.approx(0.01)
+    unknown = {key: value for key, value in DEC_2022.items() if key != "num_train_epochs"}
+    unconverted = import_file(write_json(tmp_path / "c.json", unknown), base)
+    assert unconverted.config.stop_text_encoder == base.stop_text_encoder
+    assert messages_about(unconverted, "ignored: stop_text_encoder")
+    during = import_file(write_json(tmp_path / "d.json", {**DEC_2022, "save_ckpt_during": True})).config
+    assert during.save_every_n_epochs == 25
+
+
+def test_2023_class_images_per_image_beat_a_stale_total(tmp_path: Path) -> None:
+    make_images(tmp_path / "images" / "dog", 5)
+    data = db_config(concepts_list=[old_concept(instance_data_dir="images/dog", num_class_images_per=4,
+                                                num_class_images=0)])
+    config = import_file(write_json(tmp_path / "db_config.json", data), model_base()).config
+    assert config.concepts[0].num_class_images == 20 and config.with_prior_preservation
+
+
+HEAD_ERA = {  # the pydantic-era file: tenc weight decay, sampler names, paged optimizers, LoRA without alpha
+    "weight_decay": 0.02, "tenc_weight_decay": 0.05, "tenc_grad_clip_norm": 1.0, "attention": "xformers",
+    "cache_latents": True, "clip_skip": 1, "concepts_list": [], "concepts_path": "", "use_concepts": False,
+    "lr_scheduler": "linear_with_warmup", "lr_warmup_steps": 50, "optimizer": "Paged 8bit AdamW",
+    "scheduler": "DPMSolverMultistep", "use_lora": True, "lora_unet_rank": 8, "lora_txt_rank": 8,
+    "lora_weight": 0.8, "lora_learning_rate": 1e-4, "lora_txt_learning_rate": 5e-5, "stop_text_encoder": 0.75,
+    "num_train_epochs": 100, "save_embedding_every": 25, "save_lora_during": True, "input_pertubation": True,
+    "model_type": "v1x", "model_name": "dog", "noise_scheduler": "DDPM", "snapshot": "", "use_dream": False}
+
+
+def test_pydantic_era_fields_map_with_their_meaning(tmp_path: Path) -> None:
+    base = model_base()
+    base.concepts = [Concept(instance_prompt="mine")]
+    result = import_file(write_json(tmp_path / "db_config.json", HEAD_ERA), base)
+    config = result.config
+    assert (config.weight_decay, config.text_encoder_weight_decay) == (0.02, 0.05)
+    assert (config.lr_scheduler, config.optimizer, config.sample_scheduler) == ("linear", "adamw_8bit", "dpmpp_2m")
+    assert (config.method, config.lora_rank, config.lora_alpha) == ("lora", 8, 8.0)  # scale 1, as it trained
+    assert (config.stop_text_encoder, config.save_every_n_epochs, config.cache_latents) == (0.75, 25, "memory")
+    for key in ("lora_weight", "input_pertubation", "tenc_grad_clip_norm", "noise_scheduler"):
+        assert messages_about(result, f"ignored: {key}"), key
+    assert not messages_about(result, "ignored: tenc_weight_decay")
+    assert not messages_about(result, "ignored: scheduler")
+    assert messages_about(result, "kept the model's 1 concept")  # the empty concepts_list
+
+
+@pytest.mark.parametrize(("name", "hint"), [("AdamW Dadaptation", "prodigy"), ("Tiger", "lion"),
+                                            ("SGD Dadaptation", "prodigy")])
+def test_optimizers_without_equivalent_say_what_to_use(tmp_path: Path, name: str, hint: str) -> None:
+    result = import_file(write_json(tmp_path / "db.json", {"optimizer": name}))
+    assert result.config.optimizer == "adamw"
+    assert any(name in m and hint in m for m in messages_about(result, "ignored: optimizer"))
+
+
+def test_the_doc_lists_every_field_the_importer_knows() -> None:
+    from dreambooth.config.legacy import known_incumbent_keys
+
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "INCUMBENT_FIELDS.md").read_text(encoding="utf-8")
+    missing = sorted(key for key in known_incumbent_keys() if f"`{key}`" not in doc)
+    assert missing == [], f"docs/INCUMBENT_FIELDS.md lacks {missing}"

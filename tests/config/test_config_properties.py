@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from dreambooth.config import io
-from dreambooth.config.schema import Concept, TrainingConfig, field_type, validate
+from dreambooth.config.schema import MAX_EPOCHS, MAX_STEPS, Concept, TrainingConfig, field_type, validate
 from dreambooth.config.schema import settings as schema_settings
 from dreambooth.errors import ConfigError
 
@@ -88,7 +88,7 @@ def test_any_json_document_validates_or_raises_config_error(document: Any) -> No
 
 
 @settings(max_examples=100, deadline=None)
-@given(st.integers(0, 10**6), st.integers(0, 10**6))
+@given(st.integers(0, MAX_STEPS), st.integers(0, MAX_EPOCHS))
 def test_migration_from_v1_keeps_steps(old_steps: int, unrelated: int) -> None:
     config = io.from_dict({"version": 1, "max_steps": old_steps, "num_train_epochs": unrelated})
     assert config.max_train_steps == old_steps and config.num_train_epochs == unrelated

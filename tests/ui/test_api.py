@@ -75,10 +75,10 @@ def test_models_and_config_round_trip(world):
     assert world.store.existing("dog").load_config().learning_rate == pytest.approx(4e-6)
 
 
-def test_bad_config_is_a_400_naming_the_setting(world):
+def test_bad_config_is_a_422_naming_the_setting(world):
     client = client_for(world)
     answer = client.put("/dreambooth/models/dog/config", json={"optimizer": "sgd"})
-    assert answer.status_code == 400 and "optimizer" in answer.json()["detail"]
+    assert answer.status_code == 422 and "optimizer" in answer.json()["detail"]
     assert client.get("/dreambooth/models/nobody/config").status_code == 404
 
 
@@ -241,3 +241,68 @@ def test_routes_added_after_the_gradio_app_answer(world):
     client = TestClient(app)
     assert [m["name"] for m in client.get("/dreambooth/models").json()["models"]] == ["dog"]
     assert client.post("/dreambooth/models/nope/train").status_code == 404
+
+
+# --- edits merge, identity is explicit, inputs are bounded ----------------------------------------
+
+def test_partial_put_merges_and_keeps_identity(world):
+    model = world.store.model("dog")
+    config = model.load_config()
+    config.seed, config.model_family, config.prediction_type = 77, "sd2v", "v_prediction"
+    model.save_config(config)
+    client = client_for(world)
+    answer = client.put("/dreambooth/models/dog/config", json={"learning_rate": 1e-5})
+    assert answer.status_code == 200
+    saved = model.load_config()
+    assert (saved.learning_rate, saved.seed, saved.model_family, len(saved.concepts)) == (1e-5, 77, "sd2v", 1)
+    for field, value in (("model_family", "sd1"), ("prediction_type", "epsilon"), ("base_checkpoint", "x.ckpt")):
+        refused = client.put("/dreambooth/models/dog/config", json={"learning_rate": 2e-5, field: value})
+        assert refused.status_code == 422 and field in refused.json()["detail"], field
+    assert model.load_config().learning_rate == 1e-5
+    same = client.put("/dreambooth/models/dog/config", json={**client.get("/dreambooth/models/dog/config").json()})
+    assert same.status_code == 200  # a GET-PUT round trip names the identity unchanged
+
+
+def test_identity_and_replace_are_explicit_flags(world):
+    client = client_for(world)
+    fixed = client.put("/dreambooth/models/dog/config?set_identity=true", json={"prediction_type": "v_prediction"})
+    assert fixed.status_code == 200 and world.store.model("dog").load_config().prediction_type == "v_prediction"
+    bad = client.put("/dreambooth/models/dog/config?set_identity=true", json={"model_family": "sd9"})
+    assert bad.status_code == 422 and "model_family" in bad.json()["detail"]
+    client.put("/dreambooth/models/dog/config", json={"seed": 5})
+    replaced = client.put("/dreambooth/models/dog/config?replace=true", json={"learning_rate": 1e-5})
+    saved = world.store.model("dog").load_config()
+    assert replaced.status_code == 200 and saved.seed == TrainingConfig().seed and saved.concepts == []
+    assert saved.prediction_type == "v_prediction"  # identity survives a replace
+    assert any("removed" in w for w in replaced.json()["warnings"])
+
+
+def test_empty_concepts_in_a_put_keep_the_models(world):
+    answer = client_for(world).put("/dreambooth/models/dog/config", json={"concepts": []})
+    assert answer.status_code == 200 and any("kept" in w for w in answer.json()["warnings"])
+    assert len(world.store.model("dog").load_config().concepts) == 1
+
+
+def test_out_of_range_and_oversized_values_are_422(world):
+    client = client_for(world)
+    for body, field in (({"seed": 1e30}, "seed"), ({"max_train_steps": 10**12}, "max_train_steps"),
+                        ({"concepts": [{"instance_prompt": "x" * 20_000}]}, "instance_prompt")):
+        answer = client.put("/dreambooth/models/dog/config", json=body)
+        assert answer.status_code == 422 and field in answer.json()["detail"], body
+        assert len(answer.json()["detail"]) < 300
+
+
+def test_huge_bodies_are_refused_before_parsing(world):
+    import time
+
+    client = client_for(world)
+    started = time.monotonic()
+    huge = client.put("/dreambooth/models/dog/config", content=b'{"sample_prompts": "' + b"x" * 60_000_000 + b'"}',
+                      headers={"content-type": "application/json"})
+    assert huge.status_code == 413 and "larger than" in huge.json()["detail"]
+    many = client.put("/dreambooth/models/dog/config", json={"concepts": [{}] * 200_000})
+    assert many.status_code in (413, 422)
+    listed = client.post("/dreambooth/models/dog/concepts", json=[{"instance_prompt": "p"}] * 5_000)
+    assert listed.status_code == 422 and "1000" in listed.json()["detail"].replace(",", "")
+    assert time.monotonic() - started < 20
+    assert len(world.store.model("dog").load_config().concepts) == 1

@@ -140,3 +140,13 @@ def test_tab_builds_every_setting_and_concept_panel(host, service, store) -> Non
     tab.build()
     assert set(tab.settings) == {spec.name for spec in forms.config_specs()}
     assert len(tab.panels) == forms.MAX_CONCEPTS and len(tab.form) == len(forms.form_values(TrainingConfig()))
+
+
+def test_tab_import_reads_old_concept_keys_and_refuses_nothing(host, service, store) -> None:
+    ctl = TabController(host, service, store)
+    old = [{"instance_data_dir": "/a", "n_save_sample": 3, "save_sample_prompt": "sks on the moon"}]
+    concepts, _ = ctl.import_concepts(json.dumps(old), None)
+    assert (concepts[0].n_samples, concepts[0].sample_prompt) == (3, "sks on the moon")
+    for empty in ("[]", '{"concepts": []}', '{"learning_rate": 1e-6, "concepts_list": []}'):
+        with pytest.raises(ConfigError, match="nothing"):
+            ctl.import_concepts(empty, None)

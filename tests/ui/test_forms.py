@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
-import json
-
 import pytest
 
 from dreambooth.config.io import to_dict
@@ -124,26 +121,6 @@ def test_out_of_range_value_is_rejected_by_the_schema() -> None:
 def test_too_many_concepts_is_a_clear_error() -> None:
     with pytest.raises(ConfigError, match="at most"):
         forms.concepts_to_values([Concept(instance_data_dir=str(i)) for i in range(forms.MAX_CONCEPTS + 1)])
-
-
-def test_concepts_json_list_object_and_wrapped_forms() -> None:
-    concept = {"instance_data_dir": "/d", "instance_prompt": "photo of sks dog", "num_class_images": 50}
-    for text in (json.dumps([concept]), json.dumps(concept), json.dumps({"concepts": [concept]})):
-        concepts, warnings = forms.parse_concepts_json(text)
-        assert [dataclasses.asdict(c)["num_class_images"] for c in concepts] == [50]
-        assert warnings == []
-
-
-def test_concepts_json_warns_about_unknown_keys_and_rejects_bad_json() -> None:
-    concepts, warnings = forms.parse_concepts_json(json.dumps([{"instance_data_dir": "/d", "bogus": 1}]))
-    assert concepts[0].instance_data_dir == "/d"
-    assert any("bogus" in w for w in warnings)
-    with pytest.raises(ConfigError, match="not valid JSON"):
-        forms.parse_concepts_json("[{")
-    with pytest.raises(ConfigError, match="list of concept"):
-        forms.parse_concepts_json("[]")
-    with pytest.raises(ConfigError, match="num_class_images"):
-        forms.parse_concepts_json(json.dumps([{"num_class_images": -5}]))
 
 
 def test_help_texts_cover_every_control_id() -> None:
