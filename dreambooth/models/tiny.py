@@ -23,16 +23,19 @@ def tiny_configs(family: str) -> dict[str, dict[str, Any]]:
     return copy.deepcopy(get_family(family).tiny_configs())
 
 
-def build_models(configs: dict[str, dict[str, Any]]) -> tuple[Any, Any, list[Any]]:
-    """UNet, VAE and text encoders with freshly initialised weights from component configs."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+def build_models(configs: dict[str, dict[str, Any]], family: str | None = None) -> tuple[Any, Any, list[Any]]:
+    """UNet, VAE and text encoders with freshly initialised weights from component configs.
 
-    unet = UNet2DConditionModel.from_config(configs["unet"])
-    vae = AutoencoderKL.from_config(configs["vae"])
-    encoders = [CLIPTextModel(CLIPTextConfig.from_dict(configs["text_encoder"]))]
-    if "text_encoder_2" in configs:
-        encoders.append(CLIPTextModelWithProjection(CLIPTextConfig.from_dict(configs["text_encoder_2"])))
+    The classes are the family's (default: told by which text-encoder configs are present).
+    """
+    import diffusers
+    import transformers
+
+    unit = get_family(family or ("sdxl" if "text_encoder_2" in configs else "sd1"))
+    unet = getattr(diffusers, unit.unet_class).from_config(configs["unet"])
+    vae = getattr(diffusers, unit.vae_class).from_config(configs["vae"])
+    encoders = [getattr(transformers, spec.model_class)(transformers.CLIPTextConfig.from_dict(configs[spec.folder]))
+                for spec in unit.text_encoders]
     return unet, vae, encoders
 
 
@@ -52,7 +55,7 @@ def tiny_components(family: str, seed: int = 0) -> Components:
     generator = torch.Generator().manual_seed(seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        unet, vae, encoders = build_models(configs)
+        unet, vae, encoders = build_models(configs, family)
     for module in (unet, vae, *encoders):
         perturb_degenerate(module, generator)
         module.eval()
