@@ -16,6 +16,7 @@ from pathlib import PureWindowsPath
 from typing import Any
 
 from ..errors import ConfigError
+from ..families import FAMILY_NAMES
 
 SCHEMA_VERSION = 3
 # The source of the step, LR and batch advice in help texts and the wizard, named where it is used.
@@ -59,7 +60,7 @@ GROUPS = ("Model", "Method", "Steps", "Learning rate", "Optimizer", "Prior prese
 SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts",
               "polynomial", "rex")
 OPTIMIZERS = ("adamw", "adamw_8bit", "lion", "lion_8bit", "prodigy", "adafactor", "adamw_schedulefree")
-FAMILIES = ("sd1", "sd2", "sd2v", "sdxl")
+FAMILIES = FAMILY_NAMES  # the registered model families (dreambooth/families), in registry order
 
 
 @dataclass

@@ -20,13 +20,14 @@ import torch
 
 from ..atomic import fsync_path, fsync_tree
 from ..errors import ModelError
+from ..families import FAMILY_NAMES, ModelFamily, all_families, get_family
 from .tokenizer import BOS, EOS, load_tokenizer_folder, write_tokenizer_folder
 
-FAMILIES = ("sd1", "sd2", "sd2v", "sdxl")
-PREDICTION_TYPES = {"sd1": "epsilon", "sd2": "epsilon", "sd2v": "v_prediction", "sdxl": "epsilon"}
-RESOLUTIONS = {"sd1": 512, "sd2": 512, "sd2v": 768, "sdxl": 1024}
-# SD2's and SDXL's OpenCLIP tokenizers pad with "!" (id 0); CLIP-L pads with the end token.
-PAD_TOKENS = {"sd1": [EOS], "sd2": ["!"], "sd2v": ["!"], "sdxl": [EOS, "!"]}
+# The families' facts by name, for callers that look them up by name (the family units hold them).
+FAMILIES = FAMILY_NAMES
+PREDICTION_TYPES = {family.name: family.prediction_type for family in all_families()}
+RESOLUTIONS = {family.name: family.resolution for family in all_families()}
+PAD_TOKENS = {family.name: family.pad_tokens for family in all_families()}
 EXTRAS_FILE = "extras.safetensors"
 FAMILY_FILE = "family.json"
 SCHEDULERS = ("ddim", "euler", "euler_a", "dpmpp_2m")
@@ -46,53 +47,31 @@ class Components:
     extras: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
-    def is_sdxl(self) -> bool:
-        return self.family == "sdxl"
+    def model_family(self) -> ModelFamily:
+        return get_family(self.family)
 
 
 def check_family(family: str) -> str:
-    if family not in FAMILIES:
-        raise ModelError(f"Model family {family!r} is not supported; use one of {', '.join(FAMILIES)}.")
-    return family
+    return get_family(family).name
 
 
 def scheduler_config(family: str, prediction_type: str | None = None) -> dict[str, Any]:
-    """The DDPM training schedule all SD1/SD2/SDXL models share (ldm's 'linear' = diffusers' scaled_linear)."""
-    return {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
-            "beta_schedule": "scaled_linear", "clip_sample": False, "set_alpha_to_one": False,
-            "steps_offset": 1, "timestep_spacing": "leading", "variance_type": "fixed_small",
-            "prediction_type": prediction_type or PREDICTION_TYPES[check_family(family)]}
+    """The family's DDPM training schedule."""
+    return get_family(family).scheduler_config(prediction_type)
 
 
 def make_noise_scheduler(family: str, prediction_type: str | None = None) -> Any:
-    from diffusers import DDPMScheduler
-
-    return DDPMScheduler.from_config(scheduler_config(family, prediction_type))
+    return get_family(family).make_noise_scheduler(prediction_type)
 
 
 # --- working/ folder -------------------------------------------------------------------------------
 
-def _te_folders(count: int) -> list[tuple[str, str]]:
-    return [("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2")][:count]
-
-
 def model_index(components: Components) -> dict[str, Any]:
-    """model_index.json of the working folder (no safety checker: A1111 does not use one either)."""
     import diffusers
 
-    index: dict[str, Any] = {
-        "_class_name": "StableDiffusionXLPipeline" if components.is_sdxl else "StableDiffusionPipeline",
-        "_diffusers_version": diffusers.__version__,
-        "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
-        "scheduler": ["diffusers", type(components.noise_scheduler).__name__]}
-    for encoder, (te_name, tok_name) in zip(components.text_encoders, _te_folders(len(components.text_encoders)), strict=True):
-        index[te_name] = ["transformers", type(encoder).__name__]
-        index[tok_name] = ["transformers", "CLIPTokenizer"]
-    if components.is_sdxl:
-        index["force_zeros_for_empty_prompt"] = True
-    else:
-        index.update(safety_checker=[None, None], feature_extractor=[None, None], requires_safety_checker=False)
-    return index
+    return components.model_family.model_index(type(components.noise_scheduler).__name__,
+                                               [type(encoder).__name__ for encoder in components.text_encoders],
+                                               diffusers.__version__)
 
 
 def _pad_token(tokenizer: Any) -> str:
@@ -105,11 +84,11 @@ def write_components(components: Components, folder: Path) -> None:
 
     components.unet.save_pretrained(folder / "unet", safe_serialization=True)
     components.vae.save_pretrained(folder / "vae", safe_serialization=True)
-    pairs = zip(components.text_encoders, components.tokenizers, _te_folders(len(components.text_encoders)),
+    pairs = zip(components.text_encoders, components.tokenizers, components.model_family.text_encoders,
                 strict=True)
-    for encoder, tokenizer, (te_name, tok_name) in pairs:
-        encoder.save_pretrained(folder / te_name, safe_serialization=True)
-        write_tokenizer_folder(folder / tok_name, _pad_token(tokenizer))
+    for encoder, tokenizer, spec in pairs:
+        encoder.save_pretrained(folder / spec.folder, safe_serialization=True)
+        write_tokenizer_folder(folder / spec.tokenizer_folder, _pad_token(tokenizer))
     components.noise_scheduler.save_pretrained(folder / "scheduler")
     extras = {key: value.detach().contiguous() for key, value in components.extras.items()}
     save_file(extras, str(folder / EXTRAS_FILE))
@@ -160,16 +139,13 @@ def read_family(working: Path) -> dict[str, str]:
     return json.loads(path.read_text())
 
 
-def _load_text_encoders(working: Path, index: dict[str, Any], dtypes: dict[str, torch.dtype]) -> list[Any]:
+def _load_text_encoders(working: Path, family: ModelFamily, index: dict[str, Any],
+                        dtypes: dict[str, torch.dtype]) -> list[Any]:
     import transformers
 
-    encoders = []
-    for te_name, _ in _te_folders(2):
-        if te_name in index:
-            cls = getattr(transformers, index[te_name][1])
-            encoders.append(cls.from_pretrained(str(working / te_name), torch_dtype=dtypes[te_name],
-                                                local_files_only=True))
-    return encoders
+    return [getattr(transformers, index[spec.folder][1]).from_pretrained(
+                str(working / spec.folder), torch_dtype=dtypes[spec.folder], local_files_only=True)
+            for spec in family.text_encoders]
 
 
 def load_components(working_dir: str | Path, dtype: torch.dtype = torch.float32,
@@ -185,9 +161,11 @@ def load_components(working_dir: str | Path, dtype: torch.dtype = torch.float32,
     recover_working(working)
     info = read_family(working)
     index = json.loads((working / "model_index.json").read_text())
-    dtypes = {part: dtype for part in ("unet", "vae", "text_encoder", "text_encoder_2")} | (part_dtypes or {})
-    encoders = _load_text_encoders(working, index, dtypes)
-    tokenizers = [load_tokenizer_folder(working / tok) for _, tok in _te_folders(len(encoders))]
+    family = get_family(info["family"])
+    dtypes = {part: dtype for part in ("unet", "vae", *(spec.folder for spec in family.text_encoders))}
+    dtypes |= part_dtypes or {}
+    encoders = _load_text_encoders(working, family, index, dtypes)
+    tokenizers = [load_tokenizer_folder(working / spec.tokenizer_folder) for spec in family.text_encoders]
     extras_path = working / EXTRAS_FILE
     return Components(
         family=info["family"],
@@ -216,19 +194,7 @@ def sampling_scheduler(components: Components, scheduler_name: str = "ddim") -> 
 
 def build_pipeline(components: Components, scheduler_name: str = "ddim") -> Any:
     """A diffusers text-to-image pipeline over the components (shared, not copied), without safety checker."""
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-
-    scheduler = sampling_scheduler(components, scheduler_name)
-    if components.is_sdxl:
-        return StableDiffusionXLPipeline(
-            vae=components.vae, text_encoder=components.text_encoders[0],
-            text_encoder_2=components.text_encoders[1], tokenizer=components.tokenizers[0],
-            tokenizer_2=components.tokenizers[1], unet=components.unet, scheduler=scheduler,
-            force_zeros_for_empty_prompt=True)
-    return StableDiffusionPipeline(
-        vae=components.vae, text_encoder=components.text_encoders[0], tokenizer=components.tokenizers[0],
-        unet=components.unet, scheduler=scheduler, safety_checker=None, feature_extractor=None,
-        requires_safety_checker=False)
+    return components.model_family.build_pipeline(components, sampling_scheduler(components, scheduler_name))
 
 
 __all__ = ["BOS", "EOS", "FAMILIES", "Components", "build_pipeline", "load_components", "make_noise_scheduler",

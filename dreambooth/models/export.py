@@ -20,38 +20,27 @@ import torch
 from ..atomic import save_safetensors, write_text
 from ..errors import ModelError
 from .components import Components
-from .convert import (
-    CLIP_L_PREFIXES,
-    OPEN_CLIP_PREFIXES,
-    clip_l_to_ldm,
-    open_clip_to_ldm,
-    unet_to_ldm,
-    vae_to_ldm,
-)
+from .convert import text_encoder_to_ldm, unet_to_ldm, vae_to_ldm
 
 logger = logging.getLogger(__name__)
 
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "resources" / "configs"
-V_YAML = CONFIG_DIR / "sd2v" / "v2-inference-v.yaml"
 # Warn when a half-precision file would keep less than half of what training changed.
 LOSS_WARNING_FRACTION = 0.5
 
 
 def text_encoders_to_ldm(components: Components) -> dict[str, torch.Tensor]:
-    encoders = [encoder.state_dict() for encoder in components.text_encoders]
-    if components.family == "sd1":
-        return clip_l_to_ldm(encoders[0], CLIP_L_PREFIXES["sd1"])
-    if components.family in ("sd2", "sd2v"):
-        return open_clip_to_ldm(encoders[0], OPEN_CLIP_PREFIXES["sd2"])
-    return {**clip_l_to_ldm(encoders[0], CLIP_L_PREFIXES["sdxl"]),
-            **open_clip_to_ldm(encoders[1], OPEN_CLIP_PREFIXES["sdxl"])}
+    converted: dict[str, torch.Tensor] = {}
+    for spec, encoder in zip(components.model_family.text_encoders, components.text_encoders, strict=True):
+        converted.update(text_encoder_to_ldm(spec, encoder.state_dict()))
+    return converted
 
 
 def model_to_ldm(components: Components) -> dict[str, torch.Tensor]:
     """UNet, VAE and text encoder weights under their original keys (no extras)."""
-    return {**unet_to_ldm(components.unet.state_dict(), components.unet.config),
-            **vae_to_ldm(components.vae.state_dict(), components.vae.config),
+    family = components.model_family
+    return {**unet_to_ldm(components.unet.state_dict(), family.unet_table(components.unet.config)),
+            **vae_to_ldm(components.vae.state_dict(), family.vae_table(components.vae.config)),
             **text_encoders_to_ldm(components)}
 
 
@@ -76,12 +65,13 @@ def ldm_scheduler_tables(beta_start: float = 0.00085, beta_end: float = 0.012,
 
 
 def extra_tensors(components: Components) -> dict[str, torch.Tensor]:
-    """The base file's other keys, plus the standard tables for SD1/SD2 when it has none (SDXL files have none)."""
-    if "alphas_cumprod" in components.extras or components.is_sdxl:
-        return dict(components.extras)
+    """The base file's other keys, the family's variant markers, and the standard schedule tables when the
+    family's files carry them (SD1/SD2; SDXL's do not) and the base file had none."""
+    extras = {**components.extras, **components.model_family.marker_tensors(components.prediction_type)}
+    if "alphas_cumprod" in extras or not components.model_family.schedule_tables:
+        return extras
     config = components.noise_scheduler.config
-    return {**ldm_scheduler_tables(config.beta_start, config.beta_end, config.num_train_timesteps),
-            **components.extras}
+    return {**ldm_scheduler_tables(config.beta_start, config.beta_end, config.num_train_timesteps), **extras}
 
 
 def _cast(tensors: Mapping[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -138,7 +128,7 @@ def export_checkpoint(components: Components, out_path: str | Path, precision: s
                       metadata: Mapping[str, Any] | None = None,
                       base: Components | Mapping[str, torch.Tensor] | None = None,
                       warn: Callable[[str], None] | None = None) -> Path:
-    """Write `out_path` (.safetensors, original layout) atomically; SD2-768-v also gets its .yaml beside it.
+    """Write `out_path` (.safetensors, original layout) atomically, with the family's side files (SD2-v: .yaml).
 
     With `base` (the model before training) a half-precision export that would lose most of the
     change is reported through `warn` (default: the module logger).
@@ -152,6 +142,6 @@ def export_checkpoint(components: Components, out_path: str | Path, precision: s
             (warn or logger.warning)(message)
     save_safetensors(checkpoint_state_dict(components, precision), out,
                      metadata=checkpoint_metadata(components, metadata))
-    if components.prediction_type == "v_prediction" and components.family != "sdxl":
-        write_text(out.with_suffix(".yaml"), V_YAML.read_text(encoding="utf-8"))
+    for suffix, text in components.model_family.side_files(components.prediction_type).items():
+        write_text(out.with_suffix(suffix), text)
     return out

@@ -18,34 +18,15 @@ import torch
 
 from ..atomic import write_json
 from ..errors import ModelError
+from ..families import ModelFamily, architecture_of, folder_family, get_family
+from ..families import resolve_family as resolve_file_family
 from ..store import ModelDir, ModelStore
-from .components import (
-    FAMILIES,
-    PAD_TOKENS,
-    PREDICTION_TYPES,
-    RESOLUTIONS,
-    Components,
-    check_family,
-    load_components,
-    make_noise_scheduler,
-    save_components,
-)
-from .convert import (
-    CLIP_L_PREFIXES,
-    OPEN_CLIP_PREFIXES,
-    UNET_PREFIX,
-    VAE_PREFIX,
-    ldm_to_clip_l,
-    ldm_to_open_clip,
-    match_model_keys,
-    normalise_clip_l_keys,
-)
+from .components import Components, load_components, save_components
+from .convert import match_model_keys, normalise_clip_l_keys, text_encoder_from_ldm
 from .tokenizer import load_clip_tokenizer, load_tokenizer_folder
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "resources" / "configs"
 CONFIGS_METADATA_KEY = "dreambooth_configs"
 CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
-COMPONENT_NAMES = ("unet", "vae", "text_encoder", "text_encoder_2")
 
 # --- reading files -------------------------------------------------------------------------------------
 
@@ -93,56 +74,24 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
 # --- family ---------------------------------------------------------------------------------------------
 
 
-def _has_prefix(keys: Any, prefix: str) -> bool:
-    return any(key.startswith(prefix) for key in keys)
-
-
 def detect_family(state_dict: Mapping[str, Any]) -> str:
-    """'sd1', 'sd2' or 'sdxl' from the keys of an original checkpoint (SD2's v-prediction is not in the keys)."""
-    keys = list(state_dict)
-    if not _has_prefix(keys, UNET_PREFIX) or not _has_prefix(keys, VAE_PREFIX):
-        raise ModelError("The file is not a Stable Diffusion checkpoint (no UNet or VAE weights in the original "
-                         "layout); LoRA, embedding and VAE-only files cannot be trained as a model.")
-    if _has_prefix(keys, OPEN_CLIP_PREFIXES["sdxl"]) and _has_prefix(keys, CLIP_L_PREFIXES["sdxl"]):
-        return "sdxl"
-    if _has_prefix(keys, OPEN_CLIP_PREFIXES["sd2"]):
-        return "sd2"
-    if _has_prefix(keys, CLIP_L_PREFIXES["sd1"]):
-        return "sd1"
-    raise ModelError("The checkpoint has no text encoder this tool knows (SD1 CLIP-L, SD2 OpenCLIP or SDXL's "
-                     "two); only SD 1.x, 2.x and SDXL base checkpoints are supported.")
+    """The architecture's base family ('sd1', 'sd2', 'sdxl') from the keys of an original checkpoint alone
+    (variants such as SD2's v-prediction are told by metadata or a yaml beside the file: see resolve_family)."""
+    return architecture_of(state_dict).name
 
 
-def _yaml_says_v(path: Path) -> bool | None:
+def _yaml_beside(path: Path) -> str | None:
     yaml = path.with_suffix(".yaml")
-    if not yaml.is_file():
-        return None
-    text = yaml.read_text(encoding="utf-8", errors="replace")
-    return any(line.split("#")[0].replace(" ", "").replace("'", '"') in ('parameterization:"v"', "parameterization:v")
-               for line in text.splitlines())
+    return yaml.read_text(encoding="utf-8", errors="replace") if yaml.is_file() else None
 
 
-def _metadata_prediction(metadata: Mapping[str, str]) -> str | None:
-    if metadata.get("dreambooth_prediction_type") in ("epsilon", "v_prediction"):
-        return metadata["dreambooth_prediction_type"]
-    spec = metadata.get("modelspec.prediction_type", "")
-    return {"v": "v_prediction", "epsilon": "epsilon"}.get(spec)
-
-
-def resolve_family(path: Path, detected: str, metadata: Mapping[str, str], family: str | None,
+def resolve_family(path: Path, state_dict: Mapping[str, Any], metadata: Mapping[str, str], family: str | None,
                    prediction_type: str | None) -> tuple[str, str]:
-    """Family and prediction type: what the file tells (yaml beside it, metadata), else the caller's choice."""
-    if family is not None:
-        check_family(family)
-        if family.rstrip("v") != detected:
-            raise ModelError(f"Checkpoint {path} is a {detected} model, not {family}; choose the detected family.")
-    if detected != "sd2":
-        return detected, prediction_type or PREDICTION_TYPES[detected]
-    from_yaml = _yaml_says_v(path)
-    told = _metadata_prediction(metadata) or ({True: "v_prediction", False: "epsilon"}.get(from_yaml)
-                                              if from_yaml is not None else None)
-    prediction = told or prediction_type or ("v_prediction" if family == "sd2v" else "epsilon")
-    return ("sd2v" if prediction == "v_prediction" else "sd2"), prediction
+    """Family and prediction type: what the file tells (metadata, marker keys, yaml beside it), else the
+    caller's choice."""
+    found, prediction = resolve_file_family(state_dict, metadata, _yaml_beside(path), family, prediction_type,
+                                            source=f"Checkpoint {path}")
+    return found.name, prediction
 
 
 # --- configs --------------------------------------------------------------------------------------------
@@ -161,23 +110,16 @@ def write_config_dir(configs: Mapping[str, Mapping[str, Any]], folder: Path) -> 
 
 def shipped_configs(family: str) -> dict[str, dict[str, Any]]:
     """The full-size component configs shipped for `family`."""
-    folder = CONFIG_DIR / check_family(family)
-    return {name: json.loads((folder / name / "config.json").read_text()) for name in COMPONENT_NAMES
-            if (folder / name / "config.json").is_file()}
+    return get_family(family).shipped_configs()
 
 
 # --- components from a state dict -----------------------------------------------------------------------
 
 
-def _text_encoder_weights(state: Mapping[str, torch.Tensor], family: str,
+def _text_encoder_weights(state: Mapping[str, torch.Tensor], family: ModelFamily,
                           configs: Mapping[str, Mapping[str, Any]]) -> list[dict[str, torch.Tensor]]:
-    if family == "sd1":
-        return [ldm_to_clip_l(state, CLIP_L_PREFIXES["sd1"])]
-    layers = int(configs["text_encoder" if family != "sdxl" else "text_encoder_2"]["num_hidden_layers"])
-    if family in ("sd2", "sd2v"):
-        return [ldm_to_open_clip(state, OPEN_CLIP_PREFIXES["sd2"], layers, with_projection=False)]
-    return [ldm_to_clip_l(state, CLIP_L_PREFIXES["sdxl"]),
-            ldm_to_open_clip(state, OPEN_CLIP_PREFIXES["sdxl"], layers, with_projection=True)]
+    return [text_encoder_from_ldm(spec, state, int(configs[spec.folder]["num_hidden_layers"]))
+            for spec in family.text_encoders]
 
 
 def load_text_encoder(config: Mapping[str, Any], weights: Mapping[str, torch.Tensor], with_projection: bool,
@@ -219,23 +161,21 @@ def components_from_state_dict(state: Mapping[str, torch.Tensor], family: str, p
                                configs: Mapping[str, Mapping[str, Any]], dtype: torch.dtype = torch.float32
                                ) -> Components:
     """Components from an original-layout state dict; keys the model does not hold become extras."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
+    import diffusers
 
     from .export import model_to_ldm
 
+    unit = get_family(family)
     state = normalise_clip_l_keys(state)
     with tempfile.TemporaryDirectory(prefix="dreambooth-configs-") as tmp:
         config_dir = write_config_dir({k: v for k, v in configs.items() if k in ("unet", "vae")}, Path(tmp))
-        unet = _diffusers_model(UNet2DConditionModel, state, config_dir, "unet", dtype)
-        vae = _diffusers_model(AutoencoderKL, state, config_dir, "vae", dtype)
-    te_names = ["text_encoder", "text_encoder_2"] if family == "sdxl" else ["text_encoder"]
-    weights = _text_encoder_weights(state, family, configs)
-    encoders = [load_text_encoder(configs[name], w, name == "text_encoder_2", dtype)
-                for name, w in zip(te_names, weights, strict=True)]
-    components = Components(family=family, unet=unet, vae=vae, text_encoders=encoders,
-                            tokenizers=[load_clip_tokenizer(pad) for pad in PAD_TOKENS[family]],
-                            noise_scheduler=make_noise_scheduler(family, prediction_type),
-                            prediction_type=prediction_type)
+        unet = _diffusers_model(getattr(diffusers, unit.unet_class), state, config_dir, "unet", dtype)
+        vae = _diffusers_model(getattr(diffusers, unit.vae_class), state, config_dir, "vae", dtype)
+    weights = _text_encoder_weights(state, unit, configs)
+    encoders = [load_text_encoder(configs[spec.folder], w, spec.with_projection, dtype)
+                for spec, w in zip(unit.text_encoders, weights, strict=True)]
+    components = Components(family=family, unet=unet, vae=vae, text_encoders=encoders, tokenizers=unit.tokenizers(),
+                            noise_scheduler=unit.make_noise_scheduler(prediction_type), prediction_type=prediction_type)
     held = set(model_to_ldm(components))
     components.extras = {key: value for key, value in state.items() if key not in held}
     return components
@@ -246,7 +186,7 @@ def load_checkpoint(path: str | Path, family: str | None = None, prediction_type
     """Components from an original single-file checkpoint (.safetensors or .ckpt), offline."""
     path = Path(path)
     state, metadata = read_checkpoint(path)
-    family, prediction = resolve_family(path, detect_family(state), metadata, family, prediction_type)
+    family, prediction = resolve_family(path, state, metadata, family, prediction_type)
     configs = embedded_configs(metadata) or shipped_configs(family)
     return components_from_state_dict(state, family, prediction, configs, dtype)
 
@@ -254,45 +194,37 @@ def load_checkpoint(path: str | Path, family: str | None = None, prediction_type
 # --- diffusers folders ----------------------------------------------------------------------------------
 
 
-def _folder_family(folder: Path, index: Mapping[str, Any]) -> str:
-    if "text_encoder_2" in index:
-        return "sdxl"
-    text = json.loads((folder / "text_encoder" / "config.json").read_text())
-    return "sd1" if text.get("hidden_act") == "quick_gelu" else "sd2"
-
-
-def _folder_tokenizers(folder: Path, family: str) -> list[Any]:
+def _folder_tokenizers(folder: Path, family: ModelFamily) -> list[Any]:
     tokenizers = []
-    for name, pad in zip(("tokenizer", "tokenizer_2")[:len(PAD_TOKENS[family])], PAD_TOKENS[family], strict=True):
+    for spec in family.text_encoders:
+        name = spec.tokenizer_folder
         has_files = (folder / name / "vocab.json").is_file() and (folder / name / "merges.txt").is_file()
-        tokenizers.append(load_tokenizer_folder(folder / name) if has_files else load_clip_tokenizer(pad))
+        tokenizers.append(load_tokenizer_folder(folder / name) if has_files else load_clip_tokenizer(spec.pad_token))
     return tokenizers
 
 
 def load_diffusers_folder(folder: str | Path, family: str | None = None, prediction_type: str | None = None,
                           dtype: torch.dtype = torch.float32) -> Components:
     """Components from a diffusers pipeline folder (ours or any other), local files only."""
+    import diffusers
     import transformers
-    from diffusers import AutoencoderKL, UNet2DConditionModel
 
     folder = Path(folder)
     if (folder / "family.json").is_file():
         return load_components(folder, dtype)
     index = json.loads((folder / "model_index.json").read_text())
-    detected = _folder_family(folder, index)
+    text_config = json.loads((folder / "text_encoder" / "config.json").read_text())
     scheduler = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
-    prediction = prediction_type or scheduler.get("prediction_type") or "epsilon"
-    if detected == "sd2" and (prediction == "v_prediction" or family == "sd2v"):
-        detected, prediction = "sd2v", "v_prediction"
-    encoders = [getattr(transformers, index[name][1]).from_pretrained(str(folder / name), torch_dtype=dtype,
-                                                                        local_files_only=True)
-                for name in ("text_encoder", "text_encoder_2") if name in index]
-    return Components(
-        family=detected,
-        unet=UNet2DConditionModel.from_pretrained(str(folder / "unet"), torch_dtype=dtype, local_files_only=True),
-        vae=AutoencoderKL.from_pretrained(str(folder / "vae"), torch_dtype=dtype, local_files_only=True),
-        text_encoders=encoders, tokenizers=_folder_tokenizers(folder, detected),
-        noise_scheduler=make_noise_scheduler(detected, prediction), prediction_type=prediction)
+    detected, prediction = folder_family(index, text_config, scheduler.get("prediction_type"), family,
+                                         prediction_type)
+    encoders = [getattr(transformers, index[spec.folder][1]).from_pretrained(
+                    str(folder / spec.folder), torch_dtype=dtype, local_files_only=True)
+                for spec in detected.text_encoders]
+    load = {part: getattr(diffusers, cls).from_pretrained(str(folder / part), torch_dtype=dtype, local_files_only=True)
+            for part, cls in (("unet", detected.unet_class), ("vae", detected.vae_class))}
+    return Components(family=detected.name, unet=load["unet"], vae=load["vae"], text_encoders=encoders,
+                      tokenizers=_folder_tokenizers(folder, detected),
+                      noise_scheduler=detected.make_noise_scheduler(prediction), prediction_type=prediction)
 
 
 def load_source(source: str | Path, family: str | None = None, prediction_type: str | None = None,
@@ -321,11 +253,11 @@ def create_model(store: ModelStore, name: str, source: str | Path, family: str |
     model = store.model(name)
     if model.exists():
         raise ModelError(f"Model {name!r} already exists in {model.root.parent}; delete it or choose another name.")
-    if family is not None and family not in FAMILIES:
-        raise ModelError(f"Model family {family!r} is not supported; use one of {', '.join(FAMILIES)}.")
+    if family is not None:
+        get_family(family)
     components = load_source(source, family, prediction_type)
     save_components(components, model.working)
-    config = TrainingConfig(model_name=name, base_checkpoint=str(source), model_family=components.family,
-                            prediction_type=components.prediction_type, resolution=RESOLUTIONS[components.family])
+    config = TrainingConfig(model_name=name, base_checkpoint=str(source),
+                            **components.model_family.config_defaults(components.prediction_type))
     model.save_config(config)
     return model

@@ -32,6 +32,8 @@ import torch
 from ..atomic import save_safetensors
 from ..config.schema import TrainingConfig, base_checkpoint_name
 from ..errors import ConfigError, ModelError, TrainingError
+from ..families import get_family
+from ..families.tables import HF_LAYER_PREFIX, hf_text_name
 from . import lora_keys
 
 ADAPTER = "default"
@@ -39,7 +41,6 @@ PART_NAMES = ("unet", "text_encoder", "text_encoder_2")
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # Fraction of the LoRA's change that may be lost to rounding before the export warns.
 PRECISION_WARNING_FRACTION = 0.5
-BASE_MODEL_VERSIONS = {"sd1": "sd_v1", "sd2": "sd_v2_512", "sd2v": "sd_v2_768_v", "sdxl": "sdxl_base_v1-0"}
 TE_TARGET_SUFFIXES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj",
                       "mlp.fc1", "mlp.fc2")
 # LoCon conv names: resnet conv1/conv2, down/upsampler conv. peft matches rank/alpha patterns as the
@@ -80,7 +81,7 @@ def _is_conv(module: Any, kernel: tuple[int, int]) -> bool:
 def text_encoder_target_names(encoder: Any) -> list[str]:
     return [name for name, module in encoder.named_modules()
             if isinstance(module, torch.nn.Linear)
-            and lora_keys.hf_text_name(name).startswith(lora_keys.HF_LAYER_PREFIX)
+            and hf_text_name(name).startswith(HF_LAYER_PREFIX)
             and name.endswith(TE_TARGET_SUFFIXES)]
 
 
@@ -221,7 +222,7 @@ def host_tensors(components: Any) -> dict[str, torch.Tensor]:
     """All adapters as fp32 tensors under the host's key names."""
     tensors: dict[str, torch.Tensor] = {}
     for index, (part, model) in enumerate(model_parts(components).items()):
-        ldm_names = lora_keys.unet_ldm_names(model) if part == "unet" else {}
+        ldm_names = lora_keys.unet_ldm_names(model, components.family) if part == "unet" else {}
         for name, module in lora_modules(model):
             if part == "unet":
                 key = lora_keys.unet_key(components.family, name, ldm_names[name])
@@ -299,8 +300,7 @@ def default_metadata(components: Any, config: TrainingConfig) -> dict[str, str]:
     metadata = {
         "ss_network_module": "networks.lora", "ss_network_dim": str(config.lora_rank),
         "ss_network_alpha": str(config.lora_alpha), "ss_network_dropout": str(config.lora_dropout),
-        "ss_base_model_version": BASE_MODEL_VERSIONS[components.family],
-        "ss_v2": str(components.family in ("sd2", "sd2v")),
+        **get_family(components.family).lora_markers(),
         "ss_v_parameterization": str(components.prediction_type == "v_prediction"),
         "ss_sd_model_name": base_checkpoint_name(config) or config.model_name,
         "ss_resolution": f"({resolution}, {resolution})", "ss_max_train_steps": str(config.max_train_steps),
@@ -314,7 +314,7 @@ def default_metadata(components: Any, config: TrainingConfig) -> dict[str, str]:
     }
     if _network_args(config):
         metadata["ss_network_args"] = json.dumps(_network_args(config))
-    if components.family == "sdxl":
+    if len(get_family(components.family).text_encoders) > 1:
         metadata["ss_text_encoder_2_lr"] = str(config.text_encoder_2_lr)
     return metadata
 

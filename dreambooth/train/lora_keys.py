@@ -2,7 +2,8 @@
 
 Two directions live here:
 
-* our side: which diffusers module gets which `lora_unet_…`/`lora_te…_` key when exported;
+* our side: which diffusers module gets which `lora_unet_…`/`lora_te…_` key when exported, named by
+  the family's tables (dreambooth/families), the same tables the checkpoint export uses;
 * the host's side: how A1111 1.10 (extensions-builtin/Lora/networks.py) resolves such a key to one of
   its modules. A1111 names every module of the original (ldm/"compvis") model by its dotted path with
   '_' and converts diffusers-style LoRA keys to those names with a few regular expressions. The
@@ -19,108 +20,41 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-# ldm names of a ResnetBlock2D's layers (the rest of a block keeps its diffusers name).
-RESNET_TO_LDM = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
-                 "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
-UNET_TOP_TO_LDM = {"conv_in": "input_blocks.0.0", "time_embedding.linear_1": "time_embed.0",
-                   "time_embedding.linear_2": "time_embed.2", "add_embedding.linear_1": "label_emb.0.0",
-                   "add_embedding.linear_2": "label_emb.0.2", "conv_norm_out": "out.0", "conv_out": "out.2"}
-# OpenCLIP (SD2's text encoder, SDXL's second) names of a HF CLIP encoder layer's parts.
-OPENCLIP_LAYER_PARTS = {"self_attn": "attn", "self_attn.out_proj": "attn.out_proj", "mlp.fc1": "mlp.c_fc",
-                        "mlp.fc2": "mlp.c_proj", "layer_norm1": "ln_1", "layer_norm2": "ln_2"}
-HF_LAYER_PREFIX = "text_model.encoder.layers."
+from ..families import all_families, get_family
+from ..families import tables as name_tables
+from ..families.base import TextEncoder
+from ..families.tables import hf_text_name
 
-# Key prefix of each part, by family: SD1/SD2 have one text encoder (lora_te_), SDXL two.
-TE_PREFIXES = {"sd1": ("lora_te",), "sd2": ("lora_te",), "sd2v": ("lora_te",), "sdxl": ("lora_te1", "lora_te2")}
-# How the host names each text encoder's modules: (module-name prefix, OpenCLIP layout?).
-HOST_TE_LAYOUT = {"sd1": (("transformer_", False),), "sd2": (("", True),), "sd2v": (("", True),),
-                  "sdxl": (("0_transformer_", False), ("1_", True))}
+# Key prefix of each text encoder, by family: SD1/SD2 have one text encoder (lora_te_), SDXL two.
+TE_PREFIXES = {family.name: tuple(encoder.lora_prefix for encoder in family.text_encoders)
+               for family in all_families()}
 
 
 def underscored(name: str) -> str:
     return name.replace(".", "_")
 
 
-# --- diffusers UNet -> ldm module names ---------------------------------------------------------------
+# --- diffusers UNet -> ldm module names (the family's table, shared with the checkpoint converter) -------
 
-def _block_prefixes(unet: Any) -> dict[str, str]:
-    """diffusers block prefix -> ldm block prefix, walked from the model so any layer count works."""
-    table: dict[str, str] = {}
-    index = 1
-    for d, block in enumerate(unet.down_blocks):
-        for i in range(len(block.resnets)):
-            table[f"down_blocks.{d}.resnets.{i}"] = f"input_blocks.{index}.0"
-            table[f"down_blocks.{d}.attentions.{i}"] = f"input_blocks.{index}.1"
-            index += 1
-        if getattr(block, "downsamplers", None):
-            table[f"down_blocks.{d}.downsamplers.0.conv"] = f"input_blocks.{index}.0.op"
-            index += 1
-    table.update({"mid_block.resnets.0": "middle_block.0", "mid_block.attentions.0": "middle_block.1",
-                  "mid_block.resnets.1": "middle_block.2"})
-    index = 0
-    for u, block in enumerate(unet.up_blocks):
-        has_attention = bool(getattr(block, "attentions", None))
-        for j in range(len(block.resnets)):
-            table[f"up_blocks.{u}.resnets.{j}"] = f"output_blocks.{index}.0"
-            table[f"up_blocks.{u}.attentions.{j}"] = f"output_blocks.{index}.1"
-            index += 1
-        if getattr(block, "upsamplers", None):
-            table[f"up_blocks.{u}.upsamplers.0.conv"] = f"output_blocks.{index - 1}.{2 if has_attention else 1}.conv"
-    return table
-
-
-def unet_ldm_names(unet: Any) -> dict[str, str]:
+def unet_ldm_names(unet: Any, family: str | None = None) -> dict[str, str]:
     """Every weighted diffusers UNet module name -> its ldm name (under `diffusion_model.`)."""
-    blocks = _block_prefixes(unet)
+    config = unet.config
+    table = get_family(family).unet_table(config) if family else name_tables.unet_table(config)
     names: dict[str, str] = {}
     for name, module in unet.named_modules():
         if getattr(module, "weight", None) is None:
             continue
-        ldm = _unet_module_to_ldm(name, blocks)
+        ldm = name_tables.rename_module(name, table)
         if ldm is not None:
             names[name] = ldm
     return names
-
-
-def _unet_module_to_ldm(name: str, blocks: dict[str, str]) -> str | None:
-    if name in UNET_TOP_TO_LDM:
-        return UNET_TOP_TO_LDM[name]
-    if name in blocks:  # the samplers' convs
-        return blocks[name]
-    parts = name.split(".")
-    cut = 3 if name.startswith("mid_block.") else 4
-    prefix, rest = ".".join(parts[:cut]), ".".join(parts[cut:])
-    if prefix not in blocks or not rest:
-        return None
-    if ".resnets." in f".{prefix}.":
-        rest = RESNET_TO_LDM.get(rest, rest)
-    return f"{blocks[prefix]}.{rest}"
-
-
-# --- text encoders -------------------------------------------------------------------------------------
-
-def hf_text_name(name: str) -> str:
-    """transformers 4 module name of a CLIP text model (transformers 5 drops CLIPTextModel's `text_model.`)."""
-    if not name or name.startswith(("text_model", "text_projection")):
-        return name
-    return f"text_model.{name}"
-
-
-def openclip_name(hf_name: str) -> str | None:
-    """HF CLIP encoder-layer module name -> OpenCLIP name (None for q/k/v_proj: OpenCLIP fuses them)."""
-    if not hf_name.startswith(HF_LAYER_PREFIX):
-        return None
-    layer, _, part = hf_name[len(HF_LAYER_PREFIX):].partition(".")
-    if part not in OPENCLIP_LAYER_PARTS:
-        return None
-    return f"model.transformer.resblocks.{layer}.{OPENCLIP_LAYER_PARTS[part]}"
 
 
 # --- our export keys -----------------------------------------------------------------------------------
 
 def te_key(family: str, index: int, hf_name: str) -> str:
     """kohya-style text-encoder key: lora_te_/lora_te1_/lora_te2_ + the HF module path with '_'."""
-    return f"{TE_PREFIXES[family][index]}_{underscored(hf_text_name(hf_name))}"
+    return f"{get_family(family).text_encoders[index].lora_prefix}_{underscored(hf_text_name(hf_name))}"
 
 
 def unet_key(family: str, diffusers_name: str, ldm_name: str) -> str:
@@ -132,7 +66,7 @@ def unet_key(family: str, diffusers_name: str, ldm_name: str) -> str:
     name, which the host resolves by replacing `lora_unet` with `diffusion_model` (kohya's SDXL format).
     """
     ldm_key = f"lora_unet_{underscored(ldm_name)}"
-    if family == "sdxl":
+    if get_family(family).lora_unet_ldm_names:
         return ldm_key
     diffusers_key = f"lora_unet_{underscored(diffusers_name)}"
     if convert_diffusers_name_to_ldm(diffusers_key, is_sd2=False) == f"diffusion_model_{underscored(ldm_name)}":
@@ -141,6 +75,8 @@ def unet_key(family: str, diffusers_name: str, ldm_name: str) -> str:
 
 
 # --- the host's name matching (A1111 1.10 networks.py, reimplemented) -----------------------------------
+# Kept apart from the families' tables on purpose: these are the host's own rules (fixed block
+# arithmetic, its own resnet suffixes), the independent reference the tests hold our keys against.
 
 _RESNET_SUFFIX_HOST = {"conv1": "in_layers_2", "conv2": "out_layers_3", "norm1": "in_layers_0",
                        "norm2": "out_layers_0", "time_emb_proj": "emb_layers_1", "conv_shortcut": "skip_connection"}
@@ -219,23 +155,24 @@ def host_layer_mapping(family: str, unet: Any | None, text_encoders: list[Any]) 
     mapping: dict[str, HostLayer] = {}
     if unet is not None:
         modules = dict(unet.named_modules())
-        for name, ldm in unet_ldm_names(unet).items():
+        for name, ldm in unet_ldm_names(unet, family).items():
             mapping[f"diffusion_model_{underscored(ldm)}"] = HostLayer(modules[name])
-    for (prefix, is_openclip), encoder in zip(HOST_TE_LAYOUT[family], text_encoders, strict=False):
-        mapping.update(_host_te_layers(prefix, is_openclip, encoder))
+    for spec, encoder in zip(get_family(family).text_encoders, text_encoders, strict=False):
+        mapping.update(_host_te_layers(spec, encoder))
     return mapping
 
 
-def _host_te_layers(prefix: str, is_openclip: bool, encoder: Any) -> Iterator[tuple[str, HostLayer]]:
+def _host_te_layers(spec: TextEncoder, encoder: Any) -> Iterator[tuple[str, HostLayer]]:
+    """The host names an encoder's modules by their original path below the model root."""
     for raw_name, module in encoder.named_modules():
         name = hf_text_name(raw_name)
-        if not is_openclip:
-            yield f"{prefix}{underscored(name)}", HostLayer(module)
+        if spec.layout == "clip_l":
+            yield underscored(spec.host_prefix + name), HostLayer(module)
             continue
-        ldm = openclip_name(name)
-        if ldm is not None:
+        original = name_tables.open_clip_layer_name(name)
+        if original is not None:
             kind = {"self_attn": "mha", "self_attn.out_proj": "mha_out"}.get(name.split(".", 4)[-1], "plain")
-            yield f"{prefix}{underscored(ldm)}", HostLayer(module, kind)
+            yield underscored(spec.host_prefix + original), HostLayer(module, kind)
 
 
 def resolve_host_key(base: str, mapping: dict[str, HostLayer], is_sd2: bool) -> str | None:

@@ -1,0 +1,160 @@
+"""Model families: one unit per family behind one interface (`base.ModelFamily`), and their registry.
+
+Each module of this package that defines `FAMILIES` is a family unit (sd1, sd2 with sd2v, sdxl);
+adding a family means adding its module (and its tests). Public API:
+
+- ``FAMILY_NAMES`` - registered family names, in registry order (the config schema's choices).
+- ``get_family(name)`` - the family; a ModelError names the choices for an unknown one.
+- ``architecture_of(keys)`` - the base family of a single file's keys ('sd1', 'sd2', 'sdxl').
+- ``read_markers(keys, metadata, yaml_text)`` - what a file tells about its variant (prediction type,
+  zero-terminal SNR) through the markers hosts read: `v_pred`/`ztsnr` keys, metadata, a yaml beside it.
+- ``detect_family(keys, metadata=None, yaml_text=None)`` - the family of a single file.
+- ``resolve_family(keys, metadata, yaml_text, requested, prediction_type, source)`` - family and prediction
+  type of a single file, given what the user asked for.
+- ``folder_family(index, text_config, scheduler_prediction, requested, prediction_type)`` - the same for a
+  diffusers folder.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from collections.abc import Collection, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from ..errors import ModelError
+from .base import PREDICTION_TYPES, ModelFamily, TextEncoder
+from .tables import UNET_PREFIX, VAE_PREFIX
+
+# Modules of this package shared by the families (not units); clip_text imports torch, the units do not.
+SHARED_MODULES = frozenset({"base", "tables", "clip_text"})
+
+
+def _discover() -> dict[str, ModelFamily]:
+    registry: dict[str, ModelFamily] = {}
+    units = [info.name for info in pkgutil.iter_modules(__path__) if info.name not in SHARED_MODULES]
+    for name in sorted(units):
+        module = importlib.import_module(f"{__name__}.{name}")
+        for family in getattr(module, "FAMILIES", ()):
+            registry[family.name] = family
+    return registry
+
+
+_REGISTRY = _discover()
+FAMILY_NAMES: tuple[str, ...] = tuple(_REGISTRY)
+
+
+def get_family(name: str) -> ModelFamily:
+    if name not in _REGISTRY:
+        raise ModelError(f"Model family {name!r} is not supported; use one of {', '.join(FAMILY_NAMES)}.")
+    return _REGISTRY[name]
+
+
+def all_families() -> list[ModelFamily]:
+    return list(_REGISTRY.values())
+
+
+def _base_families() -> list[ModelFamily]:
+    """One family per architecture: the one named after it."""
+    return [family for family in _REGISTRY.values() if family.name == family.architecture]
+
+
+def _has_prefix(keys: Collection[str], prefix: str) -> bool:
+    return any(key.startswith(prefix) for key in keys)
+
+
+def architecture_of(keys: Iterable[str]) -> ModelFamily:
+    """The base family whose text encoders a single file holds (the one with most encoders wins)."""
+    keys = list(keys)
+    if not _has_prefix(keys, UNET_PREFIX) or not _has_prefix(keys, VAE_PREFIX):
+        raise ModelError("The file is not a Stable Diffusion checkpoint (no UNet or VAE weights in the original "
+                         "layout); LoRA, embedding and VAE-only files cannot be trained as a model.")
+    matching = [family for family in _base_families() if family.matches_keys(keys)]
+    if not matching:
+        known = ", ".join(family.label for family in _base_families())
+        raise ModelError(f"The checkpoint has no text encoder this tool knows; only these model families are "
+                         f"supported: {known}.")
+    return max(matching, key=lambda family: len(family.text_encoders))
+
+
+@dataclass(frozen=True)
+class Markers:
+    """What a file tells about its variant; None where it tells nothing."""
+
+    prediction_type: str | None = None
+    zero_terminal_snr: bool | None = None
+
+
+def yaml_says_v(yaml_text: str) -> bool:
+    """Whether an ldm yaml sets `parameterization: "v"` (what A1111 reads)."""
+    return any(line.split("#")[0].replace(" ", "").replace("'", '"') in ('parameterization:"v"', "parameterization:v")
+               for line in yaml_text.splitlines())
+
+
+def _metadata_prediction(metadata: Mapping[str, str]) -> str | None:
+    if metadata.get("dreambooth_prediction_type") in PREDICTION_TYPES:
+        return metadata["dreambooth_prediction_type"]
+    return {"v": "v_prediction", "epsilon": "epsilon"}.get(metadata.get("modelspec.prediction_type", ""))
+
+
+def read_markers(keys: Collection[str], metadata: Mapping[str, str] | None = None,
+                 yaml_text: str | None = None) -> Markers:
+    """Our metadata first, then the `v_pred` key (Forge, reForge), then a yaml beside the file (A1111)."""
+    prediction = _metadata_prediction(metadata or {})
+    if prediction is None and "v_pred" in keys:
+        prediction = "v_prediction"
+    if prediction is None and yaml_text is not None:
+        prediction = "v_prediction" if yaml_says_v(yaml_text) else "epsilon"
+    return Markers(prediction, True if "ztsnr" in keys else None)
+
+
+def variant(base: ModelFamily, prediction_type: str, zero_terminal_snr: bool | None = None) -> ModelFamily:
+    """The family of `base`'s architecture trained with this objective (the base family when none is)."""
+    same = [family for family in _REGISTRY.values() if family.architecture == base.architecture
+            and family.prediction_type == prediction_type]
+    exact = [family for family in same if zero_terminal_snr is None or family.zero_terminal_snr == zero_terminal_snr]
+    return (exact or same or [base])[0]
+
+
+def detect_family(keys: Iterable[str], metadata: Mapping[str, str] | None = None,
+                  yaml_text: str | None = None) -> ModelFamily:
+    """The family of a single file from its keys, metadata and the yaml beside it."""
+    keys = list(keys)
+    base = architecture_of(keys)
+    markers = read_markers(keys, metadata, yaml_text)
+    return variant(base, markers.prediction_type or base.prediction_type, markers.zero_terminal_snr)
+
+
+def resolve_family(keys: Iterable[str], metadata: Mapping[str, str] | None, yaml_text: str | None,
+                   requested: str | None, prediction_type: str | None, source: str = "The checkpoint"
+                   ) -> tuple[ModelFamily, str]:
+    """Family and prediction type: what the file tells, else the caller's choice, else the family's default."""
+    keys = list(keys)
+    base = architecture_of(keys)
+    wanted = get_family(requested) if requested is not None else None
+    if wanted is not None and wanted.architecture != base.architecture:
+        raise ModelError(f"{source} is a {base.name} model, not {wanted.name}; choose the detected family.")
+    markers = read_markers(keys, metadata, yaml_text)
+    prediction = markers.prediction_type or prediction_type or (wanted or base).prediction_type
+    return variant(base, prediction, markers.zero_terminal_snr), prediction
+
+
+def folder_family(index: Mapping[str, Any], text_config: Mapping[str, Any], scheduler_prediction: str | None,
+                  requested: str | None, prediction_type: str | None) -> tuple[ModelFamily, str]:
+    """Family and prediction type of a diffusers folder: the caller's prediction type, a variant the caller
+    asked for, the scheduler's prediction type, the family's default - in that order."""
+    matching = [family for family in _base_families() if family.matches_folder(index, text_config)]
+    if not matching:
+        raise ModelError("The diffusers folder's text encoders fit no supported model family.")
+    base = matching[0]
+    wanted = get_family(requested) if requested is not None else None
+    asked_variant = wanted if wanted is not None and wanted.architecture == base.architecture \
+        and wanted is not base else None
+    prediction = prediction_type or (asked_variant.prediction_type if asked_variant else None) \
+        or scheduler_prediction or base.prediction_type
+    return variant(base, prediction), prediction
+
+
+__all__ = ["FAMILY_NAMES", "Markers", "ModelFamily", "TextEncoder", "all_families", "architecture_of",
+           "detect_family", "folder_family", "get_family", "read_markers", "resolve_family", "variant"]
