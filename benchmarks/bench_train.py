@@ -112,7 +112,8 @@ def build_components(family: str, real: bool) -> Any:
         return tiny_components(family, seed=0)
     import torch
 
-    from dreambooth.models.components import PAD_TOKENS, Components, make_noise_scheduler
+    from dreambooth.families import get_family
+    from dreambooth.models.components import Components, make_noise_scheduler
     from dreambooth.models.loading import shipped_configs
     from dreambooth.models.tokenizer import load_clip_tokenizer
 
@@ -120,7 +121,7 @@ def build_components(family: str, real: bool) -> Any:
     unet, vae, encoders = build_models(shipped_configs(family))
     scheduler = make_noise_scheduler(family)
     return Components(family=family, unet=unet, vae=vae, text_encoders=encoders,
-                      tokenizers=[load_clip_tokenizer(pad) for pad in PAD_TOKENS[family]],
+                      tokenizers=[load_clip_tokenizer(pad) for pad in get_family(family).pad_tokens],
                       noise_scheduler=scheduler, prediction_type=scheduler.config.prediction_type)
 
 

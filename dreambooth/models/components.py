@@ -26,8 +26,6 @@ from .tokenizer import BOS, EOS, load_tokenizer_folder, write_tokenizer_folder
 # The families' facts by name, for callers that look them up by name (the family units hold them).
 FAMILIES = FAMILY_NAMES
 PREDICTION_TYPES = {family.name: family.prediction_type for family in all_families()}
-RESOLUTIONS = {family.name: family.resolution for family in all_families()}
-PAD_TOKENS = {family.name: family.pad_tokens for family in all_families()}
 EXTRAS_FILE = "extras.safetensors"
 FAMILY_FILE = "family.json"
 SCHEDULERS = ("ddim", "euler", "euler_a", "dpmpp_2m")

@@ -36,7 +36,8 @@ def _images(folder: Path, count: int, seed: int) -> str:
 @pytest.fixture(scope="module")
 def sd15(tmp_path_factory: pytest.TempPathFactory) -> tuple[Layout, Path]:
     """A models folder with a real-architecture SD1.5 model (random weights) saved once."""
-    from dreambooth.models.components import PAD_TOKENS, Components, make_noise_scheduler, save_components
+    from dreambooth.families import get_family
+    from dreambooth.models.components import Components, make_noise_scheduler, save_components
     from dreambooth.models.loading import shipped_configs
     from dreambooth.models.tiny import build_models
     from dreambooth.models.tokenizer import load_clip_tokenizer
@@ -48,7 +49,7 @@ def sd15(tmp_path_factory: pytest.TempPathFactory) -> tuple[Layout, Path]:
         unet, vae, encoders = build_models(shipped_configs("sd1"))
     scheduler = make_noise_scheduler("sd1")
     components = Components(family="sd1", unet=unet, vae=vae, text_encoders=encoders,
-                            tokenizers=[load_clip_tokenizer(pad) for pad in PAD_TOKENS["sd1"]],
+                            tokenizers=[load_clip_tokenizer(pad) for pad in get_family("sd1").pad_tokens],
                             noise_scheduler=scheduler, prediction_type=scheduler.config.prediction_type)
     working = root / "base-working"
     save_components(components, working)
