@@ -162,14 +162,28 @@ def merge_to_checkpoint(layout: Layout, checkpoint: str, loras: Sequence[tuple[s
     check_precision(precision)
     source = checkpoint_path(layout, checkpoint, restrict)
     components = load_source(source)
-    weighted = _weighted(layout, loras, restrict, components_key_table(components))
-    changed = merge_into_components(components, weighted, components_key_table(components))
+    table = components_key_table(components)
+    weighted = _weighted(layout, loras, restrict, table)
+    changed = merge_into_components(components, weighted, table)
     target = unused_path(layout.checkpoints_dir, output_stem(out_name, f"{source.stem}-merged"))
     metadata = {"dreambooth_tool": "merge", "dreambooth_base": source.name,
                 "dreambooth_merged_loras": [{"name": lora.name, "weight": weight} for lora, weight in weighted]}
-    export_checkpoint(components, target, precision, metadata=metadata)
+    export_checkpoint(components, target, precision, metadata={**_source_configs(source), **metadata})
     names = ", ".join(f"{lora.name} x {weight:g}" for lora, weight in weighted)
     return ToolResult(target, f"Merged {names} into {source.name} ({changed} layers changed): {target}")
+
+
+def _source_configs(source: Path) -> dict[str, str]:
+    """A demo checkpoint's embedded configs travel on, so the merged file loads as the same architecture."""
+    from ..models.loading import CONFIGS_METADATA_KEY
+
+    if source.suffix.lower() != ".safetensors":
+        return {}
+    from safetensors import safe_open
+
+    with safe_open(str(source), framework="pt") as handle:
+        metadata = handle.metadata() or {}
+    return {CONFIGS_METADATA_KEY: metadata[CONFIGS_METADATA_KEY]} if CONFIGS_METADATA_KEY in metadata else {}
 
 
 def merge_to_lora(layout: Layout, loras: Sequence[tuple[str, float]], rule: RankRule | None = None,
@@ -187,6 +201,28 @@ def merge_to_lora(layout: Layout, loras: Sequence[tuple[str, float]], rule: Rank
         ranks = [module.rank for module in merged.modules.values()]
         return ToolResult(target, f"Merged LoRA (concatenated, rank up to {max(ranks)}; exact): {target}")
     return _result(target, "Merged LoRA", report)
+
+
+def rule_from(mode: str | None, value: float | None, max_rank: int | None = None) -> RankRule:
+    """A RankRule from the tab's or the API's fields (mode fixed/ratio/energy, its value, the dynamic cap)."""
+    mode = mode or "fixed"
+    if value is None:
+        raise ConfigError(f"Rank mode {mode!r} needs a value (a rank, a ratio or a fraction).")
+    try:
+        return RankRule(mode, float(value), int(max_rank or 128)).check("rank")
+    except (TypeError, ValueError):
+        raise ConfigError(f"Rank value {value!r} or max rank {max_rank!r} is not a number.") from None
+    except ModelError as error:
+        raise ConfigError(str(error)) from None
+
+
+def conv_rule_for(rule: RankRule, conv_rank: int) -> RankRule | None:
+    """The LoCon rule: none for conv rank 0; fixed conv rank; or the dynamic rule capped at the conv rank."""
+    if conv_rank <= 0:
+        return None
+    if rule.mode == "fixed":
+        return RankRule("fixed", conv_rank)
+    return RankRule(rule.mode, rule.value, min(rule.max_rank, conv_rank))
 
 
 def parse_weighted(items: Sequence[str]) -> list[tuple[str, float]]:

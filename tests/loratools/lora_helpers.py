@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from dreambooth.config.schema import TrainingConfig
+from dreambooth.loratools.extract import target_layers
 from dreambooth.models.tiny import tiny_components
 from dreambooth.train import lora
 
@@ -62,3 +63,18 @@ def assert_same_weights(first: Any, second: Any, atol: float = 1e-5) -> None:
     assert a.keys() == b.keys()
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=atol, msg=key)
+
+
+def add_known_changes(components: Any, rank: int, with_conv: bool, seed: int = 3) -> dict[str, torch.Tensor]:
+    """Add a random rank-`rank` change to every target layer; returns our key -> change."""
+    generator = torch.Generator().manual_seed(seed)
+    changes = {}
+    with torch.no_grad():
+        for key, (part, name) in target_layers(components, with_conv).items():
+            weight = lora.model_parts(components)[part].get_submodule(name).weight
+            left = torch.randn(weight.shape[0], rank, generator=generator)
+            right = torch.randn(rank, weight[0].numel(), generator=generator)
+            change = (0.05 * left @ right).reshape(weight.shape)
+            weight.add_(change)
+            changes[key] = change
+    return changes

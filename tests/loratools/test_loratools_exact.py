@@ -7,15 +7,14 @@ dreambooth/train/lora.py): merging a file at weight w must give the weights that
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
-from lora_helpers import assert_same_weights, fresh, write_trained_lora
+from lora_helpers import add_known_changes, assert_same_weights, fresh, write_trained_lora
 from safetensors.torch import load_file
 
 from dreambooth.errors import ModelError
-from dreambooth.loratools.extract import RankRule, choose_rank, extract_lora, target_layers
+from dreambooth.loratools.extract import RankRule, choose_rank, extract_lora
 from dreambooth.loratools.files import lora_tensors, save_lora
 from dreambooth.loratools.merge import merge_into_components, merge_loras
 from dreambooth.loratools.read import components_key_table, load_lora, read_lora
@@ -23,21 +22,6 @@ from dreambooth.loratools.resize import resize_lora
 from dreambooth.train import lora
 
 FAMILIES = ("sd1", "sd2", "sdxl")
-
-
-def add_known_changes(components: Any, rank: int, with_conv: bool, seed: int = 3) -> dict[str, torch.Tensor]:
-    """Add a random rank-`rank` change to every target layer; returns our key -> change."""
-    generator = torch.Generator().manual_seed(seed)
-    changes = {}
-    with torch.no_grad():
-        for key, (part, name) in target_layers(components, with_conv).items():
-            weight = lora.model_parts(components)[part].get_submodule(name).weight
-            left = torch.randn(weight.shape[0], rank, generator=generator)
-            right = torch.randn(rank, weight[0].numel(), generator=generator)
-            change = (0.05 * left @ right).reshape(weight.shape)
-            weight.add_(change)
-            changes[key] = change
-    return changes
 
 
 @pytest.mark.parametrize("family", FAMILIES)
