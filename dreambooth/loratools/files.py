@@ -10,7 +10,7 @@ import torch
 
 from ..atomic import save_safetensors
 from ..train import lora as lora_training
-from .read import LoraFile
+from .read import LoraFile, LoraModule
 
 
 def lora_tensors(lora: LoraFile) -> dict[str, torch.Tensor]:
@@ -29,21 +29,29 @@ def lora_tensors(lora: LoraFile) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def _ranks(lora: LoraFile, conv: bool) -> list[int]:
-    return [module.rank for module in lora.modules.values()
+def _factored(lora: LoraFile, conv: bool) -> list[LoraModule]:
+    return [module for module in lora.modules.values()
             if module.down is not None and (module.down.dim() == 4 and module.down.shape[-1] > 1) == conv]
+
+
+def _shared(values: list[float]) -> str:
+    """The one value all layers share, 'dynamic' when they differ (kohya's fields hold one number)."""
+    if not values:
+        return "0"
+    return f"{values[0]:g}" if len(set(values)) == 1 else "dynamic"
 
 
 def lora_metadata(lora: LoraFile, family: str, extra: Mapping[str, object]) -> dict[str, str]:
     """kohya's ss_* fields for a LoRA not made by training (ranks, family, what it was made from)."""
-    ranks, conv_ranks = _ranks(lora, conv=False), _ranks(lora, conv=True)
-    dimension = str(max(ranks)) if ranks and len(set(ranks)) == 1 else "dynamic" if ranks else "0"
-    metadata = {"ss_network_module": "networks.lora", "ss_network_dim": dimension,
-                "ss_network_alpha": dimension, "ss_base_model_version": lora_training.BASE_MODEL_VERSIONS[family],
+    linear, conv = _factored(lora, conv=False), _factored(lora, conv=True)
+    metadata = {"ss_network_module": "networks.lora", "ss_network_dim": _shared([m.rank for m in linear]),
+                "ss_network_alpha": _shared([m.alpha if m.alpha is not None else m.rank for m in linear]),
+                "ss_base_model_version": lora_training.BASE_MODEL_VERSIONS[family],
                 "ss_v2": str(family in ("sd2", "sd2v")), "ss_v_parameterization": str(family == "sd2v"),
                 "dreambooth_family": family}
-    if conv_ranks:
-        metadata["ss_network_args"] = json.dumps({"conv_dim": str(max(conv_ranks)), "conv_alpha": str(max(conv_ranks))})
+    if conv:
+        metadata["ss_network_args"] = json.dumps({"conv_dim": _shared([m.rank for m in conv]),
+                                                  "conv_alpha": _shared([m.alpha or m.rank for m in conv])})
     metadata.update({key: value if isinstance(value, str) else json.dumps(value) for key, value in extra.items()})
     return metadata
 

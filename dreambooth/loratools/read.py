@@ -158,8 +158,8 @@ def key_table(family: str, unet: Any, text_encoders: list[Any]) -> KeyTable:
     """The table of a model's layers (plain diffusers/transformers modules; meta tensors are fine)."""
     unet_aliases, unet_targets = _unet_aliases(family, unet)
     te_aliases, te_targets = _te_aliases(family, list(text_encoders))
-    # A layer's own key always resolves to itself, before any alias of another layer.
-    aliases = {**{key: key for key in (*unet_targets, *te_targets)}, **unet_aliases, **te_aliases}
+    aliases = {**unet_aliases, **te_aliases}
+    # A layer's own key always resolves to itself, whatever alias of another layer is spelled the same.
     aliases.update({key: key for key in (*unet_targets, *te_targets)})
     return KeyTable(family, aliases, {**unet_targets, **te_targets})
 

@@ -21,27 +21,35 @@ from dreambooth.store import Layout, ModelStore
 from dreambooth.train import lora
 
 
-@pytest.fixture(scope="module")
-def trained_world(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    """demo-sd1.safetensors in the checkpoints folder and model 'dog' whose working weights carry a known
+def build_world(root: Path, family: str) -> Any:
+    """demo-FAMILY.safetensors in the checkpoints folder and model 'dog' whose working weights carry a known
     rank-2 change (LoCon convs included) on top of it."""
-    root = tmp_path_factory.mktemp("lora-tools")
-    assert cli.main(["--data-dir", str(root), "demo-model", "--family", "sd1"]) == 0
-    assert cli.main(["--data-dir", str(root), "create", "--name", "dog", "--from", "demo-sd1.safetensors"]) == 0
+    assert cli.main(["--data-dir", str(root), "demo-model", "--family", family]) == 0
+    assert cli.main(["--data-dir", str(root), "create", "--name", "dog", "--from", f"demo-{family}.safetensors"]) == 0
     layout = Layout.under(root / "models")
     model = ModelStore(layout).existing("dog")
     components = load_components(model.working)
     changes = add_known_changes(components, rank=2, with_conv=True)
     save_components(components, model.working)
-    return SimpleNamespace(root=root, layout=layout, changes=changes, trained=components)
+    return SimpleNamespace(root=root, layout=layout, changes=changes, trained=components, family=family)
+
+
+@pytest.fixture(scope="module")
+def trained_world(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    return build_world(tmp_path_factory.mktemp("lora-tools"), "sd1")
+
+
+@pytest.fixture(scope="module", params=["sd1", "sd2v", "sdxl"])
+def family_world(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    return build_world(tmp_path_factory.mktemp(f"lora-tools-{request.param}"), request.param)
 
 
 def run(world: Any, *args: str) -> int:
     return cli.main(["--data-dir", str(world.root), *args])
 
 
-def test_cli_extract_resize_merge(trained_world: Any, capsys: pytest.CaptureFixture[str]) -> None:
-    world = trained_world
+def test_cli_extract_resize_merge(family_world: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    world = family_world
     assert run(world, "lora-extract", "--from", "model:dog", "--rank", "2", "--conv-rank", "2", "--out", "dog-x") == 0
     assert "retained 100.00%" in capsys.readouterr().out
     extracted = load_lora(world.layout.lora_dir / "dog-x.safetensors")
@@ -54,7 +62,7 @@ def test_cli_extract_resize_merge(trained_world: Any, capsys: pytest.CaptureFixt
     resized = load_lora(world.layout.lora_dir / "dog-x-resized.safetensors")
     assert max(module.rank for module in resized.modules.values()) == 1
 
-    assert run(world, "lora-merge", "--lora", "dog-x.safetensors", "--into", "demo-sd1.safetensors",
+    assert run(world, "lora-merge", "--lora", "dog-x.safetensors", "--into", f"demo-{world.family}.safetensors",
                "--precision", "fp32", "--out", "dog-merged") == 0
     merged = load_checkpoint(world.layout.checkpoints_dir / "dog-merged.safetensors")
     for part, model in lora.model_parts(world.trained).items():
