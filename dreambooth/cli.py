@@ -278,6 +278,84 @@ def cmd_wizard(args: argparse.Namespace, layout: Layout) -> int:
     return int(run_cli(args) or 0)
 
 
+# --- LoRA tools ----------------------------------------------------------------------------------
+
+def rank_rule(args: argparse.Namespace, rank: int) -> Any:
+    """--rank N (fixed), or --dynamic ratio:R / energy:F capped at --max-rank."""
+    rules = _helper("dreambooth.loratools.extract", "RankRule", "lora tools")
+    if not args.dynamic:
+        return rules("fixed", rank).check("--rank")
+    mode, sep, value = args.dynamic.partition(":")
+    if not sep or mode not in ("ratio", "energy"):
+        raise UsageError(f"--dynamic {args.dynamic!r}: use ratio:R (keep singular values >= largest/R) or "
+                         "energy:F (keep the fraction F of the change).")
+    try:
+        return rules(mode, float(value), args.max_rank).check("--dynamic")
+    except ValueError:
+        raise UsageError(f"--dynamic {args.dynamic!r}: {value!r} is not a number.") from None
+
+
+def _tool_done(result: Any) -> int:
+    _say(result.message)
+    return 0
+
+
+def cmd_lora_extract(args: argparse.Namespace, layout: Layout) -> int:
+    extract = _helper("dreambooth.loratools.jobs", "extract", "lora-extract")
+    rule = rank_rule(args, args.rank)
+    conv = _helper("dreambooth.loratools.jobs", "conv_rule_for", "lora-extract")(rule, args.conv_rank)
+    return _tool_done(extract(layout.ensure(), args.source, args.base, rule, conv, args.out, args.precision,
+                              restrict=False))
+
+
+def cmd_lora_resize(args: argparse.Namespace, layout: Layout) -> int:
+    resize = _helper("dreambooth.loratools.jobs", "resize", "lora-resize")
+    return _tool_done(resize(layout.ensure(), args.lora, rank_rule(args, args.rank), args.out, args.family,
+                             args.precision, restrict=False))
+
+
+def cmd_lora_merge(args: argparse.Namespace, layout: Layout) -> int:
+    loras = _helper("dreambooth.loratools.jobs", "parse_weighted", "lora-merge")(args.lora)
+    if args.into:
+        merge = _helper("dreambooth.loratools.jobs", "merge_to_checkpoint", "lora-merge")
+        return _tool_done(merge(layout.ensure(), args.into, loras, args.out, args.precision or "fp16", restrict=False))
+    rule = rank_rule(args, args.rank) if args.rank or args.dynamic else None
+    merge = _helper("dreambooth.loratools.jobs", "merge_to_lora", "lora-merge")
+    return _tool_done(merge(layout.ensure(), loras, rule, args.out, args.family, args.precision or "fp32",
+                            restrict=False))
+
+
+def _rank_options(parser: argparse.ArgumentParser, rank_default: int | None, what: str) -> None:
+    parser.add_argument("--rank", type=int, default=rank_default, help=f"Fixed rank {what}.")
+    parser.add_argument("--dynamic", metavar="MODE:VALUE", help="Rank per layer instead: ratio:R keeps singular "
+                        "values >= largest/R, energy:F keeps the fraction F (e.g. 0.9) of each layer's change.")
+    parser.add_argument("--max-rank", type=int, default=128, help="Highest rank --dynamic may choose (default 128).")
+    parser.add_argument("--out", metavar="NAME", help="Output file name (no folder; never replaces a file).")
+
+
+def _add_lora_tools(add: Callable[..., argparse.ArgumentParser]) -> None:
+    extract = add("lora-extract", cmd_lora_extract, "Extract a LoRA (LoCon) from a trained model minus its base.")
+    extract.add_argument("--from", dest="source", required=True, metavar="SOURCE", help="model:NAME (a model's "
+                         "working weights), a checkpoint in the checkpoints folder or a path.")
+    extract.add_argument("--base", metavar="CKPT", help="Base checkpoint (default: the model's own base).")
+    _rank_options(extract, 8, "of the linear layers (default 8)")
+    extract.add_argument("--conv-rank", type=int, default=0, help="Rank of the 3x3 convolutions (LoCon; with --dynamic their cap); 0: none.")
+    extract.add_argument("--precision", choices=PRECISIONS, default="fp32", help="Saved precision (default fp32).")
+    resize = add("lora-resize", cmd_lora_resize, "Resize a LoRA to a lower rank (alpha rescaled, same effect).")
+    resize.add_argument("--lora", required=True, metavar="FILE", help="LoRA in the LoRA folder, or a path.")
+    _rank_options(resize, 8, "(default 8)")
+    resize.add_argument("--family", choices=FAMILIES, help="Model family, for files in diffusers/peft spelling.")
+    resize.add_argument("--precision", choices=PRECISIONS, default="fp32", help="Saved precision (default fp32).")
+    merge = add("lora-merge", cmd_lora_merge, "Merge LoRAs into a checkpoint (--into) or into one LoRA.")
+    merge.add_argument("--lora", required=True, nargs="+", action="extend", metavar="FILE[:WEIGHT]",
+                       help="LoRAs and their weights (default 1), e.g. style.safetensors:0.7.")
+    merge.add_argument("--into", metavar="CKPT", help="Checkpoint to merge into (output: the checkpoints folder).")
+    _rank_options(merge, None, "of the merged LoRA (default: concatenated ranks, exact)")
+    merge.add_argument("--family", choices=FAMILIES, help="Model family, for files in diffusers/peft spelling.")
+    merge.add_argument("--precision", choices=PRECISIONS, help="Saved precision (default fp16 for checkpoints, "
+                       "fp32 for LoRAs).")
+
+
 # --- parser ------------------------------------------------------------------------------------
 
 def _location_options(parser: argparse.ArgumentParser, defaults: bool) -> None:
@@ -359,6 +437,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "settings: concepts.0.instance_prompt='photo of sks dog'.")
     add_schema_flags(train)
     _add_wizard(commands, common)
+    _add_lora_tools(add)
     return parser
 
 

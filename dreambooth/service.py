@@ -387,6 +387,21 @@ class TrainingService:
 
         return self.run_job(model_name, "export_lora", work)
 
+    def run_tool(self, job: str, work: Callable[[], Any]) -> Any:
+        """Run a model-independent job (the LoRA tools) synchronously as a GPU job: one at a time, under
+        the host's GPU lock; the host's checkpoint and LoRA lists are refreshed afterwards."""
+        self._claim("", job)
+        error: BaseException | None = None
+        try:
+            with self.host.gpu_lock():
+                return work()
+        except BaseException as caught:
+            error = caught
+            raise
+        finally:
+            self._refresh_host_lists()
+            self._finish(error)
+
     def _record_save(self, kind: str, path: Path) -> None:
         with self._lock:
             self._status.saved.append((kind, str(path)))

@@ -17,7 +17,8 @@ from dreambooth.config.schema import Concept, TrainingConfig, settings
 from dreambooth.store import Layout, ModelStore
 
 ROOT = Path(__file__).resolve().parents[1]
-COMMANDS = ("serve", "demo-model", "create", "list", "config", "export", "train", "wizard")
+COMMANDS = ("serve", "demo-model", "create", "list", "config", "export", "train", "wizard", "lora-extract",
+            "lora-resize", "lora-merge")
 
 
 def run_cli(tmp_path: Path, *args: str) -> int:

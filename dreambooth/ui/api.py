@@ -1,4 +1,4 @@
-"""REST API under /dreambooth/: models, configs, concept import, start/status/cancel of training.
+"""REST API under /dreambooth/: models, configs, concept import, start/status/cancel of training, LoRA tools.
 
 Plain dict bodies (no pydantic models) so the same code runs on fastapi 0.94 + pydantic 1 (A1111 1.10)
 and on the latest fastapi. Every name is checked by store.check_model_name and every folder a request
@@ -150,9 +150,66 @@ class DreamboothApi:
     def status(self) -> dict[str, Any]:
         return self.service.status().to_dict()
 
+    # --- LoRA tools (files inside the host's checkpoint and LoRA folders only) ---------------------------
+    def lora_extract(self, body: dict[str, Any]) -> dict[str, Any]:
+        from ..loratools import jobs
+
+        rule = jobs.rule_from(body.get("rank_mode"), _rank_value(body), body.get("max_rank"))
+        conv = jobs.conv_rule_for(rule, int(body.get("conv_rank") or 0))
+        return self.service.run_tool("lora_extract", lambda: jobs.extract(
+            self.store.layout, _text(body, "source"), body.get("base") or None, rule, conv,
+            body.get("out") or None, body.get("precision") or "fp32")).to_dict()
+
+    def lora_resize(self, body: dict[str, Any]) -> dict[str, Any]:
+        from ..loratools import jobs
+
+        rule = jobs.rule_from(body.get("rank_mode"), _rank_value(body), body.get("max_rank"))
+        return self.service.run_tool("lora_resize", lambda: jobs.resize(
+            self.store.layout, _text(body, "lora"), rule, body.get("out") or None, body.get("family") or None,
+            body.get("precision") or "fp32")).to_dict()
+
+    def lora_merge(self, body: dict[str, Any]) -> dict[str, Any]:
+        from ..loratools import jobs
+
+        loras = _weighted_loras(body.get("loras"))
+        if body.get("into"):
+            return self.service.run_tool("lora_merge", lambda: jobs.merge_to_checkpoint(
+                self.store.layout, str(body["into"]), loras, body.get("out") or None,
+                body.get("precision") or "fp16")).to_dict()
+        rule = jobs.rule_from(body.get("rank_mode"), _rank_value(body), body.get("max_rank")) \
+            if body.get("rank") or body.get("rank_value") else None
+        return self.service.run_tool("lora_merge", lambda: jobs.merge_to_lora(
+            self.store.layout, loras, rule, body.get("out") or None, body.get("family") or None,
+            body.get("precision") or "fp32")).to_dict()
+
     def cancel(self, body: Any) -> dict[str, Any]:
         save = body.get("save", True) if isinstance(body, dict) else True
         return self.service.cancel(bool(save)).to_dict()
+
+
+def _text(body: dict[str, Any], name: str) -> str:
+    value = body.get(name)
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(f"Body needs '{name}': a file name from the host's folders.")
+    return value
+
+
+def _rank_value(body: dict[str, Any]) -> Any:
+    """'rank' (a fixed rank) or 'rank_value' (the ratio or fraction of a dynamic 'rank_mode')."""
+    return body.get("rank_value", body.get("rank", 8))
+
+
+def _weighted_loras(items: Any) -> list[tuple[str, float]]:
+    """'loras': ["name", "name:0.5"] or [{"name": ..., "weight": ...}]."""
+    if not isinstance(items, list) or not items:
+        raise ConfigError("Body needs 'loras': a list of LoRA file names (or {name, weight} objects).")
+    from ..loratools.jobs import parse_weighted
+
+    try:
+        return [(str(item["name"]), float(item.get("weight", 1.0))) if isinstance(item, dict)
+                else parse_weighted([str(item)])[0] for item in items]
+    except (KeyError, TypeError, ValueError):
+        raise ConfigError("Each entry of 'loras' must be a name, 'name:weight' or {name, weight}.") from None
 
 
 def _answer(call: Callable[[], Any]) -> Any:
@@ -253,6 +310,18 @@ def register_api(app: Any, service: TrainingService, store: ModelStore, auth: di
     @router.post("/models/{name}/train", status_code=202)
     def train(name: str, body: Any = Body(None)) -> Any:
         return _answer(lambda: api.train(name, body))
+
+    @router.post("/lora/extract", status_code=201)
+    def lora_extract(body: dict = Body(...)) -> Any:
+        return _answer(lambda: api.lora_extract(body))
+
+    @router.post("/lora/resize", status_code=201)
+    def lora_resize(body: dict = Body(...)) -> Any:
+        return _answer(lambda: api.lora_resize(body))
+
+    @router.post("/lora/merge", status_code=201)
+    def lora_merge(body: dict = Body(...)) -> Any:
+        return _answer(lambda: api.lora_merge(body))
 
     @router.get("/status")
     def status() -> Any:

@@ -21,6 +21,7 @@ from ..host.base import Host
 from ..store import ModelStore
 from . import compat, forms, output
 from .controller import AUTO, MEMORY_CHOICES, TabController, load_images
+from .lora_tools import LoraToolsSection
 
 log = logging.getLogger(__name__)
 
@@ -178,6 +179,7 @@ class DreamboothTab:
                                                 label="Export precision", elem_id="db_export_precision")
             self.export_ckpt_button = compat.button("Export checkpoint", "db_export_checkpoint")
             self.export_lora_button = compat.button("Export LoRA", "db_export_lora")
+        self.lora_tools = LoraToolsSection(self.ctl).build()
 
     def _wizard_section(self) -> None:
         gr.Markdown("Steps, epochs, learning rate and class images from the community parameter study, "
@@ -247,6 +249,7 @@ class DreamboothTab:
         self._wire_concepts()
         self._wire_actions()
         self._wire_guidance()
+        self.lora_tools.wire(self._event, self.message)
         outputs = [self.progress, self.status, self.run_error, self.plot, self.gallery, self.signature]
         compat.poll(blocks, self.poll, [self.signature], outputs)
         blocks.load(self.poll, [self.signature], outputs, show_progress="hidden", api_name="db_status")
