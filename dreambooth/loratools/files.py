@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from ..atomic import save_safetensors
+from ..families import get_family
 from ..train import lora as lora_training
 from .read import LoraFile, LoraModule
 
@@ -46,8 +47,8 @@ def lora_metadata(lora: LoraFile, family: str, extra: Mapping[str, object]) -> d
     linear, conv = _factored(lora, conv=False), _factored(lora, conv=True)
     metadata = {"ss_network_module": "networks.lora", "ss_network_dim": _shared([m.rank for m in linear]),
                 "ss_network_alpha": _shared([m.alpha if m.alpha is not None else m.rank for m in linear]),
-                "ss_base_model_version": lora_training.BASE_MODEL_VERSIONS[family],
-                "ss_v2": str(family in ("sd2", "sd2v")), "ss_v_parameterization": str(family == "sd2v"),
+                **get_family(family).lora_markers(),
+                "ss_v_parameterization": str(get_family(family).prediction_type == "v_prediction"),
                 "dreambooth_family": family}
     if conv:
         metadata["ss_network_args"] = json.dumps({"conv_dim": _shared([m.rank for m in conv]),

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from ..errors import ModelError
+from ..families import tables
 from ..train import lora_keys
 
 # Tensor suffix -> the field of LoraModule it fills (longest suffixes first when matching).
@@ -145,7 +146,7 @@ def _te_aliases(family: str, encoders: list[Any]) -> tuple[dict[str, str], dict[
         part = ("text_encoder", "text_encoder_2")[index]
         for raw_name, module in encoder.named_modules():
             hf_name = lora_keys.hf_text_name(raw_name)
-            if not _is_adaptable(module) or not hf_name.startswith(lora_keys.HF_LAYER_PREFIX):
+            if not _is_adaptable(module) or not hf_name.startswith(tables.HF_LAYER_PREFIX):
                 continue
             ours = lora_keys.te_key(family, index, raw_name)
             targets[ours] = Target(part, raw_name)

@@ -12,13 +12,14 @@ import torch
 from lora_helpers import add_known_changes
 
 from dreambooth import cli
-from dreambooth.host.fake import FakeHost
 from dreambooth.loratools.read import load_lora
 from dreambooth.models.components import load_components, save_components
 from dreambooth.models.loading import load_checkpoint
 from dreambooth.service import TrainingService
 from dreambooth.store import Layout, ModelStore
 from dreambooth.train import lora
+
+from fake_host import FakeHost
 
 
 def build_world(root: Path, family: str) -> Any:

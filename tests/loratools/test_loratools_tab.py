@@ -9,13 +9,14 @@ from lora_helpers import write_trained_lora
 
 gr = pytest.importorskip("gradio")
 
-from dreambooth.host.fake import FakeHost  # noqa: E402
 from dreambooth.loratools.read import load_lora  # noqa: E402
 from dreambooth.models.demo import write_demo_checkpoint  # noqa: E402
 from dreambooth.service import TrainingService  # noqa: E402
 from dreambooth.store import Layout, ModelStore  # noqa: E402
 from dreambooth.ui.lora_tools import INTO_LORA, OWN_BASE, pair_weights  # noqa: E402
 from dreambooth.ui.tab import DreamboothTab, guarded  # noqa: E402
+
+from fake_host import FakeHost  # noqa: E402
 
 
 @pytest.fixture(scope="module")
