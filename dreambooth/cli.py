@@ -301,7 +301,8 @@ def cmd_export(args: argparse.Namespace, layout: Layout) -> int:
         raise ConfigError(f"Model '{args.name}' has no weights in {model.working}; create it again from a checkpoint.")
     metadata = {"dreambooth_model": args.name, "dreambooth_base": base_checkpoint_name(config),
                 "dreambooth_settings_hash": settings_hash(config)}
-    written = export_checkpoint(load_components(model.working), out, precision, metadata=metadata, warn=_note)
+    with model.writer_lock("export", _note):
+        written = export_checkpoint(load_components(model.working), out, precision, metadata=metadata, warn=_note)
     _say(f"Exported '{args.name}' ({precision}) to {written or out}")
     return 0
 

@@ -20,6 +20,7 @@ from typing import Any, Protocol
 from .config.schema import TrainingConfig, parse_value, settings, validate
 from .errors import ConfigError, DreamboothError
 from .host.base import Host
+from .locks import check_free
 from .store import ModelDir, ModelStore, unused_path
 from .train.events import LossRecord, Progress, TrainCallbacks, TrainCommands
 
@@ -211,6 +212,7 @@ class TrainingService:
         """Start training `model_name` on a worker thread; raise RunInProgress if a GPU job is active."""
         model = self.store.existing(model_name)
         config = apply_overrides(model.load_config(), config_overrides)
+        check_free(model.root)  # another process training it: refuse now (409), not in the worker
         self._claim(model.name, "train")
         commands = TrainCommands()
         with self._lock:
@@ -311,7 +313,7 @@ class TrainingService:
         self._claim(model.name, job)
         error: BaseException | None = None
         try:
-            with self.host.gpu_lock():
+            with model.writer_lock(job, self._warn), self.host.gpu_lock():
                 return work(model)
         except BaseException as caught:
             error = caught

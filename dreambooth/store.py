@@ -7,8 +7,11 @@ from __future__ import annotations
 
 import re
 import shutil
+from collections.abc import Callable
+from contextlib import AbstractContextManager as ContextManager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from .config import TrainingConfig, load, save
 from .errors import ConfigError
@@ -100,6 +103,12 @@ class ModelDir:
     def save_config(self, config: TrainingConfig) -> None:
         config.model_name = self.name
         save(config, self.config_path)
+
+    def writer_lock(self, purpose: str, warn: Callable[[str], None] | None = None) -> ContextManager[Any]:
+        """Hold this model for `purpose` ("train", "export") across processes; see dreambooth.locks."""
+        from .locks import writer_lock
+
+        return writer_lock(self.root, purpose, warn)
 
 
 class ModelStore:

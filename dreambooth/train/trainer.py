@@ -120,15 +120,16 @@ class Trainer:
         try:
             config = validate(copy.deepcopy(self.config))
             self.model_dir = ModelStore(self.host.layout).existing(config.model_name)
-            self._remove_crash_leftovers(config)
-            self._preflight(config)
-            self._ensure_class_images(config)
-            self.host.release_model()
-            try:
-                with self.host.gpu_lock():
-                    return self._train_within_memory(config)
-            finally:
-                self.host.restore_model()
+            with self.model_dir.writer_lock("train", self.callbacks.on_warning):  # one writer across processes
+                self._remove_crash_leftovers(config)
+                self._preflight(config)
+                self._ensure_class_images(config)
+                self.host.release_model()
+                try:
+                    with self.host.gpu_lock():
+                        return self._train_within_memory(config)
+                finally:
+                    self.host.restore_model()
         except DreamboothError as error:
             self.callbacks.on_error(str(error))
             raise

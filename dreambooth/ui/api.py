@@ -17,6 +17,7 @@ from typing import Any
 from ..config import io as config_io
 from ..config.schema import TrainingConfig
 from ..errors import ConfigError, DreamboothError
+from ..locks import ModelBusy
 from ..service import RunInProgress, TrainingService
 from ..store import ModelDir, ModelStore, check_model_name
 
@@ -61,7 +62,7 @@ def check_concept_folders(config: TrainingConfig, write_roots: list[Path], read_
 
 
 def status_code_for(error: DreamboothError) -> int:
-    if isinstance(error, RunInProgress):
+    if isinstance(error, (RunInProgress, ModelBusy)):
         return 409
     if isinstance(error, ConfigError) and str(error).startswith("No model named"):
         return 404
