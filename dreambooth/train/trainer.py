@@ -182,9 +182,9 @@ class Trainer:
 
     def _check_memory(self, config: TrainingConfig, device: str) -> None:
         """Show the memory estimate before training and warn when it exceeds the device."""
-        from ..guide.memory import estimate_memory, warn_if_exceeds
+        from ..guide.memory import estimate_memory, model_params, warn_if_exceeds
 
-        estimate = estimate_memory(config)
+        estimate = estimate_memory(config, params=model_params(self.model_dir.working))
         self.callbacks.on_status(f"Estimated memory for this run: {estimate.total / 2**30:.1f} GiB")
         warning = warn_if_exceeds(estimate, device_memory_bytes(device))
         if warning:
