@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import unicodedata
 from pathlib import Path
 
 import pytest
@@ -23,10 +24,24 @@ def test_good_names_pass(name: str) -> None:
     "", "   ", "a/b", "a\\b", "..", "a..b", "../up", "/abs", "C:\\x", "C:x", ".hidden", "-dash", "a" * 101,
     "CON", "con", "nul.txt", "Com1", "LPT9.log", "aux", "trailing.", "trailing ", "tab\tname", "new\nline",
     "name\n", "emoji😀", "star*", "what?", "pipe|", "quote\"", "colon:", "<lt>", "\x00nul",
+    "a\u2215b", "a\uff0fb", "\u200bzero-width", "right\u202eleft", "狗" * 67, "CON.текст", "\u0301accent-first",
 ])
 def test_bad_names_are_refused(name: str) -> None:
     with pytest.raises(ConfigError):
         check_model_name(name)
+
+
+@pytest.mark.parametrize("name", ["мой-пёс", "我的狗", "犬のモデル", "कुत्ता", "σκύλος 2", "كلب", "café_v1.5",
+                                  "狗" * 66])
+def test_names_in_any_script_pass(name: str, tmp_path: Path) -> None:
+    assert check_model_name(name) == name
+    store = ModelStore(Layout.under(tmp_path / "models").ensure())
+    store.model(name).save_config(TrainingConfig())
+    assert store.names() == [name] and store.existing(name).load_config().model_name == name
+
+
+def test_decomposed_names_are_stored_composed() -> None:
+    assert check_model_name("cafe\u0301") == "caf\u00e9"
 
 
 def test_non_string_is_refused() -> None:
@@ -49,7 +64,7 @@ def test_any_name_is_refused_or_stays_inside(tmp_path_factory: pytest.TempPathFa
     except ConfigError:
         return
     base = store.layout.dreambooth_dir.resolve()
-    assert model.root.parent == base and model.root.name == name
+    assert model.root.parent == base and model.root.name == unicodedata.normalize("NFC", name)
     for path in (model.config_path, model.working, model.samples, model.snapshots, model.class_images):
         assert path.resolve().is_relative_to(base)
 

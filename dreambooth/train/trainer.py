@@ -241,6 +241,7 @@ class Trainer:
         state = _State()
         if resume_from is not None:
             state = self._restore(resume_from)
+            self.train_log.drop_rows_after(state.step)  # the interrupted run's later rows are redone now
             self.callbacks.on_status(f"Resuming from step {state.step}")
         return state
 
