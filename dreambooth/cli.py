@@ -34,6 +34,7 @@ from .config.schema import (
     validate,
 )
 from .errors import ConfigError, DreamboothError
+from .quiet import DropAlreadyShown, third_party_quiet
 from .store import Layout, ModelStore
 
 PROG = "python -m dreambooth"
@@ -426,7 +427,10 @@ def run(argv: Sequence[str] | None = None) -> int:
         raise Unavailable(args.unavailable)
     if args.command is None:
         args = build_parser().parse_args(["serve", *(list(argv) if argv is not None else sys.argv[1:])])
-    return args.handler(args, layout_from_args(args))
+    if args.handler is cmd_serve:  # the server's jobs silence third-party notices themselves
+        return args.handler(args, layout_from_args(args))
+    with third_party_quiet():
+        return args.handler(args, layout_from_args(args))
 
 
 def _one_line(error: BaseException) -> str:
@@ -438,6 +442,8 @@ def _one_line(error: BaseException) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of `python -m dreambooth`; returns the exit status."""
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(DropAlreadyShown())  # printed through the run's callbacks already
     logging.getLogger("dreambooth").setLevel(logging.INFO)
     try:
         return run(argv)

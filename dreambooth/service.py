@@ -21,6 +21,7 @@ from .config.schema import TrainingConfig, parse_value, settings, validate
 from .errors import ConfigError, DreamboothError
 from .host.base import Host
 from .locks import check_free
+from .quiet import third_party_quiet
 from .store import ModelDir, ModelStore, unused_path
 from .train.events import LossRecord, Progress, TrainCallbacks, TrainCommands
 
@@ -269,7 +270,7 @@ class TrainingService:
         collector = StatusCollector(self._status, self._lock, self.host)
         error: BaseException | None = None
         try:
-            with self._host_released():
+            with self._host_released(), third_party_quiet():
                 self._trainer_factory(config, self.host, collector, commands).run()
             if self.status().error:  # the trainer reported an error through on_error and returned
                 error = _ReportedFailure()
@@ -313,7 +314,7 @@ class TrainingService:
         self._claim(model.name, job)
         error: BaseException | None = None
         try:
-            with model.writer_lock(job, self._warn), self.host.gpu_lock():
+            with model.writer_lock(job, self._warn), self.host.gpu_lock(), third_party_quiet():
                 return work(model)
         except BaseException as caught:
             error = caught
@@ -333,7 +334,7 @@ class TrainingService:
         self._claim(model.name, "create")
         error: BaseException | None = None
         try:
-            with self.host.gpu_lock():
+            with self.host.gpu_lock(), third_party_quiet():
                 create(self.store, model.name, str(source), family=family, prediction_type=prediction_type)
             created = self.store.existing(model.name)
             self._apply_host_defaults(created)

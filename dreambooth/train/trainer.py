@@ -35,6 +35,7 @@ from ..config.schema import (
 )
 from ..errors import ConfigError, DataError, DreamboothError, TrainingError
 from ..guide.memory import ItSlowdownMonitor
+from ..quiet import shown
 from ..store import ModelDir, ModelStore
 from . import data as data_api
 from . import loss as losses
@@ -87,7 +88,7 @@ class _Warnings:
     def __call__(self, text: str) -> None:
         if text not in self.seen:
             self.seen.add(text)
-            log.warning(text)
+            log.warning(text, extra=shown())  # shown: the CLI prints it through the callback, not twice
             self.callbacks.on_warning(text)
 
 
