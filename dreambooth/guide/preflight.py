@@ -145,6 +145,54 @@ def _concept_images(index: int, concept: Concept, dataset_info: Mapping[str, int
     return None
 
 
+@dataclass(frozen=True)
+class _Sized:
+    path: str
+    size: tuple[int, int]
+
+
+def image_sizes(folder: str) -> list[_Sized]:
+    """(path, size) of the images in `folder` and its kohya-style subfolders, from their headers only."""
+    from PIL import Image
+
+    sized = []
+    for path in _image_paths(folder):
+        try:
+            with Image.open(path) as image:
+                sized.append(_Sized(path, image.size))
+        except (OSError, ValueError, Image.DecompressionBombError):
+            continue  # unreadable images are reported by the dataset scan
+    return sized
+
+
+def _image_paths(folder: str) -> list[str]:
+    try:
+        names = sorted(os.listdir(folder))
+    except OSError:
+        return []
+    paths = [os.path.join(folder, n) for n in names if n.lower().endswith(IMAGE_EXTENSIONS) and not n.startswith(".")]
+    for name in names:
+        if KOHYA_FOLDER.match(name) and os.path.isdir(os.path.join(folder, name)):
+            paths += _image_paths(os.path.join(folder, name))
+    return paths
+
+
+def check_image_sizes(config: TrainingConfig) -> list[Finding]:
+    """Images far below the training resolution or of extreme aspect: counted per concept (they train, badly)."""
+    from ..train.data.images import size_warnings
+
+    try:
+        resolution = min(training_resolutions(config))
+    except ConfigError:
+        return []  # reported by check_resolutions
+    findings = []
+    for index, concept in enumerate(config.concepts, start=1):
+        if concept.instance_data_dir.strip():
+            messages = size_warnings(f"Concept {index}", image_sizes(concept.instance_data_dir), resolution)
+            findings += [_warning(("resolution", "instance_data_dir"), message) for message in messages]
+    return findings
+
+
 def _uses_prior(config: TrainingConfig) -> bool:
     return uses_prior_preservation(config)
 
@@ -268,6 +316,7 @@ def preflight(config: TrainingConfig, family: str | None = None, device: str = "
     findings += check_latent_cache_augmentation(config)
     findings += check_resolutions(config)
     findings += check_concepts(config, dataset_info)
+    findings += check_image_sizes(config)
     findings += check_prior_preservation(config)
     findings += check_class_image_supply(config, dataset_info)
     findings += check_run_length(config)

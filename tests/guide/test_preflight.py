@@ -178,3 +178,21 @@ def test_raise_on_errors_lists_every_error(good: TrainingConfig) -> None:
         raise_on_errors(findings)
     text = str(raised.value)
     assert "mixed_precision" in text and "num_train_epochs" in text and "xformers" not in text
+
+
+def test_tiny_and_extreme_images_are_counted_before_training(good: TrainingConfig, tmp_path: Path) -> None:
+    from PIL import Image
+
+    folder = tmp_path / "sizes"
+    folder.mkdir()
+    for name, size in {"ok.png": (512, 512), "one.png": (1, 1), "small.png": (16, 16), "wide.png": (10000, 10),
+                       "fine-wide.png": (1024, 512)}.items():
+        Image.new("RGB", size).save(folder / name)
+    config = dataclasses.replace(good, concepts=[dataclasses.replace(good.concepts[0], instance_data_dir=str(folder))],
+                                 resolution=512)
+    findings = [f for f in preflight(config) if f.level == "warning"]
+    small = [f.message for f in findings if "far below the training resolution 512 px" in f.message]
+    extreme = [f.message for f in findings if "extreme aspect ratio" in f.message]
+    assert len(small) == 1 and small[0].startswith("Concept 1: 3 of 5 image(s)") and "one.png" in small[0]
+    assert len(extreme) == 1 and "1 of 5 image(s)" in extreme[0] and "wide.png at 10000x10" in extreme[0]
+    assert all("resolution" in f.settings for f in findings if f.message in small + extreme)
