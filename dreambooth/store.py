@@ -5,18 +5,20 @@ Names are validated so that nothing can be read or written outside the models fo
 
 from __future__ import annotations
 
+import os
 import shutil
 import unicodedata
 from collections.abc import Callable
 from contextlib import AbstractContextManager as ContextManager
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PureWindowsPath
 from typing import Any
 
 from .config import TrainingConfig, load, save
 from .errors import ConfigError
 
 CONFIG_FILE = "db_config.json"
+CONCEPT_FOLDERS = ("instance_data_dir", "class_data_dir")
 # Punctuation allowed in a model name besides letters, marks and digits of any script.
 _NAME_PUNCTUATION = frozenset(" ._+-()[]")
 _NAME_CHARACTERS, _NAME_BYTES = 100, 200  # exports append '_N.safetensors'; file systems allow 255 bytes
@@ -46,6 +48,21 @@ def check_model_name(name: str) -> str:
                           ". _ - + ( ) [ ], start with a letter or digit, no path separators or '..', at most "
                           f"{_NAME_CHARACTERS} characters.")
     return name
+
+
+def absolute_folders(config: TrainingConfig, base: Path) -> None:
+    """Make the concepts' relative instance and class folders absolute against `base` (in place).
+
+    A Windows path read on another system ('D:\\train') is left as written: joined to `base` it would only
+    hide the real problem, which the dataset scan names."""
+    for concept in config.concepts:
+        for name in CONCEPT_FOLDERS:
+            raw = getattr(concept, name)
+            if not raw.strip() or "\\" in raw or PureWindowsPath(raw).drive:
+                continue
+            path = Path(raw).expanduser()
+            if not path.is_absolute():
+                setattr(concept, name, os.path.normpath(base / path))
 
 
 @dataclass(frozen=True)
@@ -112,10 +129,17 @@ class ModelDir:
         return self.config_path.is_file()
 
     def load_config(self) -> TrainingConfig:
-        return load(self.config_path)
+        """The settings; a relative concept folder written into the file by hand is read relative to this
+        model's folder (never to the current folder of whichever process trains)."""
+        config = load(self.config_path)
+        absolute_folders(config, self.root)
+        return config
 
     def save_config(self, config: TrainingConfig) -> None:
+        """Save `config` (in place: its name, and relative concept folders made absolute against the current
+        folder, where the user typed them)."""
         config.model_name = self.name
+        absolute_folders(config, Path.cwd())
         save(config, self.config_path)
 
     def writer_lock(self, purpose: str, warn: Callable[[str], None] | None = None) -> ContextManager[Any]:

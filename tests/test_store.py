@@ -119,3 +119,30 @@ def test_layout_defaults(tmp_path: Path) -> None:
     assert layout.lora_dir == tmp_path / "L" and layout.dreambooth_dir == tmp_path / "dreambooth"
     layout.ensure()
     assert all(p.is_dir() for p in (layout.checkpoints_dir, layout.lora_dir, layout.dreambooth_dir))
+
+
+def test_relative_concept_folders_never_depend_on_the_training_processes_folder(
+        store: ModelStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import json
+
+    from dreambooth.config.schema import Concept
+
+    work = tmp_path / "work"
+    (work / "photos").mkdir(parents=True)
+    monkeypatch.chdir(work)
+    model = store.model("dog")
+    model.save_config(TrainingConfig(concepts=[Concept(instance_data_dir="photos", class_data_dir="../classes/dog",
+                                                       instance_prompt="sks dog")]))
+    stored = json.loads(model.config_path.read_text())["concepts"][0]
+    assert stored["instance_data_dir"] == str(work / "photos")  # saved absolute, where the user typed it
+    assert stored["class_data_dir"] == str(tmp_path / "classes" / "dog")
+    # Written by hand into the file: relative to the model's folder, whatever the current folder.
+    stored["instance_data_dir"] = "images"
+    data = json.loads(model.config_path.read_text())
+    data["concepts"][0] = stored
+    model.config_path.write_text(json.dumps(data))
+    monkeypatch.chdir(tmp_path)
+    assert model.load_config().concepts[0].instance_data_dir == str(model.root / "images")
+    # A Windows path read on another system stays as written, for the scan to name.
+    model.save_config(TrainingConfig(concepts=[Concept(instance_data_dir="D:\\train\\dog")]))
+    assert model.load_config().concepts[0].instance_data_dir == "D:\\train\\dog"
