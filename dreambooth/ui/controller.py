@@ -106,7 +106,14 @@ class TabController:
 
     # --- concepts -----------------------------------------------------------------------------------
     def import_concepts(self, text: str | None, path: Path | None) -> tuple[list[Any], list[str]]:
-        """Concepts from an uploaded file (preferred) or pasted JSON; returns (concepts, warnings)."""
+        """Concepts from an uploaded file (preferred) or pasted JSON; returns (concepts, warnings).
+
+        A .toml upload is read as kohya's dataset config (its subsets become concepts)."""
+        if path is not None and Path(path).suffix.lower() == ".toml":
+            from ..config.kohya import import_kohya_toml
+
+            result = import_kohya_toml(Path(path))
+            return result.config.concepts, result.messages
         if path is not None:
             try:
                 text = read_text(path)
