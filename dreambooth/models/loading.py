@@ -226,18 +226,23 @@ def mismatch_summary(error: BaseException, limit: int = 240) -> str:
     """The telling part of a loader's error: the first weight whose shape differs, else the first line, cut at a
     word boundary (the full text can be thousands of characters of shapes)."""
     text = str(error)
-    shape = r"torch\.Size\(\[([^\]]*)\]\)"
-    torch_style = re.search(rf"size mismatch for ([\w.]+).*?shape {shape}.*?shape in current model is {shape}", text,
-                            re.S)
-    diffusers_style = re.search(rf"([\w.]+) expected shape {shape}, but got {shape}", text)
+    torch_style = re.search(r"size mismatch for ([\w.]+): copying a param with shape (.+?) from checkpoint, the "
+                            r"shape in current model is (.+?)\.(?:\s|$)", text)
+    diffusers_style = re.search(r"([\w.]+) expected shape (.+?), but got (.+?)\.(?:\s|$)", text)
     if torch_style:
         weight, given, wanted = torch_style.groups()
-        text = f"weight {weight} has shape [{given}] in the file, [{wanted}] in the model"
+        text = f"weight {weight} has shape [{_dims(given)}] in the file, [{_dims(wanted)}] in the model"
     elif diffusers_style:
         weight, wanted, given = diffusers_style.groups()
-        text = f"weight {weight} has shape [{given}] in the file, [{wanted}] in the model"
+        text = f"weight {weight} has shape [{_dims(given)}] in the file, [{_dims(wanted)}] in the model"
     first = text.strip().splitlines()[0] if text.strip() else type(error).__name__
     return textwrap.shorten(first, limit, placeholder=" ...")
+
+
+def _dims(shape_text: str) -> str:
+    """'1280, 320' from 'torch.Size([1280, 320])' or "tensor(..., device='meta', size=(1280, 320))"."""
+    found = re.search(r"(?:Size\(\[|size=\()([\d, ]*)", shape_text)
+    return found.group(1) if found else shape_text
 
 
 def _to_dtype(model: Any, dtype: torch.dtype) -> Any:

@@ -173,3 +173,17 @@ def test_a_checkpoint_with_only_ema_unet_weights_loads_them(demo_files: dict[str
     save_file(ema_only, str(tmp_path / "cut.safetensors"), metadata=metadata)
     with pytest.raises(ModelError, match="only EMA UNet weights.*1 of them are missing"):
         load_checkpoint(tmp_path / "cut.safetensors")
+
+
+@pytest.mark.parametrize("text", [
+    "Error(s) in loading state_dict for UNet:\n\tsize mismatch for conv_in.weight: copying a param with shape "
+    "torch.Size([32, 4, 3, 3]) from checkpoint, the shape in current model is torch.Size([320, 4, 3, 3]).\n\t" + "x" * 5000,
+    "Cannot load because conv_in.weight expected shape tensor(..., device='meta', size=(320, 4, 3, 3)), but got "
+    "torch.Size([32, 4, 3, 3]). If you want to instead overwrite randomly initialized weights, please ...",
+    "Cannot load because conv_in.weight expected shape torch.Size([320, 4, 3, 3]), but got torch.Size([32, 4, 3, 3]).",
+])
+def test_mismatch_summary_reads_torch_and_both_diffusers_formats(text: str) -> None:
+    from dreambooth.models.loading import mismatch_summary
+
+    assert mismatch_summary(RuntimeError(text)) == ("weight conv_in.weight has shape [32, 4, 3, 3] in the file, "
+                                                    "[320, 4, 3, 3] in the model")
