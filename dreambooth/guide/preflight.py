@@ -240,14 +240,35 @@ def check_run_length(config: TrainingConfig) -> list[Finding]:
     return []
 
 
+def images_per_epoch(concept: Concept, dataset_info: Mapping[str, int] | None) -> int | None:
+    """Instance images one epoch of `concept` sees: its images x its repeats, where kohya-style folders count
+    with the repeats of their names (a `10_sks dog` subfolder, or the concept's folder itself when its own
+    repeats are unset), as the dataset scan trains them."""
+    folder = concept.instance_data_dir
+    if dataset_info is not None and folder in dataset_info:
+        return dataset_info[folder] * concept.repeats
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return None
+    own = KOHYA_FOLDER.match(os.path.basename(os.path.normpath(folder)))
+    repeats = int(own.group(0)[:-1]) if own and concept.repeats == 1 else concept.repeats
+    total = sum(1 for name in names if name.lower().endswith(IMAGE_EXTENSIONS)) * repeats
+    for name in names:
+        path = os.path.join(folder, name)
+        if KOHYA_FOLDER.match(name) and os.path.isdir(path):
+            total += (count_images(path) or 0) * int(name.split("_", 1)[0])
+    return total
+
+
 def run_steps(config: TrainingConfig, dataset_info: Mapping[str, int] | None) -> int | None:
     """Optimizer steps of the run, when known (max steps, or epochs x the instance images on disk)."""
     if config.max_train_steps > 0:
         return config.max_train_steps
-    counts = [_images_in(c.instance_data_dir, dataset_info) for c in config.concepts]
+    counts = [images_per_epoch(c, dataset_info) for c in config.concepts]
     if not counts or any(count is None for count in counts):
         return None
-    images = sum(count * concept.repeats for count, concept in zip(counts, config.concepts, strict=True))
+    images = sum(counts)  # type: ignore[arg-type]
     per_epoch = max(1, math.ceil(math.ceil(images / config.train_batch_size) / config.gradient_accumulation_steps))
     return per_epoch * config.num_train_epochs
 
