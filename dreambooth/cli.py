@@ -24,6 +24,7 @@ from .config.legacy import IDENTITY_FIELDS
 from .config.overrides import apply_overrides, parse_checked, set_override
 from .config.schema import FAMILIES, TrainingConfig, base_checkpoint_name, field_type, settings
 from .errors import ConfigError, DreamboothError
+from .quiet import DropAlreadyShown, third_party_quiet
 from .store import Layout, ModelStore
 
 PROG = "python -m dreambooth"
@@ -249,7 +250,8 @@ def cmd_export(args: argparse.Namespace, layout: Layout) -> int:
         raise ConfigError(f"Model '{args.name}' has no weights in {model.working}; create it again from a checkpoint.")
     metadata = {"dreambooth_model": args.name, "dreambooth_base": base_checkpoint_name(config),
                 "dreambooth_settings_hash": settings_hash(config)}
-    written = export_checkpoint(load_components(model.working), out, precision, metadata=metadata, warn=_note)
+    with model.writer_lock("export", _note):
+        written = export_checkpoint(load_components(model.working), out, precision, metadata=metadata, warn=_note)
     _say(f"Exported '{args.name}' ({precision}) to {written or out}")
     return 0
 
@@ -448,7 +450,10 @@ def run(argv: Sequence[str] | None = None) -> int:
         raise Unavailable(args.unavailable)
     if args.command is None:
         args = build_parser().parse_args(["serve", *(list(argv) if argv is not None else sys.argv[1:])])
-    return args.handler(args, layout_from_args(args))
+    if args.handler is cmd_serve:  # the server's jobs silence third-party notices themselves
+        return args.handler(args, layout_from_args(args))
+    with third_party_quiet():
+        return args.handler(args, layout_from_args(args))
 
 
 def _one_line(error: BaseException) -> str:
@@ -460,6 +465,8 @@ def _one_line(error: BaseException) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of `python -m dreambooth`; returns the exit status."""
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(DropAlreadyShown())  # printed through the run's callbacks already
     logging.getLogger("dreambooth").setLevel(logging.INFO)
     try:
         return run(argv)

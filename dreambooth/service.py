@@ -21,6 +21,8 @@ from .config.overrides import apply_overrides
 from .config.schema import TrainingConfig
 from .errors import ConfigError, DreamboothError
 from .host.base import Host
+from .locks import check_free
+from .quiet import third_party_quiet
 from .store import ModelDir, ModelStore, unused_path
 from .train.events import LossRecord, Progress, TrainCallbacks, TrainCommands
 
@@ -199,6 +201,7 @@ class TrainingService:
         """Start training `model_name` on a worker thread; raise RunInProgress if a GPU job is active."""
         model = self.store.existing(model_name)
         config = apply_overrides(model.load_config(), config_overrides or {})
+        check_free(model.root)  # another process training it: refuse now (409), not in the worker
         self._claim(model.name, "train")
         commands = TrainCommands()
         with self._lock:
@@ -255,7 +258,7 @@ class TrainingService:
         collector = StatusCollector(self._status, self._lock, self.host)
         error: BaseException | None = None
         try:
-            with self._host_released():
+            with self._host_released(), third_party_quiet():
                 self._trainer_factory(config, self.host, collector, commands).run()
             if self.status().error:  # the trainer reported an error through on_error and returned
                 error = _ReportedFailure()
@@ -299,7 +302,7 @@ class TrainingService:
         self._claim(model.name, job)
         error: BaseException | None = None
         try:
-            with self.host.gpu_lock():
+            with model.writer_lock(job, self._warn), self.host.gpu_lock(), third_party_quiet():
                 return work(model)
         except BaseException as caught:
             error = caught
@@ -319,7 +322,7 @@ class TrainingService:
         self._claim(model.name, "create")
         error: BaseException | None = None
         try:
-            with self.host.gpu_lock():
+            with self.host.gpu_lock(), third_party_quiet():
                 create(self.store, model.name, str(source), family=family, prediction_type=prediction_type)
             created = self.store.existing(model.name)
             self._apply_host_defaults(created)

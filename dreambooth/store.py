@@ -5,30 +5,64 @@ Names are validated so that nothing can be read or written outside the models fo
 
 from __future__ import annotations
 
-import re
+import os
 import shutil
+import unicodedata
+from collections.abc import Callable
+from contextlib import AbstractContextManager as ContextManager
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PureWindowsPath
+from typing import Any
 
 from .config import TrainingConfig, load, save
 from .errors import ConfigError
 
 CONFIG_FILE = "db_config.json"
-_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 ._+\-()\[\]]{0,99}$")
+CONCEPT_FOLDERS = ("instance_data_dir", "class_data_dir")
+# Punctuation allowed in a model name besides letters, marks and digits of any script.
+_NAME_PUNCTUATION = frozenset(" ._+-()[]")
+_NAME_CHARACTERS, _NAME_BYTES = 100, 200  # exports append '_N.safetensors'; file systems allow 255 bytes
 # Names Windows refuses as file names whatever the extension.
 _RESERVED = {"con", "prn", "aux", "nul", *(f"com{i}" for i in range(10)), *(f"lpt{i}" for i in range(10))}
 
 
+def _name_character(character: str) -> bool:
+    # Letters (L*), combining marks (M*, needed by Devanagari, Thai, ...) and digits (N*) of any script.
+    return unicodedata.category(character)[0] in "LMN" or character in _NAME_PUNCTUATION
+
+
 def check_model_name(name: str) -> str:
-    """Return `name` if it is a safe folder name, else raise ConfigError saying what is allowed."""
+    """`name` (NFC-normalised) if it is a safe folder name, else raise ConfigError saying what is allowed.
+
+    Letters and digits of any script are allowed; path tricks are not: separators, '..', control characters,
+    a leading dot or symbol, a trailing dot or space, and names Windows reserves (CON, NUL, COM1, ...).
+    """
     if not isinstance(name, str) or not name.strip():
         raise ConfigError("Model name is empty; give the model a name such as 'my-dog'.")
+    name = unicodedata.normalize("NFC", name)
     stem = name.split(".")[0].strip().lower()
-    if (not _NAME_PATTERN.fullmatch(name) or ".." in name or name.endswith((".", " "))
-            or stem in _RESERVED):
-        raise ConfigError(f"Model name {name!r} is not allowed: use letters, digits, spaces and . _ - + ( ) [ ], "
-                          "start with a letter or digit, no path separators or '..', at most 100 characters.")
+    if (not all(map(_name_character, name)) or not name[0].isalnum() or ".." in name
+            or name.endswith((".", " ")) or stem in _RESERVED or len(name) > _NAME_CHARACTERS
+            or len(name.encode("utf-8")) > _NAME_BYTES):
+        raise ConfigError(f"Model name {name!r} is not allowed: use letters (any script), digits, spaces and "
+                          ". _ - + ( ) [ ], start with a letter or digit, no path separators or '..', at most "
+                          f"{_NAME_CHARACTERS} characters.")
     return name
+
+
+def absolute_folders(config: TrainingConfig, base: Path) -> None:
+    """Make the concepts' relative instance and class folders absolute against `base` (in place).
+
+    A Windows path read on another system ('D:\\train') is left as written: joined to `base` it would only
+    hide the real problem, which the dataset scan names."""
+    for concept in config.concepts:
+        for name in CONCEPT_FOLDERS:
+            raw = getattr(concept, name)
+            if not raw.strip() or "\\" in raw or PureWindowsPath(raw).drive:
+                continue
+            path = Path(raw).expanduser()
+            if not path.is_absolute():
+                setattr(concept, name, os.path.normpath(base / path))
 
 
 @dataclass(frozen=True)
@@ -95,11 +129,24 @@ class ModelDir:
         return self.config_path.is_file()
 
     def load_config(self) -> TrainingConfig:
-        return load(self.config_path)
+        """The settings; a relative concept folder written into the file by hand is read relative to this
+        model's folder (never to the current folder of whichever process trains)."""
+        config = load(self.config_path)
+        absolute_folders(config, self.root)
+        return config
 
     def save_config(self, config: TrainingConfig) -> None:
+        """Save `config` (in place: its name, and relative concept folders made absolute against the current
+        folder, where the user typed them)."""
         config.model_name = self.name
+        absolute_folders(config, Path.cwd())
         save(config, self.config_path)
+
+    def writer_lock(self, purpose: str, warn: Callable[[str], None] | None = None) -> ContextManager[Any]:
+        """Hold this model for `purpose` ("train", "export") across processes; see dreambooth.locks."""
+        from .locks import writer_lock
+
+        return writer_lock(self.root, purpose, warn)
 
 
 class ModelStore:

@@ -376,3 +376,49 @@ def test_identity_changes_only_through_set_identity(tmp_path: Path, capsys: pyte
     assert "prediction_type" in one_error_line(capsys)
     assert run_cli(tmp_path, "config", "--name", "dog", "--set-identity", "learning_rate=1") == 1
     assert "not an identity field" in one_error_line(capsys)
+
+
+def test_a_cli_run_prints_each_warning_once_and_no_third_party_noise(tmp_path: Path) -> None:
+    """Warnings reach the user through the run's callbacks; the log must not print them a second time, and
+    progress bars and notices of the libraries (nothing the user can act on) stay out of the output."""
+    from PIL import Image
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    for name in ("TRANSFORMERS_VERBOSITY", "DIFFUSERS_VERBOSITY", "HF_HUB_DISABLE_PROGRESS_BARS"):
+        env.pop(name, None)
+    images = tmp_path / "images"
+    images.mkdir()
+    for index in range(2):
+        Image.new("RGB", (64, 64), (90 * index, 60, 30)).save(images / f"{index}.png")
+    output = ""
+    for args in (["demo-model", "--family", "sd1"], ["create", "--name", "tiny", "--from", "demo-sd1.safetensors"],
+                 ["config", "--name", "tiny", "--set", "resolution=64", "bucket_min_resolution=64",
+                  "with_prior_preservation=false", f"concepts.0.instance_data_dir={images}", "sample_every_n_steps=0",
+                  "concepts.0.instance_prompt=photo of sks thing", "max_train_steps=1", "save_every_n_steps=5"],
+                 ["train", "--name", "tiny"]):
+        done = subprocess.run([sys.executable, "-m", "dreambooth", "--data-dir", str(tmp_path), *args],
+                              capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+        assert done.returncode == 0, done.stderr
+        output += done.stdout + done.stderr
+    warning = "'save_every_n_steps' is 5 but the run is 1 steps"
+    assert output.count(warning) == 1, output
+    for noise in ("should be kept in float32", "Loading weights", "Writing model shards", "it/s]"):
+        assert noise not in output, output
+
+
+def test_third_party_quiet_restores_what_it_changed() -> None:
+    import logging
+    import warnings
+
+    from dreambooth.quiet import NOISY_WARNING_MODULES, third_party_quiet
+
+    pytest.importorskip("diffusers.utils.logging")  # importing a library sets its logger's level: do it first
+    pytest.importorskip("transformers.utils.logging")
+    levels = {name: logging.getLogger(name).level for name in ("diffusers", "transformers", "bitsandbytes")}
+    with third_party_quiet():
+        assert logging.getLogger("bitsandbytes").getEffectiveLevel() == logging.ERROR
+        with third_party_quiet():  # nested: the outer block stays quiet after the inner one ends
+            pass
+        assert logging.getLogger("diffusers.models.modeling_utils").getEffectiveLevel() == logging.ERROR
+    assert not [f for f in warnings.filters if getattr(f[3], "pattern", None) == NOISY_WARNING_MODULES]
+    assert {name: logging.getLogger(name).level for name in levels} == levels

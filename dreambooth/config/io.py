@@ -11,6 +11,7 @@ from typing import Any
 
 from .. import atomic
 from ..errors import ConfigError
+from ..textfiles import read_text
 from .schema import MAX_CONCEPTS, SCHEMA_VERSION, Concept, TrainingConfig, settings, validate
 
 log = logging.getLogger(__name__)
@@ -89,9 +90,9 @@ def from_dict(data: Any, source: str = "config", warn: Callable[[str], None] | N
 
 
 def read_text_file(path: Path, what: str = "Config file") -> str:
-    """The file's text (a UTF-8 byte-order mark, as Windows editors write, is dropped), or a ConfigError."""
+    """The file's text (UTF-8, or UTF-16/32 with a byte-order mark as Windows writes), or a ConfigError."""
     try:
-        return path.read_text(encoding="utf-8-sig")
+        return read_text(path)
     except FileNotFoundError:
         raise ConfigError(f"{what} {path} does not exist; check the path.") from None
     except (OSError, UnicodeDecodeError) as error:

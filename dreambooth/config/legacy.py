@@ -215,6 +215,10 @@ IGNORED_REASONS: dict[str, str] = {
 def import_file(path: str | Path, base: TrainingConfig | None = None, replace: bool = False) -> ImportResult:
     """Import a db_config.json, concepts list or our own config JSON, merged into `base`."""
     path = Path(path)
+    if path.suffix.lower() == ".toml":  # kohya sd-scripts' dataset config
+        from .kohya import import_kohya_toml
+
+        return import_kohya_toml(path, base)
     text = io.read_text_file(path, "Import file")
     return import_text(text, str(path), path.parent.resolve(), base, replace)
 
@@ -225,6 +229,11 @@ def import_text(text: str, source_name: str = "pasted JSON", base_dir: str | Pat
     try:
         data = json.loads(text)
     except json.JSONDecodeError as error:
+        from .kohya import looks_like_kohya_dataset
+
+        if looks_like_kohya_dataset(text):
+            raise ConfigError(f"{source_name} is a kohya dataset config (TOML), not JSON: save it as a .toml file "
+                              "and import that file.") from None
         raise ConfigError(f"{source_name} is not valid JSON (line {error.lineno}, column {error.colno}: "
                           f"{error.msg}); fix the JSON and import again.") from None
     return import_data(data, source_name, Path(base_dir) if base_dir is not None else None, base, replace)

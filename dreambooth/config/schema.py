@@ -71,7 +71,9 @@ class Concept:
                                      "(png, jpg, webp, bmp); captions are read from same-named .txt or "
                                      ".caption files beside each image. Typical: 5-20 varied photos for a "
                                      "person or object, 20-200 for a style. Change it to train a different "
-                                     "subject.",
+                                     "subject. A relative path is stored as an absolute one when the settings "
+                                     "are saved (relative to the folder you work in); one written into "
+                                     "db_config.json by hand is read relative to the model's folder.",
                                      "Concept", max_length=PATH_MAX_LENGTH)
     instance_prompt: str = setting("", "Instance prompt", "Prompt for the instance images, e.g. 'photo of "
                                    "sks dog'. '[filewords]' is replaced by the image's caption file; the "
@@ -88,7 +90,8 @@ class Concept:
     class_data_dir: str = setting("", "Class images folder", "Folder for prior-preservation images of the "
                                   "class. Empty: the model's class folder is used and missing images are "
                                   "generated. Set it to reuse class images across models or to supply real "
-                                  "photos of the class, e.g. 'class/dog'.",
+                                  "photos of the class, e.g. 'class/dog'. Relative paths are stored as "
+                                  "absolute ones, as for the instance folder.",
                                   "Concept", max_length=PATH_MAX_LENGTH)
     class_prompt: str = setting("", "Class prompt", "Prompt describing the class, e.g. 'photo of a dog'. "
                                 "Used to generate class images and as their caption. Make it match the "

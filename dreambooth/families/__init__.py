@@ -27,6 +27,8 @@ from ..errors import ModelError
 from .base import PREDICTION_TYPES, ModelFamily, TextEncoder
 from .tables import UNET_PREFIX, VAE_PREFIX
 
+EMA_UNET_PREFIX = "model_ema.diffusion_model"
+
 # Modules of this package shared by the families (not units); clip_text imports torch, the units do not.
 SHARED_MODULES = frozenset({"base", "tables", "clip_text"})
 
@@ -67,7 +69,9 @@ def _has_prefix(keys: Collection[str], prefix: str) -> bool:
 def architecture_of(keys: Iterable[str]) -> ModelFamily:
     """The base family whose text encoders a single file holds (the one with most encoders wins)."""
     keys = list(keys)
-    if not _has_prefix(keys, UNET_PREFIX) or not _has_prefix(keys, VAE_PREFIX):
+    # Some tools save only the EMA copy of the UNet ('model_ema.diffusion_model...'); loading puts it in place.
+    has_unet = _has_prefix(keys, UNET_PREFIX) or _has_prefix(keys, EMA_UNET_PREFIX)
+    if not has_unet or not _has_prefix(keys, VAE_PREFIX):
         raise ModelError("The file is not a Stable Diffusion checkpoint (no UNet or VAE weights in the original "
                          "layout); LoRA, embedding and VAE-only files cannot be trained as a model.")
     matching = [family for family in _base_families() if family.matches_keys(keys)]

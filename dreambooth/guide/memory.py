@@ -7,8 +7,12 @@ a planning aid (within roughly +-30 % of what the trainer peaks at), not a measu
 
 from __future__ import annotations
 
+import json
 import statistics
+import struct
+from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 from ..config.schema import TrainingConfig, caches_text_outputs
 
@@ -87,8 +91,47 @@ class MemoryEstimate:
         return rows + [f"{'total':<16} {self.total / GIB:6.2f} GiB"]
 
 
+# Where each part's weights lie in a diffusers folder (working/), for counting the real model's parameters.
+WEIGHT_FILES = {"unet": "unet/diffusion_pytorch_model.safetensors", "te": "text_encoder/model.safetensors",
+                "te2": "text_encoder_2/model.safetensors", "vae": "vae/diffusion_pytorch_model.safetensors"}
+
+
 def family_of(config: TrainingConfig, family: str | None) -> str:
     return family or config.model_family
+
+
+def safetensors_params(path: Path) -> int:
+    """Parameters in a .safetensors file, from its header alone (no tensor is read)."""
+    with open(path, "rb") as handle:
+        size = struct.unpack("<Q", handle.read(8))[0]
+        header = json.loads(handle.read(size))
+    count = 0
+    for name, entry in header.items():
+        if name != "__metadata__":
+            count += _product(entry["shape"])
+    return count
+
+
+def _product(shape: list[int]) -> int:
+    total = 1
+    for extent in shape:
+        total *= int(extent)
+    return total
+
+
+def model_params(folder: Path | None) -> dict[str, int] | None:
+    """Parameter counts per part of the diffusers model in `folder` (a model's working/), or None when it
+    has no readable UNet (then the estimate uses the real architecture's counts)."""
+    if folder is None or not (Path(folder) / WEIGHT_FILES["unet"]).is_file():
+        return None
+    counts = {}
+    try:
+        for part, relative in WEIGHT_FILES.items():
+            if (Path(folder) / relative).is_file():
+                counts[part] = safetensors_params(Path(folder) / relative)
+    except (OSError, ValueError, KeyError, struct.error):
+        return None
+    return counts
 
 
 def lora_params_per_rank(family: str, text_encoder: bool) -> int:
@@ -107,36 +150,40 @@ def lora_params_per_rank(family: str, text_encoder: bool) -> int:
     return unet + te
 
 
-def _text_encoder_params(family: str) -> int:
-    params = PARAMS[family]
-    return params["te"] + params.get("te2", 0)
+def _text_encoder_params(params: Mapping[str, int]) -> int:
+    return params.get("te", 0) + params.get("te2", 0)
 
 
-def _trainable_params(config: TrainingConfig, family: str) -> int:
+def _scale(params: Mapping[str, int], family: str) -> float:
+    """How the model compares with the real architecture (1.0 for it; tiny test models are far smaller)."""
+    return params["unet"] / PARAMS[family]["unet"]
+
+
+def _trainable_params(config: TrainingConfig, family: str, params: Mapping[str, int]) -> int:
     train_te = config.train_text_encoder
     if config.method == "lora":
-        return config.lora_rank * lora_params_per_rank(family, train_te) * (2 if config.use_dora else 1)
-    trainable = PARAMS[family]["unet"] if config.train_unet else 0
-    return trainable + (_text_encoder_params(family) if train_te else 0)
+        per_rank = lora_params_per_rank(family, train_te) * _scale(params, family)
+        return int(config.lora_rank * per_rank * (2 if config.use_dora else 1))
+    trainable = params["unet"] if config.train_unet else 0
+    return trainable + (_text_encoder_params(params) if train_te else 0)
 
 
-def _frozen_on_device(config: TrainingConfig, family: str) -> int:
+def _frozen_on_device(config: TrainingConfig, family: str, params: Mapping[str, int]) -> int:
     """Parameters held on the device in compute precision without being trained."""
-    params = PARAMS[family]
     frozen = 0
     if config.method == "lora" or not config.train_unet:
         frozen += params["unet"]
     te_needed = not caches_text_outputs(config) or config.train_text_encoder
     if te_needed and (config.method == "lora" or not config.train_text_encoder):
-        frozen += _text_encoder_params(family)
+        frozen += _text_encoder_params(params)
     if config.cache_latents == "off":
-        frozen += params["vae"]
+        frozen += params.get("vae", 0)
     return frozen
 
 
-def _activations(config: TrainingConfig, family: str, checkpointing: bool) -> int:
+def _activations(config: TrainingConfig, family: str, checkpointing: bool, scale: float = 1.0) -> int:
     area = (config.resolution / NATIVE_RESOLUTION[family]) ** 2
-    per_sample = ACTIVATIONS_PER_SAMPLE[family] * area
+    per_sample = ACTIVATIONS_PER_SAMPLE[family] * area * scale
     if config.train_text_encoder:
         per_sample *= 1 + TEXT_ENCODER_ACTIVATION_FRACTION
     scale = COMPUTE_BYTES[config.mixed_precision] / 2
@@ -144,18 +191,25 @@ def _activations(config: TrainingConfig, family: str, checkpointing: bool) -> in
     return int(per_sample * config.train_batch_size * scale * factor)
 
 
-def estimate_memory(config: TrainingConfig, family: str | None = None) -> MemoryEstimate:
-    """Bytes the config needs on one device (defaults to the config's model family)."""
+def estimate_memory(config: TrainingConfig, family: str | None = None,
+                    params: Mapping[str, int] | None = None) -> MemoryEstimate:
+    """Bytes the config needs on one device (defaults to the config's model family).
+
+    `params` are the parameter counts of the model really trained (see `model_params`); without them the
+    real architecture's are used. Activations scale with the UNet's size relative to the real one.
+    """
     family = family_of(config, family)
-    trainable = _trainable_params(config, family)
-    frozen = _frozen_on_device(config, family)
+    params = params if params and params.get("unet") else PARAMS[family]
+    scale = _scale(params, family)
+    trainable = _trainable_params(config, family, params)
+    frozen = _frozen_on_device(config, family, params)
     ema = trainable * MASTER_BYTES if config.use_ema else 0
     weights = trainable * MASTER_BYTES + frozen * COMPUTE_BYTES[config.mixed_precision] + ema
     state = int(trainable * OPTIMIZER_STATE_BYTES.get(config.optimizer, 8.0))
     checkpointing = config.gradient_checkpointing
     return MemoryEstimate(weights=weights, gradients=trainable * MASTER_BYTES, optimizer=state,
-                          activations=_activations(config, family, checkpointing), overhead=RUNTIME_OVERHEAD,
-                          activations_other_checkpointing=_activations(config, family, not checkpointing),
+                          activations=_activations(config, family, checkpointing, scale), overhead=RUNTIME_OVERHEAD,
+                          activations_other_checkpointing=_activations(config, family, not checkpointing, scale),
                           trainable_params=trainable)
 
 

@@ -145,6 +145,54 @@ def _concept_images(index: int, concept: Concept, dataset_info: Mapping[str, int
     return None
 
 
+@dataclass(frozen=True)
+class _Sized:
+    path: str
+    size: tuple[int, int]
+
+
+def image_sizes(folder: str) -> list[_Sized]:
+    """(path, size) of the images in `folder` and its kohya-style subfolders, from their headers only."""
+    from PIL import Image
+
+    sized = []
+    for path in _image_paths(folder):
+        try:
+            with Image.open(path) as image:
+                sized.append(_Sized(path, image.size))
+        except (OSError, ValueError, Image.DecompressionBombError):
+            continue  # unreadable images are reported by the dataset scan
+    return sized
+
+
+def _image_paths(folder: str) -> list[str]:
+    try:
+        names = sorted(os.listdir(folder))
+    except OSError:
+        return []
+    paths = [os.path.join(folder, n) for n in names if n.lower().endswith(IMAGE_EXTENSIONS) and not n.startswith(".")]
+    for name in names:
+        if KOHYA_FOLDER.match(name) and os.path.isdir(os.path.join(folder, name)):
+            paths += _image_paths(os.path.join(folder, name))
+    return paths
+
+
+def check_image_sizes(config: TrainingConfig) -> list[Finding]:
+    """Images far below the training resolution or of extreme aspect: counted per concept (they train, badly)."""
+    from ..train.data.images import size_warnings
+
+    try:
+        resolution = min(training_resolutions(config))
+    except ConfigError:
+        return []  # reported by check_resolutions
+    findings = []
+    for index, concept in enumerate(config.concepts, start=1):
+        if concept.instance_data_dir.strip():
+            messages = size_warnings(f"Concept {index}", image_sizes(concept.instance_data_dir), resolution)
+            findings += [_warning(("resolution", "instance_data_dir"), message) for message in messages]
+    return findings
+
+
 def _uses_prior(config: TrainingConfig) -> bool:
     return uses_prior_preservation(config)
 
@@ -192,14 +240,35 @@ def check_run_length(config: TrainingConfig) -> list[Finding]:
     return []
 
 
+def images_per_epoch(concept: Concept, dataset_info: Mapping[str, int] | None) -> int | None:
+    """Instance images one epoch of `concept` sees: its images x its repeats, where kohya-style folders count
+    with the repeats of their names (a `10_sks dog` subfolder, or the concept's folder itself when its own
+    repeats are unset), as the dataset scan trains them."""
+    folder = concept.instance_data_dir
+    if dataset_info is not None and folder in dataset_info:
+        return dataset_info[folder] * concept.repeats
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return None
+    own = KOHYA_FOLDER.match(os.path.basename(os.path.normpath(folder)))
+    repeats = int(own.group(0)[:-1]) if own and concept.repeats == 1 else concept.repeats
+    total = sum(1 for name in names if name.lower().endswith(IMAGE_EXTENSIONS)) * repeats
+    for name in names:
+        path = os.path.join(folder, name)
+        if KOHYA_FOLDER.match(name) and os.path.isdir(path):
+            total += (count_images(path) or 0) * int(name.split("_", 1)[0])
+    return total
+
+
 def run_steps(config: TrainingConfig, dataset_info: Mapping[str, int] | None) -> int | None:
     """Optimizer steps of the run, when known (max steps, or epochs x the instance images on disk)."""
     if config.max_train_steps > 0:
         return config.max_train_steps
-    counts = [_images_in(c.instance_data_dir, dataset_info) for c in config.concepts]
+    counts = [images_per_epoch(c, dataset_info) for c in config.concepts]
     if not counts or any(count is None for count in counts):
         return None
-    images = sum(count * concept.repeats for count, concept in zip(counts, config.concepts, strict=True))
+    images = sum(counts)  # type: ignore[arg-type]
     per_epoch = max(1, math.ceil(math.ceil(images / config.train_batch_size) / config.gradient_accumulation_steps))
     return per_epoch * config.num_train_epochs
 
@@ -268,6 +337,7 @@ def preflight(config: TrainingConfig, family: str | None = None, device: str = "
     findings += check_latent_cache_augmentation(config)
     findings += check_resolutions(config)
     findings += check_concepts(config, dataset_info)
+    findings += check_image_sizes(config)
     findings += check_prior_preservation(config)
     findings += check_class_image_supply(config, dataset_info)
     findings += check_run_length(config)

@@ -9,7 +9,10 @@ unpickler: a pickle that tries to run code is refused, never executed.
 from __future__ import annotations
 
 import json
+import logging
+import re
 import tempfile
+import textwrap
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -18,14 +21,18 @@ import torch
 
 from ..atomic import write_json
 from ..errors import ModelError
-from ..families import ModelFamily, architecture_of, folder_family, get_family
+from ..families import EMA_UNET_PREFIX, ModelFamily, architecture_of, folder_family, get_family
 from ..families import resolve_family as resolve_file_family
 from ..store import ModelDir, ModelStore
 from .components import Components, load_components, save_components
-from .convert import match_model_keys, normalise_clip_l_keys, text_encoder_from_ldm
+from .convert import UNET_PREFIX, match_model_keys, normalise_clip_l_keys, text_encoder_from_ldm, unet_to_ldm
 from .tokenizer import load_clip_tokenizer, load_tokenizer_folder
 
+log = logging.getLogger(__name__)
+
 CONFIGS_METADATA_KEY = "dreambooth_configs"
+EMA_PREFIX = "model_ema."
+PART_NAMES = {"unet": "UNet", "vae": "VAE"}
 CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 
 # --- reading files -------------------------------------------------------------------------------------
@@ -142,15 +149,39 @@ def load_text_encoder(config: Mapping[str, Any], weights: Mapping[str, torch.Ten
 
 
 def _diffusers_model(cls: Any, state: Mapping[str, torch.Tensor], config_dir: Path, name: str,
-                     dtype: torch.dtype) -> Any:
+                     dtype: torch.dtype, source: str = "The checkpoint", family: str = "") -> Any:
     try:
         model = cls.from_single_file(dict(state), config=str(config_dir), subfolder=name, local_files_only=True,
                                      torch_dtype=dtype)
     except Exception as error:
-        raise ModelError(f"The checkpoint's {name} does not fit the {config_dir.name} architecture "
-                         f"({type(error).__name__}: {str(error)[:200]}); the file is damaged or of another "
-                         "model type.") from None
+        expected = f"the {family} architecture" if family else "the expected architecture"
+        raise ModelError(f"{source}: its {PART_NAMES.get(name, name)} does not fit {expected} "
+                         f"({mismatch_summary(error)}); the file is damaged, of another model type, or not a "
+                         f"{family or 'Stable Diffusion'} base model.") from None
     return _to_dtype(model, dtype).eval()
+
+
+def mismatch_summary(error: BaseException, limit: int = 240) -> str:
+    """The telling part of a loader's error: the first weight whose shape differs, else the first line, cut at a
+    word boundary (the full text can be thousands of characters of shapes)."""
+    text = str(error)
+    torch_style = re.search(r"size mismatch for ([\w.]+): copying a param with shape (.+?) from checkpoint, the "
+                            r"shape in current model is (.+?)\.(?:\s|$)", text)
+    diffusers_style = re.search(r"([\w.]+) expected shape (.+?), but got (.+?)\.(?:\s|$)", text)
+    if torch_style:
+        weight, given, wanted = torch_style.groups()
+        text = f"weight {weight} has shape [{_dims(given)}] in the file, [{_dims(wanted)}] in the model"
+    elif diffusers_style:
+        weight, wanted, given = diffusers_style.groups()
+        text = f"weight {weight} has shape [{_dims(given)}] in the file, [{_dims(wanted)}] in the model"
+    first = text.strip().splitlines()[0] if text.strip() else type(error).__name__
+    return textwrap.shorten(first, limit, placeholder=" ...")
+
+
+def _dims(shape_text: str) -> str:
+    """'1280, 320' from 'torch.Size([1280, 320])' or "tensor(..., device='meta', size=(1280, 320))"."""
+    found = re.search(r"(?:Size\(\[|size=\()([\d, ]*)", shape_text)
+    return found.group(1) if found else shape_text
 
 
 def _to_dtype(model: Any, dtype: torch.dtype) -> Any:
@@ -158,9 +189,12 @@ def _to_dtype(model: Any, dtype: torch.dtype) -> Any:
 
 
 def components_from_state_dict(state: Mapping[str, torch.Tensor], family: str, prediction_type: str,
-                               configs: Mapping[str, Mapping[str, Any]], dtype: torch.dtype = torch.float32
-                               ) -> Components:
-    """Components from an original-layout state dict; keys the model does not hold become extras."""
+                               configs: Mapping[str, Mapping[str, Any]], dtype: torch.dtype = torch.float32,
+                               source: str = "The checkpoint") -> Components:
+    """Components from an original-layout state dict; keys the model does not hold become extras.
+
+    `source` names the file in error messages (the user's checkpoint, never a temporary config folder).
+    """
     import diffusers
 
     from .export import model_to_ldm
@@ -169,8 +203,8 @@ def components_from_state_dict(state: Mapping[str, torch.Tensor], family: str, p
     state = normalise_clip_l_keys(state)
     with tempfile.TemporaryDirectory(prefix="dreambooth-configs-") as tmp:
         config_dir = write_config_dir({k: v for k, v in configs.items() if k in ("unet", "vae")}, Path(tmp))
-        unet = _diffusers_model(getattr(diffusers, unit.unet_class), state, config_dir, "unet", dtype)
-        vae = _diffusers_model(getattr(diffusers, unit.vae_class), state, config_dir, "vae", dtype)
+        unet = _diffusers_model(getattr(diffusers, unit.unet_class), state, config_dir, "unet", dtype, source, family)
+        vae = _diffusers_model(getattr(diffusers, unit.vae_class), state, config_dir, "vae", dtype, source, family)
     weights = _text_encoder_weights(state, unit, configs)
     encoders = [load_text_encoder(configs[spec.folder], w, spec.with_projection, dtype)
                 for spec, w in zip(unit.text_encoders, weights, strict=True)]
@@ -188,7 +222,45 @@ def load_checkpoint(path: str | Path, family: str | None = None, prediction_type
     state, metadata = read_checkpoint(path)
     family, prediction = resolve_family(path, state, metadata, family, prediction_type)
     configs = embedded_configs(metadata) or shipped_configs(family)
-    return components_from_state_dict(state, family, prediction, configs, dtype)
+    state = with_ema_unet(state, family, configs["unet"], path)
+    return components_from_state_dict(state, family, prediction, configs, dtype, f"Checkpoint {path}")
+
+
+# --- EMA-only checkpoints -------------------------------------------------------------------------------
+
+
+def ema_key(ldm_key: str) -> str:
+    """Where the original layout keeps the EMA copy of a UNet weight: 'model_ema.' + the key without its first
+    part and without dots (model.diffusion_model.out.0.weight -> model_ema.diffusion_modelout0weight)."""
+    return EMA_PREFIX + "".join(ldm_key.split(".")[1:])
+
+
+def ldm_unet_keys(family: str, unet_config: Mapping[str, Any]) -> list[str]:
+    """The original-layout names of every weight of a UNet built from `unet_config` (no memory allocated)."""
+    import diffusers
+    from accelerate import init_empty_weights
+
+    unit = get_family(family)
+    with init_empty_weights():
+        unet = getattr(diffusers, unit.unet_class).from_config(dict(unet_config))
+    return list(unet_to_ldm(unet.state_dict(), unit.unet_table(unet.config)))
+
+
+def with_ema_unet(state: Mapping[str, torch.Tensor], family: str, unet_config: Mapping[str, Any],
+                  path: Path) -> Mapping[str, torch.Tensor]:
+    """`state` with the EMA UNet weights in the UNet's place when the file holds only those (some training
+    tools save just the EMA weights); unchanged when it holds the UNet itself."""
+    if any(key.startswith(UNET_PREFIX) for key in state) or not any(key.startswith(EMA_UNET_PREFIX) for key in state):
+        return state
+    keys = ldm_unet_keys(family, unet_config)
+    missing = [key for key in keys if ema_key(key) not in state]
+    if missing:
+        raise ModelError(f"Checkpoint {path} holds only EMA UNet weights ('model_ema.*') and {len(missing)} of "
+                         f"them are missing (e.g. {ema_key(missing[0])}); the file is incomplete.")
+    log.warning("Checkpoint %s holds only the EMA weights of its UNet ('model_ema.*'); they are loaded as the "
+                "UNet.", path)
+    rest = {key: value for key, value in state.items() if not key.startswith(EMA_PREFIX)}
+    return {**rest, **{key: state[ema_key(key)] for key in keys}}
 
 
 # --- diffusers folders ----------------------------------------------------------------------------------

@@ -9,9 +9,11 @@ from __future__ import annotations
 import csv
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from .. import atomic
 from .events import LossRecord
 
 JSONL_NAME = "train_log.jsonl"
@@ -67,10 +69,41 @@ class TrainLog:
                 writer.writeheader()
             writer.writerow(row)
 
+    def drop_rows_after(self, step: int) -> None:
+        """Before a resumed run redoes the steps after its snapshot (`step`), drop the rows the interrupted run
+        logged for them, so every step appears once. Only the trailing rows go: earlier runs' rows stay."""
+        if not self.enabled:
+            return
+        jsonl = self.folder / JSONL_NAME
+        if jsonl.is_file():
+            lines = [line for line in jsonl.read_text(encoding="utf-8").splitlines() if line.strip()]
+            kept = _without_tail(lines, step, lambda line: json.loads(line).get("step"))
+            if len(kept) < len(lines):
+                atomic.write_text(jsonl, "".join(line + "\n" for line in kept))
+        table = self.folder / CSV_NAME
+        if table.is_file():
+            lines = table.read_text(encoding="utf-8").splitlines()
+            kept = lines[:1] + _without_tail(lines[1:], step, lambda line: next(csv.reader([line]))[0])
+            if len(kept) < len(lines):
+                atomic.write_text(table, "".join(line + "\r\n" for line in kept))
+
     def close(self) -> None:
         if self._tensorboard is not None:
             self._tensorboard.close()
             self._tensorboard = None
+
+
+def _without_tail(lines: list[str], step: int, step_of: Callable[[str], Any]) -> list[str]:
+    """`lines` without the trailing ones whose step is above `step` (an unreadable line ends the tail)."""
+    end = len(lines)
+    while end > 0:
+        try:
+            if float(step_of(lines[end - 1])) <= step:
+                break
+        except (ValueError, TypeError, IndexError, StopIteration):
+            break
+        end -= 1
+    return lines[:end]
 
 
 def read_jsonl(folder: Path) -> list[dict[str, Any]]:

@@ -35,6 +35,7 @@ from ..config.schema import (
 )
 from ..errors import ConfigError, DataError, DreamboothError, TrainingError
 from ..guide.memory import ItSlowdownMonitor
+from ..quiet import shown
 from ..store import ModelDir, ModelStore
 from . import data as data_api
 from . import loss as losses
@@ -87,7 +88,7 @@ class _Warnings:
     def __call__(self, text: str) -> None:
         if text not in self.seen:
             self.seen.add(text)
-            log.warning(text)
+            log.warning(text, extra=shown())  # shown: the CLI prints it through the callback, not twice
             self.callbacks.on_warning(text)
 
 
@@ -120,15 +121,16 @@ class Trainer:
         try:
             config = validate(copy.deepcopy(self.config))
             self.model_dir = ModelStore(self.host.layout).existing(config.model_name)
-            self._remove_crash_leftovers(config)
-            self._preflight(config)
-            self._ensure_class_images(config)
-            self.host.release_model()
-            try:
-                with self.host.gpu_lock():
-                    return self._train_within_memory(config)
-            finally:
-                self.host.restore_model()
+            with self.model_dir.writer_lock("train", self.callbacks.on_warning):  # one writer across processes
+                self._remove_crash_leftovers(config)
+                self._preflight(config)
+                self._ensure_class_images(config)
+                self.host.release_model()
+                try:
+                    with self.host.gpu_lock():
+                        return self._train_within_memory(config)
+                finally:
+                    self.host.restore_model()
         except DreamboothError as error:
             self.callbacks.on_error(str(error))
             raise
@@ -181,9 +183,9 @@ class Trainer:
 
     def _check_memory(self, config: TrainingConfig, device: str) -> None:
         """Show the memory estimate before training and warn when it exceeds the device."""
-        from ..guide.memory import estimate_memory, warn_if_exceeds
+        from ..guide.memory import estimate_memory, model_params, warn_if_exceeds
 
-        estimate = estimate_memory(config)
+        estimate = estimate_memory(config, params=model_params(self.model_dir.working))
         self.callbacks.on_status(f"Estimated memory for this run: {estimate.total / 2**30:.1f} GiB")
         warning = warn_if_exceeds(estimate, device_memory_bytes(device))
         if warning:
@@ -240,6 +242,7 @@ class Trainer:
         state = _State()
         if resume_from is not None:
             state = self._restore(resume_from)
+            self.train_log.drop_rows_after(state.step)  # the interrupted run's later rows are redone now
             self.callbacks.on_status(f"Resuming from step {state.step}")
         return state
 

@@ -19,6 +19,7 @@ from ..config import legacy
 from ..config.overrides import apply_overrides
 from ..config.schema import TrainingConfig
 from ..errors import ConfigError, DreamboothError
+from ..locks import ModelBusy
 from ..service import RunInProgress, TrainingService
 from ..store import ModelDir, ModelStore, check_model_name
 
@@ -57,7 +58,7 @@ def check_concept_folders(config: TrainingConfig, write_roots: list[Path], read_
 
 
 def status_code_for(error: DreamboothError) -> int:
-    if isinstance(error, RunInProgress):
+    if isinstance(error, (RunInProgress, ModelBusy)):
         return 409
     if isinstance(error, (InvalidBody, legacy.IdentityChange)):
         return 422

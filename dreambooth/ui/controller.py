@@ -18,6 +18,7 @@ from ..errors import ConfigError
 from ..host.base import Host
 from ..imagefiles import is_image_name
 from ..store import ModelStore
+from ..textfiles import read_text
 from . import forms
 
 log = logging.getLogger(__name__)
@@ -105,10 +106,17 @@ class TabController:
 
     # --- concepts -----------------------------------------------------------------------------------
     def import_concepts(self, text: str | None, path: Path | None) -> tuple[list[Any], list[str]]:
-        """Concepts from an uploaded file (preferred) or pasted JSON; returns (concepts, warnings)."""
+        """Concepts from an uploaded file (preferred) or pasted JSON; returns (concepts, warnings).
+
+        A .toml upload is read as kohya's dataset config (its subsets become concepts)."""
+        if path is not None and Path(path).suffix.lower() == ".toml":
+            from ..config.kohya import import_kohya_toml
+
+            result = import_kohya_toml(Path(path))
+            return result.config.concepts, result.messages
         if path is not None:
             try:
-                text = Path(path).read_text(encoding="utf-8")
+                text = read_text(path)
             except (OSError, UnicodeDecodeError) as error:
                 raise ConfigError(f"Concepts file {Path(path).name} cannot be read ({error}).") from None
             source = f"concepts file {Path(path).name}"
@@ -187,7 +195,8 @@ class TabController:
     def memory_estimate(self, memory: str, values: list[Any]) -> str:
         memory_module = importlib.import_module("dreambooth.guide.memory")
         config = forms.form_to_config(values)
-        estimate = memory_module.estimate_memory(config, config.model_family)
+        working = self.store.model(config.model_name).working if config.model_name in self.store.names() else None
+        estimate = memory_module.estimate_memory(config, config.model_family, memory_module.model_params(working))
         text = "\n".join(estimate.lines())
         gb = MEMORY_CHOICES.get(memory)
         warning = memory_module.warn_if_exceeds(estimate, int(gb * 2**30) if gb else None)

@@ -118,7 +118,7 @@ def test_load_missing_and_unreadable_files(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="does not exist"):
         io.load(tmp_path / "nope.json")
     binary = tmp_path / "binary.json"
-    binary.write_bytes(b"\xff\xfe\x00garbage")
+    binary.write_bytes(b"\x80\x81garbage")  # no byte-order mark (\xff\xfe would read as UTF-16), not UTF-8
     with pytest.raises(ConfigError, match="cannot be read"):
         io.load(binary)
 

@@ -140,3 +140,24 @@ def test_slowdown_monitor_quiet_for_gradual_change_and_warmup() -> None:
     # The first steps are slow (compilation, caching): no baseline yet.
     assert not any(monitor.feed(0.1 if step < 5 else 2.0) for step in range(10))
     assert not any(monitor.feed(2.0 - step * 0.01) for step in range(50))
+
+
+def test_the_estimate_uses_the_parameter_counts_of_the_model_really_trained(tmp_path) -> None:
+    """The 14 MB demo model needs far less than a real SD1 model: the estimate reads working/'s weights."""
+    pytest.importorskip("diffusers")
+    from dreambooth.guide.memory import model_params
+    from dreambooth.models.components import save_components
+    from dreambooth.models.tiny import tiny_components
+
+    components = tiny_components("sd1")
+    save_components(components, tmp_path / "working")
+    counts = model_params(tmp_path / "working")
+    assert counts["unet"] == sum(p.numel() for p in components.unet.parameters())
+    # The file's count: parameters plus saved buffers (transformers 4.30 saves the 77 position ids).
+    assert counts["te"] == sum(t.numel() for t in components.text_encoders[0].state_dict().values())
+    config = TrainingConfig(model_family="sd1", method="dreambooth", optimizer="adamw")
+    tiny, real = estimate_memory(config, params=counts), estimate_memory(config)
+    assert tiny.trainable_params == counts["unet"] + counts["te"]
+    assert counts["te"] - sum(p.numel() for p in components.text_encoders[0].parameters()) <= 77
+    assert tiny.total < 1.2 * GIB < 10 * GIB < real.total  # overhead dominates for a tiny model
+    assert model_params(tmp_path / "missing") is None

@@ -202,3 +202,37 @@ def test_preflight_and_scanner_accept_the_same_image_types(tmp_path: Path) -> No
     assert count_images(str(folder)) == len(scanned) == len(IMAGE_EXTENSIONS)
     assert {".tif", ".gif"} <= {record.path.suffix for record in scanned}
     assert not about(preflight(config), "instance_data_dir")
+
+
+def test_tiny_and_extreme_images_are_counted_before_training(good: TrainingConfig, tmp_path: Path) -> None:
+    from PIL import Image
+
+    folder = tmp_path / "sizes"
+    folder.mkdir()
+    for name, size in {"ok.png": (512, 512), "one.png": (1, 1), "small.png": (16, 16), "wide.png": (10000, 10),
+                       "fine-wide.png": (1024, 512)}.items():
+        Image.new("RGB", size).save(folder / name)
+    config = dataclasses.replace(good, concepts=[dataclasses.replace(good.concepts[0], instance_data_dir=str(folder))],
+                                 resolution=512)
+    findings = [f for f in preflight(config) if f.level == "warning"]
+    small = [f.message for f in findings if "far below the training resolution 512 px" in f.message]
+    extreme = [f.message for f in findings if "extreme aspect ratio" in f.message]
+    assert len(small) == 1 and small[0].startswith("Concept 1: 3 of 5 image(s)") and "one.png" in small[0]
+    assert len(extreme) == 1 and "1 of 5 image(s)" in extreme[0] and "wide.png at 10000x10" in extreme[0]
+    assert all("resolution" in f.settings for f in findings if f.message in small + extreme)
+
+
+def test_epoch_length_counts_the_repeats_of_kohya_folder_names(good: TrainingConfig, tmp_path: Path) -> None:
+    """As the scan trains them: a parent of '10_sks dog' (3 images) and '2_ohwx cat' (1) is 32 images an epoch;
+    a concept pointed at a '5_zwx dog' folder itself (2 images) is 10."""
+    parent = tmp_path / "kohya"
+    make_images(parent / "10_sks dog", 3)
+    make_images(parent / "2_ohwx cat", 1)
+    make_images(tmp_path / "5_zwx dog", 2)
+    epochs = dataclasses.replace(good, max_train_steps=0, num_train_epochs=2, train_batch_size=1)
+    parent_run = dataclasses.replace(epochs, concepts=[dataclasses.replace(good.concepts[0],
+                                                                           instance_data_dir=str(parent))])
+    assert run_steps(parent_run, None) == 2 * 32
+    own = dataclasses.replace(epochs, concepts=[dataclasses.replace(good.concepts[0],
+                                                                    instance_data_dir=str(tmp_path / "5_zwx dog"))])
+    assert run_steps(own, None) == 2 * 10

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import pickle
+import re
 import shutil
 from pathlib import Path
 
@@ -70,7 +71,7 @@ def test_ckpt_loads_like_safetensors(demo_files: dict[str, Path], tmp_path: Path
     torch.save({"state_dict": tensors, "global_step": 470000}, tmp_path / "model.ckpt")
     assert read_checkpoint(tmp_path / "model.ckpt")[0].keys() == tensors.keys()
     # A .ckpt has no metadata, so the tiny demo needs its configs; the file still gets read safely.
-    with pytest.raises(ModelError, match="unet"):
+    with pytest.raises(ModelError, match="UNet"):
         load_checkpoint(tmp_path / "model.ckpt")
 
 
@@ -135,3 +136,54 @@ def test_failed_create_leaves_no_model(tmp_path: Path) -> None:
     with pytest.raises(ModelError, match="does not exist"):
         create_model(store, "ghost", tmp_path / "missing.safetensors")
     assert store.names() == [] and not (store.layout.dreambooth_dir / "ghost").exists()
+
+
+def test_architecture_mismatch_names_the_users_file_and_the_family(demo_files: dict[str, Path],
+                                                                    tmp_path: Path) -> None:
+    """Without its embedded configs the tiny demo file meets the real SD1 architecture: the error names the file
+    and the family, not a temporary config folder, and ends on a whole word."""
+    tensors, _ = read_checkpoint(demo_files["sd1"])
+    save_file(tensors, str(tmp_path / "my-model.safetensors"))
+    with pytest.raises(ModelError) as refused:
+        load_checkpoint(tmp_path / "my-model.safetensors")
+    message = str(refused.value)
+    assert str(tmp_path / "my-model.safetensors") in message and "sd1 architecture" in message
+    assert "dreambooth-configs-" not in message and "tmp" not in message.replace(str(tmp_path), "")
+    assert re.search(r"weight [\w.]+ has shape \[[\d, ]+\] in the file, \[[\d, ]+\] in the model", message), message
+    assert len(message) < 600
+
+
+def test_a_checkpoint_with_only_ema_unet_weights_loads_them(demo_files: dict[str, Path], tmp_path: Path,
+                                                             caplog: pytest.LogCaptureFixture) -> None:
+    from dreambooth.models.loading import ema_key
+
+    tensors, metadata = read_checkpoint(demo_files["sd1"])
+    unet_keys = [key for key in tensors if key.startswith("model.diffusion_model.")]
+    ema_only = {key: value for key, value in tensors.items() if key not in unet_keys}
+    ema_only.update({ema_key(key): tensors[key] for key in unet_keys})
+    ema_only.update({"model_ema.decay": torch.tensor(0.9999), "model_ema.num_updates": torch.tensor(10)})
+    save_file(ema_only, str(tmp_path / "ema.safetensors"), metadata=metadata)
+    with caplog.at_level("WARNING"):
+        loaded = load_checkpoint(tmp_path / "ema.safetensors")
+    assert "only the EMA weights" in caplog.text
+    reference = load_checkpoint(demo_files["sd1"])
+    expected, got = reference.unet.state_dict(), loaded.unet.state_dict()
+    assert all(torch.equal(expected[key], got[key]) for key in expected)
+    del ema_only[ema_key(unet_keys[0])]
+    save_file(ema_only, str(tmp_path / "cut.safetensors"), metadata=metadata)
+    with pytest.raises(ModelError, match="only EMA UNet weights.*1 of them are missing"):
+        load_checkpoint(tmp_path / "cut.safetensors")
+
+
+@pytest.mark.parametrize("text", [
+    "Error(s) in loading state_dict for UNet:\n\tsize mismatch for conv_in.weight: copying a param with shape "
+    "torch.Size([32, 4, 3, 3]) from checkpoint, the shape in current model is torch.Size([320, 4, 3, 3]).\n\t" + "x" * 5000,
+    "Cannot load because conv_in.weight expected shape tensor(..., device='meta', size=(320, 4, 3, 3)), but got "
+    "torch.Size([32, 4, 3, 3]). If you want to instead overwrite randomly initialized weights, please ...",
+    "Cannot load because conv_in.weight expected shape torch.Size([320, 4, 3, 3]), but got torch.Size([32, 4, 3, 3]).",
+])
+def test_mismatch_summary_reads_torch_and_both_diffusers_formats(text: str) -> None:
+    from dreambooth.models.loading import mismatch_summary
+
+    assert mismatch_summary(RuntimeError(text)) == ("weight conv_in.weight has shape [32, 4, 3, 3] in the file, "
+                                                    "[320, 4, 3, 3] in the model")

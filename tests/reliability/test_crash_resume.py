@@ -15,6 +15,7 @@ to the reference run (CPU, fp32, one thread: every random draw is derived from s
 from __future__ import annotations
 
 import json
+import os
 import random
 import shutil
 from concurrent.futures import ThreadPoolExecutor
@@ -263,3 +264,55 @@ def test_resume_after_the_text_encoder_stopped_keeps_its_training(workspace: Any
     resumed = load_file(str(faultkit.model_of(crashed).working / te))
     different = [k for k in expected if not torch.equal(expected[k], resumed[k])]
     assert not different, f"{len(different)} text-encoder tensors lost their training on resume"
+
+
+def test_cli_train_while_another_process_trains_is_refused_and_the_first_run_is_untouched(
+        workspace: Any, base_working: Path) -> None:
+    """Two writers would leave whichever working/ finished last: a CLI `train` of a model that this process
+    is training must stop before touching the folder; the first run then ends exactly as if alone."""
+    import subprocess
+    import sys
+    import threading
+
+    from dreambooth.train.events import Progress, TrainCallbacks
+    from dreambooth.train.trainer import Trainer
+
+    from fake_host import FakeHost
+
+    class PauseAt2(TrainCallbacks):
+        def __init__(self) -> None:
+            self.paused, self.resume = threading.Event(), threading.Event()
+
+        def on_progress(self, progress: Progress) -> None:
+            if progress.step == 2:
+                self.paused.set()
+                self.resume.wait(600)
+
+    def run(root: Path, callbacks: Any = None) -> Any:
+        return Trainer(faultkit.model_of(root).load_config(), FakeHost(faultkit.layout_of(root)), callbacks).run()
+
+    alone, shared = (workspace("dreambooth", with_prior_preservation=False) for _ in range(2))
+    run(alone)
+    pause = PauseAt2()
+    results: list[Any] = []
+    first = threading.Thread(target=lambda: results.append(run(shared, pause)))
+    first.start()
+    try:
+        assert pause.paused.wait(600), "the first run never reached step 2"
+        second = subprocess.run([sys.executable, "-m", "dreambooth", "--data-dir", str(shared), "train",
+                                 "--name", faultkit.MODEL], capture_output=True, text=True, timeout=600,
+                                cwd=str(Path(faultkit.__file__).resolve().parents[2]))
+    finally:
+        pause.resume.set()
+        first.join(600)
+    assert second.returncode == 1, second.stdout + second.stderr
+    assert (f"Model '{faultkit.MODEL}' is already training in process {os.getpid()}"
+            in second.stdout + second.stderr)
+    assert results and results[0].completed
+    working = {name: faultkit.model_of(root).working for name, root in (("alone", alone), ("shared", shared))}
+    for part in ("unet/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors"):
+        expected, got = load_file(str(working["alone"] / part)), load_file(str(working["shared"] / part))
+        assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected), part
+    untrained = load_file(str(base_working / "unet/diffusion_pytorch_model.safetensors"))
+    trained = load_file(str(working["shared"] / "unet/diffusion_pytorch_model.safetensors"))
+    assert any(not torch.equal(untrained[k], trained[k]) for k in untrained)  # the comparison is of trained weights

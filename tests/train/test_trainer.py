@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from dreambooth.errors import ConfigError, DreamboothError, TrainingError
 from dreambooth.train import loss as loss_module
 from dreambooth.train.events import LossRecord, Progress, TrainCallbacks, TrainCommands
-from dreambooth.train.logs import read_jsonl
+from dreambooth.train.logs import TrainLog, read_jsonl
 from dreambooth.train.text import final_layer_norm
 
 
@@ -107,6 +107,30 @@ def test_resume_is_bit_identical(env: Any, method: str) -> None:
     final = _final_tensors(env, method)
     assert straight.keys() == final.keys()
     assert all(torch.equal(straight[k], final[k]) for k in straight)
+
+
+def test_resumed_run_logs_each_step_once(env: Any) -> None:
+    """Killed at step 3 after the step-2 snapshot (a stop without save leaves the disk as such a crash):
+    the resumed run redoes step 3, and the log must hold it once."""
+    settings = {"max_train_steps": 4, "snapshot_every_n_steps": 2, "log_every_n_steps": 1}
+    commands = TrainCommands()
+    env.trainer(Recorder(commands, stop_at=3, save=False), commands, resume=False, **settings).run()
+    assert [row["step"] for row in read_jsonl(env.model.logging)] == [1, 2, 3]
+    assert env.trainer(**settings).run().completed
+    assert [row["step"] for row in read_jsonl(env.model.logging)] == [1, 2, 3, 4]
+    csv_steps = [line.split(",")[0] for line in (env.model.logging / "train_log.csv").read_text().splitlines()]
+    assert csv_steps == ["step", "1", "2", "3", "4"]
+
+
+def test_dropping_an_interrupted_runs_rows_keeps_earlier_runs(tmp_path: Path) -> None:
+    log = TrainLog(tmp_path, ["unet"], 1)
+    for step in [1, 2, 3, 4, 1, 2, 3]:  # a finished run, then one interrupted after its step-2 snapshot
+        log.write(LossRecord(step, 0.5, {"unet": 1e-4}), 1.0)
+    log.drop_rows_after(2)
+    log.close()
+    assert [row["step"] for row in read_jsonl(tmp_path)] == [1, 2, 3, 4, 1, 2]
+    assert [line.split(",")[0] for line in (tmp_path / "train_log.csv").read_text().splitlines()] == [
+        "step", "1", "2", "3", "4", "1", "2"]
 
 
 def test_stop_without_save_writes_nothing(env: Any) -> None:

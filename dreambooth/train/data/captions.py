@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ...config.schema import Concept, TrainingConfig
+from ...textfiles import decode_text
 
 if TYPE_CHECKING:
     from .batching import BatchItem
@@ -49,7 +50,7 @@ def read_caption(path: Path) -> tuple[str, str | None]:
     data = path.read_bytes()
     warning = None
     try:
-        text = data.decode("utf-8-sig")
+        text = decode_text(data)
     except UnicodeDecodeError:
         text = data.decode("latin-1")
         warning = f"Caption {path} is not UTF-8; read it as Latin-1. Re-save it as UTF-8 if letters look wrong."

@@ -21,7 +21,14 @@ from ...config.schema import Concept, TrainingConfig
 from ...errors import DataError
 from ...generation import GenerationRequest
 from ...imagefiles import is_image_name
-from .concepts import class_folder, class_prompt_of, expand_concepts, prior_active, prompt_hash
+from .concepts import (
+    class_folder,
+    class_prompt_of,
+    concept_labels,
+    expand_concepts,
+    prior_active,
+    prompt_hash,
+)
 from .images import ImageProblem, probe
 
 
@@ -68,15 +75,18 @@ def plan_class_images(config: TrainingConfig, class_root: Path) -> list[ClassIma
     if not prior_active(config):
         return []
     concepts, _ = expand_concepts(config)
-    jobs = [_job(i, c, config, class_root) for i, c in enumerate(concepts) if c.num_class_images > 0]
+    labels = concept_labels(config, concepts)
+    jobs = [_job(i, c, config, class_root, labels[i]) for i, c in enumerate(concepts) if c.num_class_images > 0]
     return [job for job in jobs if job.missing > 0]
 
 
-def _job(index: int, concept: Concept, config: TrainingConfig, class_root: Path) -> ClassImageJob:
+def _job(index: int, concept: Concept, config: TrainingConfig, class_root: Path, label: str) -> ClassImageJob:
     prompt = class_prompt_of(concept)
     if not prompt:
-        raise DataError(f"Concept {index + 1}: {concept.num_class_images} class images are requested but it has "
-                        "no class prompt or class token; set 'Class prompt' (e.g. 'photo of a dog').")
+        fix = ("add the class word to the folder's name (e.g. '3_ohwx dog') or set the concept's 'Class prompt'"
+               if ", folder '" in label else "set 'Class prompt' (e.g. 'photo of a dog')")
+        raise DataError(f"{label}: {concept.num_class_images} class images are requested but it has no class "
+                        f"prompt or class token; {fix}.")
     folder = class_folder(concept, class_root)
     assert folder is not None  # class_root is given
     present = count_usable(folder)

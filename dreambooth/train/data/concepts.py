@@ -6,6 +6,8 @@ Rules (documented for users):
   instance prompt (so its prompt is "sks dog", or each image's caption with the token inserted).
   Loose images beside those subfolders stay a concept of their own. Other subfolders are not read
   (they are listed as skipped).
+- a concept pointed at such a folder itself takes the repeats and tokens of its name where its own settings
+  are unset (repeats 1, empty tokens); a note says what was taken and what was kept.
 - a kohya concept's class images: the parent's class folder, or its `N_<class token>` subfolder
   when it has one (kohya's regularisation layout).
 - a concept without a class folder uses `<model>/classifiers/<prompt slug>-<prompt hash>/`, so
@@ -47,13 +49,24 @@ def kohya_parts(name: str) -> tuple[int, str, str] | None:
 
 def expand_concepts(config: TrainingConfig) -> tuple[list[Concept], list[tuple[Path, str]]]:
     """The effective concepts and the subfolders that are not read, with the reason."""
+    concepts, skipped, _ = expand_concepts_noted(config)
+    return concepts, skipped
+
+
+def expand_concepts_noted(config: TrainingConfig) -> tuple[list[Concept], list[tuple[Path, str]], list[str]]:
+    """`expand_concepts`, plus notes on what a folder's kohya-style name changed."""
     concepts: list[Concept] = []
     skipped: list[tuple[Path, str]] = []
-    for concept in config.concepts:
+    notes: list[str] = []
+    for number, concept in enumerate(config.concepts, start=1):
         folder = folder_of(concept.instance_data_dir) if concept.instance_data_dir.strip() else None
         if folder is None or not folder.is_dir():
             concepts.append(concept)
             continue
+        own = kohya_parts(folder.name)
+        if own and own[0] >= 1:  # pointed at a `10_sks dog` folder itself: its name says how to train it
+            concept, note = _named_by_folder(concept, folder, *own)
+            notes.append(f"Concept {number}: {note}")
         try:
             subfolders = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
         except OSError:  # unreadable: the scan reports it for this concept
@@ -69,7 +82,53 @@ def expand_concepts(config: TrainingConfig) -> tuple[list[Concept], list[tuple[P
                 continue
             concepts.append(_kohya_concept(concept, path, *parts))
         skipped.extend(_unread_folders(subfolders, {p for p, _ in kohya}))
-    return concepts, skipped
+    return concepts, skipped, notes
+
+
+def _named_by_folder(concept: Concept, folder: Path, repeats: int, token: str, class_token: str
+                     ) -> tuple[Concept, str]:
+    """The concept with the repeats and tokens of its folder's kohya name where its own settings are unset
+    (repeats 1, empty tokens), and a note saying what was taken and what was kept."""
+    taken, kept = [], []
+    changes: dict[str, object] = {}
+    for name, from_folder, unset in (("repeats", repeats, 1), ("instance_token", token, ""),
+                                     ("class_token", class_token, "")):
+        current = getattr(concept, name)
+        if from_folder in (unset, current):
+            continue
+        if current == unset:
+            changes[name] = from_folder
+            taken.append(f"{name} {from_folder!r}")
+        else:
+            kept.append(f"{name} {current!r} (the name says {from_folder!r})")
+    note = f"folder '{folder.name}' is named in kohya's '<repeats>_<token> <class>' style"
+    if taken:
+        note += f"; from its name it trains with {', '.join(taken)}"
+    if kept:
+        note += f"; the concept's own {', '.join(kept)} are kept"
+    if not taken and not kept:
+        note += "; the concept's settings already match it"
+    return dataclasses.replace(concept, **changes), note + "."
+
+
+def concept_labels(config: TrainingConfig, concepts: list[Concept]) -> list[str]:
+    """How messages name each effective concept: 'Concept N' as the user configured it, with the kohya
+    subfolder when the concept was expanded from one ('Concept 1, folder 3_ohwx')."""
+    labels = []
+    for index, concept in enumerate(concepts):
+        labels.append(_label(config, concept) or f"Concept {index + 1}")
+    return labels
+
+
+def _label(config: TrainingConfig, concept: Concept) -> str | None:
+    folder = concept.instance_data_dir
+    for number, configured in enumerate(config.concepts, start=1):
+        if configured.instance_data_dir == folder:
+            return f"Concept {number}"
+    for number, configured in enumerate(config.concepts, start=1):
+        if configured.instance_data_dir.strip() and folder_of(folder).parent == folder_of(configured.instance_data_dir):
+            return f"Concept {number}, folder '{folder_of(folder).name}'"
+    return None
 
 
 def _has_images(folder: Path) -> bool:

@@ -17,7 +17,9 @@ from __future__ import annotations
 import hashlib
 import io
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -193,3 +195,30 @@ def open_mask(path: Path, size: tuple[int, int]) -> Image.Image:
     if grey.size != size:
         grey = grey.resize(size, Image.BILINEAR)
     return grey
+
+
+# Images this far below the training resolution (shorter side under half of it) or this elongated are
+# stretched or cropped into something the model learns little from; training still uses them, with a warning.
+SMALL_FRACTION = 0.5
+EXTREME_ASPECT = 4.0
+
+
+def size_warnings(label: str, images: Sequence[Any], resolution: int) -> list[str]:
+    """Warnings with counts for `images` (anything with .path and .size = (width, height)) far below
+    `resolution` or of extreme aspect ratio."""
+    small = [r for r in images if min(r.size) < resolution * SMALL_FRACTION]
+    extreme = [r for r in images if max(r.size) > EXTREME_ASPECT * max(1, min(r.size))]
+    found = []
+    if small:
+        worst = min(small, key=lambda r: min(r.size))
+        factor = resolution / max(1, min(worst.size))
+        found.append(f"{label}: {len(small)} of {len(images)} image(s) are far below the training resolution "
+                        f"{resolution} px (shorter side under {int(resolution * SMALL_FRACTION)} px, e.g. "
+                        f"{Path(worst.path).name} at {worst.size[0]}x{worst.size[1]}, upscaled {factor:.0f}x); they "
+                        "train blurry. Replace them with larger images or lower 'resolution'.")
+    if extreme:
+        worst = max(extreme, key=lambda r: max(r.size) / max(1, min(r.size)))
+        found.append(f"{label}: {len(extreme)} of {len(images)} image(s) have an extreme aspect ratio (over "
+                        f"{EXTREME_ASPECT:.0f}:1, e.g. {Path(worst.path).name} at {worst.size[0]}x{worst.size[1]}); "
+                        "most of each is cropped away or squeezed. Crop them to the subject.")
+    return found

@@ -8,20 +8,24 @@ from typing import Any
 from ...config.schema import TrainingConfig, training_resolutions
 from ...errors import ConfigError
 from .buckets import bucket_spec
-from .concepts import expand_concepts
+from .concepts import concept_labels, expand_concepts_noted
 from .scan import ConceptScan, bucket_counts, scan_concept
 
 
 def dataset_preview(config: TrainingConfig, class_root: Path | None) -> list[dict[str, Any]]:
     """One dict per effective concept; never raises for data problems (they are in 'error'/'skipped')."""
-    concepts, skipped_folders = expand_concepts(config)
+    concepts, skipped_folders, notes = expand_concepts_noted(config)
     try:
         resolutions = training_resolutions(config)
     except ConfigError as error:
         return [{"index": -1, "error": str(error), "skipped": [], "warnings": []}]
-    rows = [_row(scan_concept(i, c, config, class_root), config, resolutions) for i, c in enumerate(concepts)]
+    labels = concept_labels(config, concepts)
+    rows = [_row(scan_concept(i, c, config, class_root, labels[i]), config, resolutions)
+            for i, c in enumerate(concepts)]
     if rows and skipped_folders:
         rows[0]["skipped"] = [[str(p), r] for p, r in skipped_folders] + rows[0]["skipped"]
+    if rows and notes:
+        rows[0]["warnings"] = notes + rows[0]["warnings"]
     return rows
 
 
@@ -44,6 +48,6 @@ def _row(scan: ConceptScan, config: TrainingConfig, resolutions: list[int]) -> d
         "class_images": len(scan.class_images),
         "class_missing": scan.class_missing,
         "skipped": [[str(p), reason] for p, reason in scan.skipped],
-        "warnings": list(scan.warnings),
+        "warnings": list(scan.warnings) + list(scan.size_warnings),
         "error": scan.error,
     }

@@ -6,7 +6,9 @@ reason and the fix, and the tab's dataset preview shows them.
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import os
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -17,8 +19,8 @@ from ...errors import DataError
 from ...imagefiles import MASK_SUFFIX, is_image_name
 from .buckets import BucketSpec, bucket_for, bucket_spec, too_small_reason
 from .captions import FILEWORDS, caption_path, class_caption, estimated_tokens, instance_caption, read_caption
-from .concepts import class_folder, expand_concepts, folder_of, prior_active
-from .images import ImageProblem, mask_path_for, probe
+from .concepts import class_folder, concept_labels, expand_concepts_noted, folder_of, prior_active
+from .images import ImageProblem, mask_path_for, probe, size_warnings
 
 # Extensions of image formats we do not read, so they are reported instead of silently ignored.
 UNSUPPORTED_IMAGE_EXTENSIONS = (".heic", ".heif", ".avif", ".jxl", ".psd", ".svg", ".ico", ".tga", ".jfif",
@@ -64,6 +66,8 @@ class ConceptScan:
     captions: int = 0
     skipped: list[tuple[Path, str]] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    # Shown by the dataset preview; a training run gets them from the pre-flight check (guide.preflight).
+    size_warnings: list[str] = field(default_factory=list)
     error: str | None = None
 
 
@@ -72,12 +76,14 @@ def scan_dataset(config: TrainingConfig, class_root: Path | None = None,
     """Scan every concept; raise DataError naming the concept and folder when one cannot train."""
     if not config.concepts:
         raise DataError("No concepts configured; add a concept with an instance images folder.")
-    concepts, skipped_folders = expand_concepts(config)
-    scans = [scan_concept(i, c, config, class_root) for i, c in enumerate(concepts)]
+    concepts, skipped_folders, notes = expand_concepts_noted(config)
+    labels = concept_labels(config, concepts)
+    scans = [scan_concept(i, c, config, class_root, labels[i]) for i, c in enumerate(concepts)]
     for scan in scans:
         if scan.error:
             raise DataError(scan.error)
     plan = _plan(scans, concepts, skipped_folders)
+    plan.warnings[:0] = notes
     if warn:
         for message in plan.warnings + skip_messages(plan.skipped):
             warn(message)
@@ -104,9 +110,12 @@ def _plan(scans: list[ConceptScan], concepts: list[Concept], skipped: list[tuple
     return plan
 
 
-def scan_concept(index: int, concept: Concept, config: TrainingConfig, class_root: Path | None) -> ConceptScan:
-    """Scan one effective concept without raising; problems land in error/skipped/warnings."""
-    label = f"Concept {index + 1}"
+def scan_concept(index: int, concept: Concept, config: TrainingConfig, class_root: Path | None,
+                 label: str | None = None) -> ConceptScan:
+    """Scan one effective concept without raising; problems land in error/skipped/warnings.
+
+    `label` names the concept in messages (see concepts.concept_labels); default 'Concept <index + 1>'."""
+    label = label or f"Concept {index + 1}"
     instance_dir = folder_of(concept.instance_data_dir) if concept.instance_data_dir.strip() else None
     scan = ConceptScan(index, concept, instance_dir, class_folder(concept, class_root))
     scan.error = _folder_error(label, instance_dir)
@@ -118,6 +127,7 @@ def scan_concept(index: int, concept: Concept, config: TrainingConfig, class_roo
         scan.error = _empty_error(label, instance_dir, scan.skipped)
         return scan
     scan.validation, scan.images = split_validation(images, config.validation_split)
+    scan.size_warnings = size_warnings(label, images, min(training_resolutions(config)))
     if prior_active(config):
         _scan_class_images(scan, config, specs, label)
     if config.masked_training:
@@ -165,6 +175,10 @@ def _scan_folder(folder: Path, scan: ConceptScan, config: TrainingConfig, specs:
         scan.skipped.append((folder, f"folder {folder} cannot be read ({error.strerror}); check its permissions"))
         return records
     for path in entries:
+        link_problem = _broken_link(path)
+        if link_problem:
+            scan.skipped.append((path, link_problem))
+            continue
         if not path.is_file():
             continue
         reason = _unusable_name(path)
@@ -177,6 +191,23 @@ def _scan_folder(folder: Path, scan: ConceptScan, config: TrainingConfig, specs:
         if record is not None:
             records.append(record)
     return records
+
+
+def _broken_link(path: Path) -> str | None:
+    """Why a symbolic link cannot be followed (it loops, or an image link points nowhere), else None.
+
+    Path.is_file() is simply False for both, which would drop the file without a word."""
+    if not path.is_symlink():
+        return None
+    try:
+        os.stat(path)
+    except OSError as error:
+        if error.errno == errno.ELOOP:
+            return (f"{path.name} is a symbolic link that loops back on itself, not followed; point it at a file or "
+                    "delete it")
+        if is_image_name(path):
+            return f"{path.name} is a symbolic link to {os.readlink(path)}, which does not exist; fix or delete it"
+    return None
 
 
 def _unusable_name(path: Path) -> str | None:

@@ -229,3 +229,56 @@ def test_preview_shows_unread_kohya_siblings(tmp_path: Path, make_image, config_
     rows = dataset_preview(config_for("train"), None)
     assert [(r["instance_token"], r["repeats"]) for r in rows] == [("sks", 4)]
     assert any(p.endswith("misc") for p, _ in rows[0]["skipped"])
+
+
+def test_a_concept_pointed_at_a_kohya_folder_itself_uses_its_name(tmp_path: Path, make_image, config_for) -> None:
+    make_image(tmp_path / "10_sks dog" / "a.png")
+    plan = scan_dataset(config_for("10_sks dog"))
+    concept = plan.concepts[0]
+    assert (concept.repeats, concept.instance_token, concept.class_token) == (10, "sks", "dog")
+    assert plan.repeats == {0: 10} and plan.instance[0].caption == "sks dog"
+    assert any("folder '10_sks dog'" in w and "repeats 10" in w for w in plan.warnings)
+    # Settings the user gave win, and the note says the name was not followed there.
+    kept = scan_dataset(config_for("10_sks dog", concept={"repeats": 3, "instance_token": "zwx"}))
+    assert (kept.concepts[0].repeats, kept.concepts[0].instance_token, kept.concepts[0].class_token) == (3, "zwx",
+                                                                                                          "dog")
+    assert any("repeats 3 (the name says 10)" in w for w in kept.warnings)
+    preview = dataset_preview(config_for("10_sks dog"), None)
+    assert preview[0]["repeats"] == 10 and any("kohya" in w for w in preview[0]["warnings"])
+
+
+def test_a_kohya_subfolder_without_a_class_word_is_named_in_the_error(tmp_path: Path, make_image,
+                                                                      config_for) -> None:
+    from dreambooth.train.data import plan_class_images
+
+    make_image(tmp_path / "train" / "5_sks dog" / "a.png")
+    make_image(tmp_path / "train" / "3_ohwx" / "b.png")
+    config = config_for("train", concept={"num_class_images": 4, "class_prompt": "photo of a dog",
+                                          "class_token": "dog"}, with_prior_preservation=True)
+    with pytest.raises(DataError, match=r"^Concept 1, folder '3_ohwx': .*no class prompt.*'3_ohwx dog'"):
+        plan_class_images(config, tmp_path / "classes")
+
+
+def test_tiny_and_extreme_images_are_counted_in_the_preview(tmp_path: Path, make_image, config_for) -> None:
+    make_image(tmp_path / "d" / "ok.png", size=(64, 64))
+    make_image(tmp_path / "d" / "tiny.png", size=(16, 16))
+    make_image(tmp_path / "d" / "dot.png", size=(1, 1))
+    make_image(tmp_path / "d" / "strip.png", size=(1000, 10))
+    row = dataset_preview(config_for("d", bucket_min_resolution=16), None)[0]
+    small = [w for w in row["warnings"] if "far below the training resolution" in w]
+    extreme = [w for w in row["warnings"] if "extreme aspect ratio" in w]
+    assert len(small) == 1 and "3 of 4 image(s)" in small[0] and "dot.png at 1x1, upscaled 64x" in small[0]
+    assert len(extreme) == 1 and "1 of 4 image(s)" in extreme[0] and "strip.png" in extreme[0]
+    assert not [w for w in small + extreme if "ok.png" in w]
+
+
+def test_symlink_loops_and_dangling_image_links_are_reported(tmp_path: Path, make_image, config_for) -> None:
+    make_image(tmp_path / "d" / "a.png")
+    (tmp_path / "d" / "loop.png").symlink_to(tmp_path / "d" / "loop.png")
+    (tmp_path / "d" / "gone.png").symlink_to(tmp_path / "nowhere.png")
+    warnings: list[str] = []
+    plan = scan_dataset(config_for("d"), warn=warnings.append)
+    assert len(plan.instance) == 1
+    reasons = {p.name: r for p, r in plan.skipped}
+    assert "loops back on itself" in reasons["loop.png"] and "does not exist" in reasons["gone.png"]
+    assert sum("loop.png" in w for w in warnings) == 1
