@@ -10,7 +10,6 @@ close to flip-equivariant and a cache holds (or flips) both orientations, as koh
 
 from __future__ import annotations
 
-import math
 import os
 import re
 import shlex
@@ -193,15 +192,21 @@ def check_run_length(config: TrainingConfig) -> list[Finding]:
 
 
 def run_steps(config: TrainingConfig, dataset_info: Mapping[str, int] | None) -> int | None:
-    """Optimizer steps of the run, when known (max steps, or epochs x the instance images on disk)."""
+    """Optimizer steps of the run, when known: max steps, or epochs of the dataset as the trainer plans them
+    (buckets, resolutions, repeats, class images on disk). With `dataset_info` (image counts instead of the
+    folders) all images count as one bucket."""
+    from ..train.runlength import config_run_length, counted_batches, estimate_run_length
+
     if config.max_train_steps > 0:
         return config.max_train_steps
+    if dataset_info is None:
+        length = estimate_run_length(config)
+        return length.total_steps if length else None
     counts = [_images_in(c.instance_data_dir, dataset_info) for c in config.concepts]
     if not counts or any(count is None for count in counts):
         return None
-    images = sum(count * concept.repeats for count, concept in zip(counts, config.concepts, strict=True))
-    per_epoch = max(1, math.ceil(math.ceil(images / config.train_batch_size) / config.gradient_accumulation_steps))
-    return per_epoch * config.num_train_epochs
+    images = [count * concept.repeats for count, concept in zip(counts, config.concepts, strict=True)]  # type: ignore[operator]
+    return config_run_length(config, counted_batches(images, config.train_batch_size)).total_steps
 
 
 def check_save_intervals(config: TrainingConfig, dataset_info: Mapping[str, int] | None) -> list[Finding]:
