@@ -194,14 +194,14 @@ def check_run_length(config: TrainingConfig) -> list[Finding]:
 def run_steps(config: TrainingConfig, dataset_info: Mapping[str, int] | None) -> int | None:
     """Optimizer steps of the run, when known: max steps, or epochs of the dataset as the trainer plans them
     (buckets, resolutions, repeats, class images on disk). With `dataset_info` (image counts instead of the
-    folders) all images count as one bucket."""
+    folders), or images that cannot be read, all images count as one bucket."""
     from ..train.runlength import config_run_length, counted_batches, estimate_run_length
 
     if config.max_train_steps > 0:
         return config.max_train_steps
-    if dataset_info is None:
-        length = estimate_run_length(config)
-        return length.total_steps if length else None
+    planned = estimate_run_length(config) if dataset_info is None else None
+    if planned is not None:
+        return planned.total_steps
     counts = [_images_in(c.instance_data_dir, dataset_info) for c in config.concepts]
     if not counts or any(count is None for count in counts):
         return None

@@ -13,7 +13,7 @@ from typing import Any, Protocol
 
 import torch
 
-from ..errors import DataError
+from ..errors import ConfigError, DataError
 from . import data as data_api
 from . import loss as losses
 from . import noise as noises
@@ -54,7 +54,7 @@ class DiffusionObjective:
         noise, timesteps = noise.to(device), timesteps.to(device)
         input_noise = input_noise.to(device) if batch.perturb_input else noise
         noisy = losses.add_noise(session.noise_scheduler, batch.latents, input_noise, timesteps)
-        wanted = self.target(session, batch.latents, noise, timesteps)
+        wanted = self.target(session.noise_scheduler, batch.latents, noise, timesteps)
         with runtime.autocast(config, device):
             hidden, added = conditioning(session, batch)
             prediction = session.unet(noisy, timesteps, encoder_hidden_states=hidden, added_cond_kwargs=added).sample
@@ -65,8 +65,9 @@ class DiffusionObjective:
             per_sample = per_sample * self.snr_weights(snr, config.min_snr_gamma)
         return per_sample
 
-    def target(self, session: Session, latents: torch.Tensor, noise: torch.Tensor,
+    def target(self, scheduler: Any, latents: torch.Tensor, noise: torch.Tensor,
                timesteps: torch.Tensor) -> torch.Tensor:
+        """What the UNet should predict for clean `latents` noised with `noise` at `timesteps`."""
         raise NotImplementedError
 
     def snr_weights(self, snr: torch.Tensor, gamma: float) -> torch.Tensor:
@@ -78,7 +79,7 @@ class EpsilonObjective(DiffusionObjective):
 
     name = "epsilon"
 
-    def target(self, session: Session, latents: torch.Tensor, noise: torch.Tensor,
+    def target(self, scheduler: Any, latents: torch.Tensor, noise: torch.Tensor,
                timesteps: torch.Tensor) -> torch.Tensor:
         return noise
 
@@ -88,15 +89,18 @@ class VPredictionObjective(DiffusionObjective):
 
     name = "v_prediction"
 
-    def target(self, session: Session, latents: torch.Tensor, noise: torch.Tensor,
+    def target(self, scheduler: Any, latents: torch.Tensor, noise: torch.Tensor,
                timesteps: torch.Tensor) -> torch.Tensor:
-        return session.noise_scheduler.get_velocity(latents, noise, timesteps)
+        return scheduler.get_velocity(latents, noise, timesteps)
 
 
 OBJECTIVES: dict[str, type[DiffusionObjective]] = {"epsilon": EpsilonObjective, "v_prediction": VPredictionObjective}
 
 
-def objective_for(prediction_type: str) -> Objective:
+def objective_for(prediction_type: str) -> DiffusionObjective:
+    if prediction_type not in OBJECTIVES:
+        raise ConfigError(f"Setting 'prediction_type': {prediction_type!r} is not supported; use "
+                          + " or ".join(OBJECTIVES) + ".")
     return OBJECTIVES[prediction_type]()
 
 

@@ -329,6 +329,8 @@ BASES: dict[str, dict[str, Any]] = {
     "lora": {"method": "lora", "lora_rank": 4, "lora_alpha": 4.0},
     "locon": {"method": "lora", "lora_rank": 4, "lora_alpha": 4.0, "lora_conv_rank": 2},
     "sdxl": {"model_family": "sdxl", "_weights": "sdxl"},
+    "forced": {"force_prediction_type": True},
+    "forced_v": {"prediction_type": "v_prediction", "force_prediction_type": True},
     "export": {"save_on_end": True},
     "steps3": {"max_train_steps": 3},
     "epochs": {"max_train_steps": 0, "num_train_epochs": 1},
@@ -378,7 +380,9 @@ class Case:
 CASES = [
     # Model
     Case("model_family", "sdxl", "outcome"),
-    Case("prediction_type", "v_prediction", "losses"),
+    Case("prediction_type", "v_prediction", "outcome"),
+    Case("prediction_type", "v_prediction", "losses", "forced"),
+    Case("force_prediction_type", False, "outcome", "forced_v"),
     Case("base_checkpoint", "base.ckpt", "requests", "generate"),
     # Method
     Case("method", "finetune", "batches"),

@@ -197,3 +197,15 @@ def test_validation_batches_are_fixed_and_unaugmented() -> None:
     assert validation_batches(plan, cfg, seed=5) == batches
     assert flat(epoch_batches(plan, cfg, 0, 1)) and not ({i.record for i in items}
                                                          & {i.record for i in flat(epoch_batches(plan, cfg, 0, 1))})
+
+
+def test_validation_batches_split_over_ranks_with_the_runs_seeds() -> None:
+    plan = make_plan(SIZES)
+    plan.validation = plan.instance[:5]
+    cfg = config(train_batch_size=2)
+    whole = flat(validation_batches(plan, cfg, seed=5))
+    ranks = [flat(validation_batches(plan, cfg, seed=5, world_size=2, rank=r)) for r in range(2)]
+    assert sorted(i.record.path.name for i in ranks[0] + ranks[1]) == sorted(i.record.path.name for i in whole)
+    assert not {i.record for i in ranks[0]} & {i.record for i in ranks[1]}
+    # fixed per run, different between runs: the item seeds follow the run's seed
+    assert [i.seed for i in whole] != [i.seed for i in flat(validation_batches(plan, cfg, seed=6))]
