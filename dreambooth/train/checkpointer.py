@@ -10,6 +10,7 @@ import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -18,7 +19,10 @@ from ..config.schema import training_resolutions
 from . import runtime, snapshots
 from .optim import set_training_mode
 from .sampling import render_samples, sample_prompts
-from .session import Session
+
+if TYPE_CHECKING:
+    from ..store import ModelDir
+    from .session import Session
 
 
 @dataclass
@@ -29,6 +33,12 @@ class State:
     epoch: int = 0
     group: int = 0
     nan_skips: int = 0
+
+
+def resume_point(model_dir: ModelDir) -> tuple[Path | None, dict[str, Any]]:
+    """The snapshot a run continues from (None: a fresh run) and its meta (the run's seed)."""
+    path = snapshots.resumable_snapshot(model_dir.snapshots)
+    return path, (snapshots.read_meta(path) if path else {})
 
 
 class Checkpointer:

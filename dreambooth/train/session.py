@@ -21,7 +21,8 @@ from ..errors import ConfigError, TrainingError
 from ..store import ModelDir
 from . import data as data_api
 from . import noise as noises
-from . import runtime, snapshots
+from . import runtime
+from .checkpointer import resume_point
 from .ema import EMA
 from .events import TrainCallbacks, TrainObserver
 from .optim import build_optimizer, param_groups
@@ -196,8 +197,7 @@ def build_session(config: TrainingConfig, model_dir: ModelDir, host: Any, callba
     ranks = Ranks()
     runtime.check_precision(config, ranks.device)
     runtime.set_tf32(config.allow_tf32)
-    resume_from = snapshots.resumable_snapshot(model_dir.snapshots) if resume else None
-    meta = snapshots.read_meta(resume_from) if resume_from else {}
+    resume_from, meta = resume_point(model_dir) if resume else (None, {})
     seed = int(meta.get("seed", resolve_seed(config.seed)))
     # LoRA initialisation and dropout draw from the global generators: seed them from the run's seed.
     seed_everything(seed)
