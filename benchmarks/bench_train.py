@@ -1,4 +1,4 @@
-"""Side-by-side training benchmark: our Trainer against the plain loop every peer starts from.
+"""Side-by-side training benchmark: our `train` command against the plain loop every peer starts from.
 
 The reference loop is the diffusers DreamBooth example's: VAE-encode and text-encode every step, AdamW, plain MSE,
 `zero_grad(set_to_none=True)`, frozen parts in the mixed-precision dtype. Both run on the same model weights,
@@ -266,23 +266,19 @@ def reference_run(case: Case, workdir: Path, on_step: Callable[[int], None]) -> 
 # --- ours -------------------------------------------------------------------------------------------
 
 def ours_run(case: Case, workdir: Path, on_step: Callable[[int], None]) -> None:
-    from dreambooth.host.embedded import EmbeddedHost
-    from dreambooth.store import Layout, ModelStore
-    from dreambooth.train.events import TrainCallbacks, TrainCommands
-    from dreambooth.train.trainer import Trainer
-
-    layout = Layout.under(workdir / "models")
-    config = ModelStore(layout).existing("bench").load_config()
-    commands = TrainCommands()
+    """`python -m dreambooth train --name bench` in this process: the CLI's own entry point, host and printed
+    lines, run to its natural end (final save and snapshot included, after the last timed step)."""
+    from dreambooth.cli_train import run_training
+    from dreambooth.store import Layout
+    from dreambooth.train.events import TrainCallbacks
 
     class StepClock(TrainCallbacks):
         def on_progress(self, progress: Any) -> None:
             on_step(progress.step - 1)
-            if progress.step >= progress.total_steps:
-                # Measured: skip the final snapshot (minutes of disk writes for full training).
-                commands.stop(save=False)
 
-    Trainer(config, EmbeddedHost(layout), StepClock(), commands, resume=False).run()
+    status = run_training(Layout.under(workdir / "models"), "bench", watcher=StepClock())
+    if status != 0:
+        raise RuntimeError(f"'train' ended with status {status}")
 
 
 # --- extras: our code alone ---------------------------------------------------------------------------

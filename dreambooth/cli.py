@@ -270,7 +270,7 @@ def training_overrides(args: argparse.Namespace, config: TrainingConfig) -> dict
 def cmd_train(args: argparse.Namespace, layout: Layout) -> int:
     model = ModelStore(layout).existing(args.name)
     overrides = training_overrides(args, model.load_config())
-    run_training = _helper("dreambooth.train.trainer", "run_training", "train")
+    run_training = _helper("dreambooth.cli_train", "run_training", "train")
     result = run_training(layout, args.name, overrides)
     return result if isinstance(result, int) else 0
 

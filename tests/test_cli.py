@@ -77,7 +77,7 @@ def test_train_flags_are_generated_from_the_schema() -> None:
 def test_train_passes_typed_overrides(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     make_model(tmp_path)
     calls: list[tuple[Layout, str, dict[str, Any]]] = []
-    fake_module(monkeypatch, "dreambooth.train.trainer",
+    fake_module(monkeypatch, "dreambooth.cli_train",
                 run_training=lambda layout, name, overrides: calls.append((layout, name, overrides)) or 0)
     status = run_cli(tmp_path, "train", "--name", "dog", "--learning-rate", "1e-6", "--train-text-encoder",
                      "false", "--lr-scheduler", "cosine", "--set", "max_train_steps=40",
@@ -91,7 +91,7 @@ def test_train_passes_typed_overrides(tmp_path: Path, monkeypatch: pytest.Monkey
 
 def test_train_returns_the_trainers_status(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     make_model(tmp_path)
-    fake_module(monkeypatch, "dreambooth.train.trainer", run_training=lambda *args: 3)
+    fake_module(monkeypatch, "dreambooth.cli_train", run_training=lambda *args: 3)
     assert run_cli(tmp_path, "train", "--name", "dog") == 3
 
 
@@ -111,7 +111,7 @@ def test_train_argument_errors_name_the_setting(tmp_path: Path, monkeypatch: pyt
                                                 capsys: pytest.CaptureFixture[str], args: list[str],
                                                 fragment: str) -> None:
     make_model(tmp_path)
-    fake_module(monkeypatch, "dreambooth.train.trainer", run_training=lambda *a: pytest.fail("must not train"))
+    fake_module(monkeypatch, "dreambooth.cli_train", run_training=lambda *a: pytest.fail("must not train"))
     assert run_cli(tmp_path, "train", "--name", "dog", *args) != 0
     assert fragment in one_error_line(capsys)
 

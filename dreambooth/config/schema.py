@@ -164,8 +164,15 @@ class TrainingConfig:
                                 choices=FAMILIES)
     prediction_type: str = setting("epsilon", "Prediction type", "What the UNet predicts: epsilon (the "
                                    "noise; SD 1.x, SD 2.x-base, SDXL) or v_prediction (SD 2.x 768-v models). "
-                                   "Detected on creation; change it only if previews are pure noise or grey.", "Model",
+                                   "Recorded with the weights when the model is created; training refuses a "
+                                   "different value unless 'force_prediction_type' is on.", "Model",
                                    choices=("epsilon", "v_prediction"))
+    force_prediction_type: bool = setting(False, "Force prediction type", "Train the weights with "
+                                          "'prediction_type' even where it differs from the type recorded with "
+                                          "them, e.g. to turn an epsilon model into a v-prediction one (samples "
+                                          "and exports then follow the new type). Off (typical): a mismatch "
+                                          "stops the run before it starts, since training a model on the wrong "
+                                          "target ruins it.", "Model")
     # --- Method ----------------------------------------------------------------------------------
     method: str = setting("dreambooth", "Method", "dreambooth: full weights with instance + class images "
                           "(best fidelity, needs 12+ GB). lora: small adapter saved to the LoRA folder (fits "
@@ -511,7 +518,10 @@ class TrainingConfig:
                                   choices=("fp32", "fp16", "bf16"))
     save_on_end: bool = setting(True, "Save at end", "Export the checkpoint or LoRA to the web UI's folders "
                                 "when training ends. On is typical; turn off when you only want intermediate "
-                                "saves or snapshots.", "Saving")
+                                "saves or snapshots. Either way the model's working weights (what the next "
+                                "run and later exports start from) hold the trained weights of a finished or "
+                                "stopped full-model run; a LoRA run keeps its base weights there and its "
+                                "adapter in the run's snapshot.", "Saving")
     # --- Samples ---------------------------------------------------------------------------------
     sample_every_n_steps: int = setting(0, "Sample every N steps", "Render preview images every N optimizer "
                                         "steps (0: off). Typical: 10% of the run; each sampling pauses "

@@ -10,7 +10,6 @@ close to flip-equivariant and a cache holds (or flips) both orientations, as koh
 
 from __future__ import annotations
 
-import math
 import os
 import re
 import shlex
@@ -262,15 +261,20 @@ def images_per_epoch(concept: Concept, dataset_info: Mapping[str, int] | None) -
 
 
 def run_steps(config: TrainingConfig, dataset_info: Mapping[str, int] | None) -> int | None:
-    """Optimizer steps of the run, when known (max steps, or epochs x the instance images on disk)."""
+    """Optimizer steps of the run, when known: max steps, or epochs of the dataset as the trainer plans them
+    (buckets, resolutions, repeats, class images on disk). With `dataset_info` (image counts instead of the
+    folders), or images that cannot be read, all images count as one bucket."""
+    from ..train.data.runlength import config_run_length, counted_batches, estimate_run_length
+
     if config.max_train_steps > 0:
         return config.max_train_steps
+    planned = estimate_run_length(config) if dataset_info is None else None
+    if planned is not None:
+        return planned.total_steps
     counts = [images_per_epoch(c, dataset_info) for c in config.concepts]
     if not counts or any(count is None for count in counts):
         return None
-    images = sum(counts)  # type: ignore[arg-type]
-    per_epoch = max(1, math.ceil(math.ceil(images / config.train_batch_size) / config.gradient_accumulation_steps))
-    return per_epoch * config.num_train_epochs
+    return config_run_length(config, counted_batches(counts, config.train_batch_size)).total_steps  # type: ignore[arg-type]
 
 
 def check_save_intervals(config: TrainingConfig, dataset_info: Mapping[str, int] | None) -> list[Finding]:

@@ -290,15 +290,13 @@ def _steps(inp: WizardInput, frames: int, spf: float, lines: list[Line]) -> int:
     return steps
 
 
-def steps_per_epoch(images: int, batch_size: int, accumulation: int) -> int:
-    """Optimizer steps in one pass over the instance images."""
-    return max(1, math.ceil(math.ceil(images / batch_size) / accumulation))
-
-
 def _epochs(inp: WizardInput, frames: int, steps: int, lines: list[Line]) -> int:
-    per_epoch = steps_per_epoch(frames, inp.batch, inp.accumulation)
-    epochs = max(1, math.ceil(steps / per_epoch))
-    lines.append(Line("epochs", epochs, f"ceil(steps / ceil(ceil(FN / BS) / GA)) = ceil({steps} / {per_epoch})"))
+    from ..train.data.runlength import counted_batches, run_length
+
+    length = run_length(counted_batches([frames], inp.batch), inp.accumulation, steps, 0)
+    epochs = max(1, length.total_epochs)
+    lines.append(Line("epochs", epochs, f"ceil(steps / ceil(ceil(FN / BS) / GA)) = ceil({steps} / "
+                      f"{length.steps_per_epoch})"))
     return epochs
 
 

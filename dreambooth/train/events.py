@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 
 @dataclass
@@ -82,3 +83,17 @@ class TrainCommands:
         with self._lock:
             wanted, self._sample = self._sample, False
             return wanted
+
+
+class TrainObserver:
+    """What the loop does with the data, for tests and tools that watch training (the honesty matrix): the
+    session once it is built, each training batch, the captions each training batch encodes, each finished
+    optimizer step. Every method is a no-op by default; observers must not change what they are shown."""
+
+    def on_session(self, session: Any) -> None: ...
+
+    def on_batch(self, step: int, items: list[Any]) -> None: ...
+
+    def on_captions(self, step: int, captions: list[str]) -> None: ...
+
+    def on_step(self, step: int) -> None: ...

@@ -14,17 +14,6 @@ def add_noise(scheduler: Any, latents: torch.Tensor, noise: torch.Tensor, timest
     return scheduler.add_noise(latents, noise, timesteps)
 
 
-def target(scheduler: Any, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor,
-           prediction_type: str) -> torch.Tensor:
-    """What the UNet should predict: the noise (epsilon) or the velocity (v-prediction)."""
-    if prediction_type == "epsilon":
-        return noise
-    if prediction_type == "v_prediction":
-        return scheduler.get_velocity(latents, noise, timesteps)
-    raise ConfigError(f"Setting 'prediction_type': {prediction_type!r} is not supported; use epsilon or "
-                      "v_prediction.")
-
-
 def compute_snr(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
     """Signal-to-noise ratio alpha_bar / (1 - alpha_bar) at each timestep (as diffusers.training_utils)."""
     alpha_bar = alphas_cumprod.to(timesteps.device)[timesteps].float()

@@ -158,11 +158,11 @@ def install(switch: KillSwitch) -> None:
     import safetensors.torch
     import torch
 
-    from dreambooth.train import trainer as trainer_module
+    from dreambooth.train.loop import TrainLoop
 
     real_save_file, real_torch_save = safetensors.torch.save_file, torch.save
     real_replace, real_write_bytes = os.replace, pathlib.Path.write_bytes
-    real_image_save, real_step = PIL.Image.Image.save, trainer_module.Trainer._optimizer_step
+    real_image_save, real_step = PIL.Image.Image.save, TrainLoop.optimizer_step
 
     def save_file(tensors: Any, filename: Any, metadata: Any = None) -> Any:
         return switch.event("safetensors", filename, lambda: real_save_file(tensors, filename, metadata=metadata),
@@ -189,7 +189,7 @@ def install(switch: KillSwitch) -> None:
 
     safetensors.torch.save_file, torch.save, os.replace = save_file, torch_save, replace
     pathlib.Path.write_bytes, PIL.Image.Image.save = write_bytes, image_save  # type: ignore[method-assign]
-    trainer_module.Trainer._optimizer_step = optimizer_step  # type: ignore[method-assign]
+    TrainLoop.optimizer_step = optimizer_step  # type: ignore[method-assign]
     modeling = sys.modules.get("transformers.modeling_utils")
     if modeling is not None and hasattr(modeling, "safe_save_file"):
         modeling.safe_save_file = save_file

@@ -91,10 +91,12 @@ class Env:
             setattr(config, key, value)
         return config
 
-    def trainer(self, callbacks: Any = None, commands: Any = None, resume: bool = True, **overrides: Any) -> Any:
+    def trainer(self, callbacks: Any = None, commands: Any = None, resume: bool = True, observers: Any = (),
+                **overrides: Any) -> Any:
         from dreambooth.train.trainer import Trainer
 
-        return Trainer(self.configured(**overrides), self.host, callbacks, commands, resume=resume)
+        return Trainer(self.configured(**overrides), self.host, callbacks, commands, resume=resume,
+                       observers=observers)
 
     def fresh(self) -> None:
         """Forget earlier runs: base weights back in working/, no snapshots, samples, logs or exports."""

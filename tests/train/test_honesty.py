@@ -33,7 +33,7 @@ from dreambooth.config.schema import Concept, TrainingConfig, settings
 from dreambooth.errors import DreamboothError
 from dreambooth.store import Layout, ModelStore
 from dreambooth.train import loss as loss_module
-from dreambooth.train.events import LossRecord, TrainCallbacks
+from dreambooth.train.events import LossRecord, TrainCallbacks, TrainObserver
 from dreambooth.train.trainer import Trainer
 
 from fake_host import FakeHost
@@ -98,41 +98,37 @@ class _Recorder(TrainCallbacks):
         self.observation.warnings.append(text.replace(str(self.root), "<root>"))
 
 
-class ObservedTrainer(Trainer):
-    """The real Trainer; records each training batch, the captions it encodes and the runtime it set up."""
+class _Watcher(TrainObserver):
+    """Through the trainer's public observer hooks: each training batch, the captions it encodes, the runtime
+    the session set up, and (after the run) the trained tensors and caches."""
 
-    observation: Observation
-    data_root: Path
-    run_root: Path
+    def __init__(self, observation: Observation, data_root: Path, run_root: Path):
+        self.observation, self.data_root, self.run_root = observation, data_root, run_root
+        self.session: Any = None
 
-    def _forward(self, batch: list[Any], step: int) -> torch.Tensor:
-        if not self.observation.runtime:
-            self.observation.runtime.update(_runtime_facts(self))
+    def on_session(self, session: Any) -> None:
+        self.session = session
+        self.observation.runtime.update(_runtime_facts(session))
+
+    def on_batch(self, step: int, items: list[Any]) -> None:
         self.observation.batches.append([(self._where(item.record.path), item.record.is_class,
-                                          item.bucket, item.flip, item.crop) for item in batch])
-        self._in_forward = True
-        try:
-            return super()._forward(batch, step)
-        finally:
-            self._in_forward = False
+                                          item.bucket, item.flip, item.crop) for item in items])
+
+    def on_captions(self, step: int, captions: list[str]) -> None:
+        self.observation.captions.append(list(captions))
 
     def _where(self, path: Path) -> str:
         """The image's path relative to the shared data or to the run's models folder (generated images)."""
         relative = _relative(path, self.data_root)
         return relative if relative != str(path) else _relative(path, self.run_root)
 
-    def _encode_text(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        if getattr(self, "_in_forward", False):
-            self.observation.captions.append(list(captions))
-        return super()._encode_text(captions)
 
-
-def _runtime_facts(trainer: Trainer) -> dict[str, Any]:
-    unet = trainer.components.unet
+def _runtime_facts(session: Any) -> dict[str, Any]:
+    unet = session.components.unet
     return {"tf32": torch.backends.cuda.matmul.allow_tf32,
             "checkpointing": bool(getattr(unet, "is_gradient_checkpointing", False)),
-            "frozen_dtype": str(next(trainer.components.vae.parameters()).dtype),
-            "optimizer": type(trainer.optimizer).__name__}
+            "frozen_dtype": str(next(session.components.vae.parameters()).dtype),
+            "optimizer": type(session.optimizer).__name__}
 
 
 def _relative(path: Path | str, root: Path) -> str:
@@ -281,8 +277,8 @@ class Runner:
         root, layout = self._layout(config, weights)
         observation = Observation()
         host = FakeHost(layout)
-        trainer = ObservedTrainer(config, host, _Recorder(observation, root), resume=False)
-        trainer.observation, trainer.data_root, trainer.run_root = observation, self.data, root
+        watcher = _Watcher(observation, self.data, root)
+        trainer = Trainer(config, host, _Recorder(observation, root), resume=False, observers=[watcher])
         with ExitStack() as stack:
             stack.enter_context(mock.patch("dreambooth.models.components.load_components", self._load))
             if nan_steps:
@@ -292,18 +288,18 @@ class Runner:
                 observation.outcome = f"completed={result.completed} step={result.step}"
             except DreamboothError as error:
                 observation.outcome = f"{type(error).__name__}: {str(error).replace(str(root), '<root>')}"
-        if hasattr(trainer, "params"):
-            observation.weights = {k: v.clone() for k, v in trainer._trained_tensors().items()}
-            observation.runtime.update(_cache_facts(trainer))
+        if watcher.session is not None:
+            observation.weights = {k: v.clone() for k, v in watcher.session.trained_tensors().items()}
+            observation.runtime.update(_cache_facts(watcher.session))
         observation.files = written_files(root)
         observation.requests = [_request(r, root) for r in host.requests]
         shutil.rmtree(root, ignore_errors=True)
         return observation
 
 
-def _cache_facts(trainer: Trainer) -> dict[str, Any]:
-    cache = trainer.latent_cache
-    text = trainer.text_cache
+def _cache_facts(session: Any) -> dict[str, Any]:
+    cache = session.latent_cache
+    text = session.text_cache
     return {"latent_cache": (cache.mode, cache.hits, cache.misses),
             "text_cache": None if text is None else sorted(text)}
 
@@ -334,6 +330,8 @@ BASES: dict[str, dict[str, Any]] = {
     "lora": {"method": "lora", "lora_rank": 4, "lora_alpha": 4.0},
     "locon": {"method": "lora", "lora_rank": 4, "lora_alpha": 4.0, "lora_conv_rank": 2},
     "sdxl": {"model_family": "sdxl", "_weights": "sdxl"},
+    "forced": {"force_prediction_type": True},
+    "forced_v": {"prediction_type": "v_prediction", "force_prediction_type": True},
     "export": {"save_on_end": True},
     "steps3": {"max_train_steps": 3},
     "epochs": {"max_train_steps": 0, "num_train_epochs": 1},
@@ -383,7 +381,9 @@ class Case:
 CASES = [
     # Model
     Case("model_family", "sdxl", "outcome"),
-    Case("prediction_type", "v_prediction", "losses"),
+    Case("prediction_type", "v_prediction", "outcome"),
+    Case("prediction_type", "v_prediction", "losses", "forced"),
+    Case("force_prediction_type", False, "outcome", "forced_v"),
     Case("base_checkpoint", "base.ckpt", "requests", "generate"),
     # Method
     Case("method", "finetune", "batches"),

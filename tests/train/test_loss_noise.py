@@ -10,6 +10,7 @@ import torch
 from dreambooth.errors import ConfigError
 from dreambooth.models.components import make_noise_scheduler
 from dreambooth.train import loss, noise
+from dreambooth.train.objectives import objective_for
 
 
 def test_v_prediction_target_is_the_velocity() -> None:
@@ -18,11 +19,11 @@ def test_v_prediction_target_is_the_velocity() -> None:
     t = torch.tensor([10, 900])
     alpha = scheduler.alphas_cumprod[t].sqrt().view(-1, 1, 1, 1)
     sigma = (1 - scheduler.alphas_cumprod[t]).sqrt().view(-1, 1, 1, 1)
-    v = loss.target(scheduler, latents, eps, t, "v_prediction")
+    v = objective_for("v_prediction").target(scheduler, latents, eps, t)
     assert torch.allclose(v, alpha * eps - sigma * latents, atol=1e-5)
-    assert torch.equal(loss.target(scheduler, latents, eps, t, "epsilon"), eps)
+    assert torch.equal(objective_for("epsilon").target(scheduler, latents, eps, t), eps)
     with pytest.raises(ConfigError, match="prediction_type"):
-        loss.target(scheduler, latents, eps, t, "sample")
+        objective_for("sample")
 
 
 def test_min_snr_weights_follow_the_formula_for_both_prediction_types() -> None:

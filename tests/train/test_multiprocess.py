@@ -19,9 +19,9 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
+from dreambooth.cli_train import run_training
 from dreambooth.store import Layout, ModelStore
 from dreambooth.train.logs import read_jsonl
-from dreambooth.train.trainer import run_training
 
 REPO = Path(__file__).resolve().parents[2]
 STEPS = 2

@@ -90,7 +90,7 @@ def test_lora_on_the_real_sd15_architecture(sd15: tuple[Layout, Path]) -> None:
     # SD1.5: 16 transformer blocks x (2 x q, k, v, out + 2 feed-forward + proj_in, proj_out); 12 CLIP layers x 6
     assert sum(k.startswith("lora_te_") and k.endswith(".alpha") for k in keys) == 12 * 6
     assert sum(k.startswith("lora_unet_") and k.endswith(".alpha") for k in keys) == 16 * 12
-    trained_up = [name for name, param in trainer.components.unet.named_parameters()
+    trained_up = [name for name, param in trainer.session.components.unet.named_parameters()
                   if "lora_B" in name and float(param.detach().abs().max()) > 0]
     assert trained_up, "the UNet LoRA did not train"
     del trainer

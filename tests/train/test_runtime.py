@@ -132,7 +132,7 @@ def test_training_on_cpu_frees_gradients_between_steps_and_restores_malloc(env: 
 
     class Watch(TrainCallbacks):
         def on_progress(self, progress: object) -> None:
-            grads = [p.grad for p in trainer.params]
+            grads = [p.grad for p in trainer.session.params]
             seen.append((trainer.heap_reuse, all(g is None for g in grads), len(libc.calls)))
 
     trainer = env.trainer(Watch(), max_train_steps=2)  # type: ignore[attr-defined]
@@ -153,7 +153,7 @@ def test_without_heap_reuse_gradients_stay_allocated(env: object) -> None:
 
     class Watch(TrainCallbacks):
         def on_progress(self, progress: object) -> None:
-            kept.append(all(p.grad is not None for p in trainer.params))
+            kept.append(all(p.grad is not None for p in trainer.session.params))
 
     trainer = env.trainer(Watch(), max_train_steps=2)  # type: ignore[attr-defined]
     with mock.patch.object(runtime, "glibc", return_value=None):
@@ -176,15 +176,14 @@ def test_frozen_parts_load_in_the_compute_dtype_and_trained_parts_in_fp32(env: o
     config = env.configured(**settings)  # type: ignore[attr-defined]
     dtypes = runtime.load_dtypes(config)
     assert {name: dtypes[name] for name in expected} == expected
-    trainer = env.trainer(**settings)  # type: ignore[attr-defined]
-    trainer.setup()
-    loaded = {"unet": trainer.components.unet, "vae": trainer.components.vae,
-              "text_encoder": trainer.components.text_encoders[0]}
+    session, _ = env.trainer(**settings).setup()  # type: ignore[attr-defined]
+    loaded = {"unet": session.components.unet, "vae": session.components.vae,
+              "text_encoder": session.components.text_encoders[0]}
     for name, module in loaded.items():
-        trained = {id(p) for params in trainer.trainable.values() for p in params}
+        trained = {id(p) for params in session.trainable.values() for p in params}
         frozen = [p.dtype for p in module.parameters() if id(p) not in trained]
         assert set(frozen) <= {expected[name]}, name
-    assert all(p.dtype == torch.float32 for p in trainer.params)
+    assert all(p.dtype == torch.float32 for p in session.params)
 
 
 def test_fp16_keeps_the_vae_in_fp32_at_load(env: object) -> None:

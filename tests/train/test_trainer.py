@@ -10,10 +10,12 @@ import torch
 from safetensors.torch import load_file
 
 from dreambooth.errors import ConfigError, DreamboothError, TrainingError
+from dreambooth.families.clip_text import final_layer_norm
 from dreambooth.train import loss as loss_module
-from dreambooth.train.events import LossRecord, Progress, TrainCallbacks, TrainCommands
+from dreambooth.train.checkpointer import Checkpointer
+from dreambooth.train.events import LossRecord, Progress, TrainCallbacks, TrainCommands, TrainObserver
 from dreambooth.train.logs import TrainLog, read_jsonl
-from dreambooth.train.text import final_layer_norm
+from dreambooth.train.loop import TrainLoop
 
 
 class Recorder(TrainCallbacks):
@@ -133,11 +135,27 @@ def test_dropping_an_interrupted_runs_rows_keeps_earlier_runs(tmp_path: Path) ->
         "step", "1", "2", "3", "4", "1", "2"]
 
 
-def test_stop_without_save_writes_nothing(env: Any) -> None:
+def test_stop_without_save_exports_nothing_but_working_holds_the_trained_weights(env: Any) -> None:
+    before = unet_weights(env.model.working)
     commands = TrainCommands()
     result = env.trainer(Recorder(commands, stop_at=1, save=False), commands, max_train_steps=3).run()
-    assert result.stopped and result.saved == [] and result.snapshot is None
+    assert result.stopped and result.saved == [env.model.working] and result.snapshot is None
     assert not list(env.layout.checkpoints_dir.iterdir())
+    after = unet_weights(env.model.working)
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+
+
+@pytest.mark.parametrize("stop_at", [None, 1])
+def test_without_save_on_end_working_still_holds_the_trained_weights(env: Any, stop_at: int | None) -> None:
+    """save_on_end governs the exported files only; the next run and exports start from working/."""
+    before = unet_weights(env.model.working)
+    commands = TrainCommands()
+    result = env.trainer(Recorder(commands, stop_at=stop_at), commands, max_train_steps=3, save_on_end=False).run()
+    assert result.completed is (stop_at is None) and env.model.working in result.saved
+    after = unet_weights(env.model.working)
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    exported = list(env.layout.checkpoints_dir.iterdir())
+    assert exported == ([] if stop_at is None else [env.layout.checkpoints_dir / "tiny_1.safetensors"])
 
 
 def test_save_now_and_sample_now(env: Any) -> None:
@@ -147,22 +165,23 @@ def test_save_now_and_sample_now(env: Any) -> None:
     env.config.concepts[0].sample_steps = 2
     result = env.trainer(callbacks, commands, max_train_steps=3, save_on_end=False).run()
     assert (env.layout.checkpoints_dir / "tiny_1.safetensors").is_file()
-    assert result.saved == [env.layout.checkpoints_dir / "tiny_1.safetensors"]
+    # save_on_end off: no final export, but working/ gets the trained weights
+    assert result.saved == [env.layout.checkpoints_dir / "tiny_1.safetensors", env.model.working]
     assert len(callbacks.samples) == 1 and callbacks.samples[0][0] == 2
     assert callbacks.samples[0][1][0].is_file() and callbacks.samples[0][1][0].parent == env.model.samples
 
 
 def _grads(env: Any, prior_loss_weight: float, only_instance: bool = False) -> torch.Tensor:
-    trainer = env.trainer(prior_loss_weight=prior_loss_weight, train_batch_size=4, train_text_encoder=False)
-    trainer.setup()
-    batch = trainer._epoch_batches(0)[0]
+    session, _ = env.trainer(prior_loss_weight=prior_loss_weight, train_batch_size=4,
+                             train_text_encoder=False).setup()
+    batch = session.epoch_batches(0)[0]
     assert {item.record.is_class for item in batch} == {True, False}
     if only_instance:
         batch = [item for item in batch if not item.record.is_class]
-    trainer.optimizer.zero_grad(set_to_none=True)
-    loss = trainer._forward(batch, 0) * (len(batch) / 4)
+    session.optimizer.zero_grad(set_to_none=True)
+    loss = TrainLoop(session, Checkpointer(session), TrainCommands()).forward(batch, 0) * (len(batch) / 4)
     loss.backward()
-    return torch.cat([p.grad.flatten() for p in trainer.params])
+    return torch.cat([p.grad.flatten() for p in session.params])
 
 
 def test_prior_loss_weight_is_per_sample(env: Any) -> None:
@@ -227,35 +246,31 @@ def test_xformers_without_cuda_falls_back_with_a_message(env: Any) -> None:
 
 
 def test_stop_text_encoder_freezes_it_after_the_fraction(env: Any) -> None:
-    trainer = env.trainer(max_train_steps=4, stop_text_encoder=0.5, save_on_end=False)
-    trainer.setup()
-    encoder = trainer.components.text_encoders[0]
     seen = []
-    real_step = trainer._after_step
 
-    def record(state: Any) -> bool:
-        seen.append(final_layer_norm(encoder).weight.detach().clone())
-        return real_step(state)
+    class Watch(TrainObserver):
+        def on_session(self, session: Any) -> None:
+            self.encoder = session.components.text_encoders[0]
 
-    trainer._after_step = record
-    trainer.model_dir = trainer.model_dir
-    trainer._loop(trainer.cfg, __import__("dreambooth.train.trainer", fromlist=["_State"])._State())
+        def on_step(self, step: int) -> None:
+            seen.append(final_layer_norm(self.encoder).weight.detach().clone())
+
+    env.trainer(max_train_steps=4, stop_text_encoder=0.5, save_on_end=False, observers=[Watch()]).run()
     assert not torch.equal(seen[0], seen[1])
     assert torch.equal(seen[1], seen[2]) and torch.equal(seen[2], seen[3])
 
 
 def test_bf16_trains_frozen_weights_in_bf16_and_masters_in_fp32(env: Any) -> None:
-    trainer = env.trainer(mixed_precision="bf16", method="lora", lora_rank=4)
-    trainer.setup()
-    assert all(p.dtype == torch.float32 for p in trainer.params)
-    frozen = [p for p in trainer.components.unet.parameters() if not p.requires_grad]
+    session, _ = env.trainer(mixed_precision="bf16", method="lora", lora_rank=4).setup()
+    assert all(p.dtype == torch.float32 for p in session.params)
+    frozen = [p for p in session.components.unet.parameters() if not p.requires_grad]
     assert frozen and all(p.dtype == torch.bfloat16 for p in frozen)
     result = env.trainer(mixed_precision="bf16", method="lora", lora_rank=4).run()
     assert result.completed and result.loss is not None and result.loss == result.loss
 
 
 def test_run_training_for_the_cli(env: Any, capsys: pytest.CaptureFixture[str]) -> None:
-    from dreambooth.train.trainer import run_training
+    from dreambooth.cli_train import run_training
 
     assert run_training(env.layout, "tiny", {"max_train_steps": "1", "concepts.0.repeats": "2"}) == 0
     out = capsys.readouterr().out

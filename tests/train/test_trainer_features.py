@@ -14,10 +14,13 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from dreambooth.errors import DreamboothError
+from dreambooth.models.components import load_components
 from dreambooth.service import TrainingService
 from dreambooth.train import noise as noises
+from dreambooth.train.checkpointer import Checkpointer
 from dreambooth.train.events import LossRecord, TrainCallbacks, TrainCommands
 from dreambooth.train.logs import read_jsonl
+from dreambooth.train.loop import TrainLoop
 
 from fake_host import FakeHost
 
@@ -45,9 +48,9 @@ def _wide_image(folder: Path, size: tuple[int, int] = (180, 90)) -> Path:
     return folder
 
 
-def _capture_unet_calls(trainer: Any) -> list[dict[str, Any]]:
+def _capture_unet_calls(session: Any) -> list[dict[str, Any]]:
     calls: list[dict[str, Any]] = []
-    real = trainer.unet
+    real = session.unet
 
     def record(sample: torch.Tensor, timesteps: torch.Tensor, **kwargs: Any) -> Any:
         output = real(sample, timesteps, **kwargs)
@@ -55,8 +58,12 @@ def _capture_unet_calls(trainer: Any) -> list[dict[str, Any]]:
                       **kwargs})
         return output
 
-    trainer.unet = record
+    session.unet = record
     return calls
+
+
+def _forward(session: Any, batch: list[Any]) -> torch.Tensor:
+    return TrainLoop(session, Checkpointer(session), TrainCommands()).forward(batch, 0)
 
 
 # --- SDXL ----------------------------------------------------------------------------------------------------
@@ -66,21 +73,23 @@ def test_sdxl_size_conditioning_and_second_text_encoder_lr(sdxl_env: Any) -> Non
     sdxl_env.config.concepts[0].instance_data_dir = str(wide)
     trainer = sdxl_env.trainer(with_prior_preservation=False, text_encoder_lr=1e-3, text_encoder_2_lr=0.0,
                                max_train_steps=2, train_batch_size=1)
-    trainer.setup()
-    assert {g["name"]: g["lr"] for g in trainer.optimizer.param_groups} == {
+    session, _ = trainer.setup()
+    assert {g["name"]: g["lr"] for g in session.optimizer.param_groups} == {
         "unet": 1e-3, "text_encoder": 1e-3, "text_encoder_2": 0.0}
-    batch = trainer._epoch_batches(0)[0]
-    calls = _capture_unet_calls(trainer)
-    trainer._forward(batch, 0)
+    batch = session.epoch_batches(0)[0]
+    calls = _capture_unet_calls(session)
+    _forward(session, batch)
     # original size (h, w), crop top-left (y, x) in the resized 128x64 image, target size (h, w)
     assert calls[0]["added_cond_kwargs"]["time_ids"].tolist() == [[90.0, 180.0, 0.0, 32.0, 64.0, 64.0]]
     assert calls[0]["added_cond_kwargs"]["text_embeds"].shape == (1, 32)
 
-    trainer = sdxl_env.trainer(with_prior_preservation=False, text_encoder_lr=1e-3, text_encoder_2_lr=0.0)
-    state = trainer.setup()
-    first, second = ([p.detach().clone() for p in e.parameters()] for e in trainer.components.text_encoders)
-    trainer._loop(trainer.cfg, state)
-    after_first, after_second = ([p.detach() for p in e.parameters()] for e in trainer.components.text_encoders)
+    base = load_components(sdxl_env.model.working)
+    first, second = ([p.detach().clone() for p in e.parameters()] for e in base.text_encoders)
+    trainer = sdxl_env.trainer(with_prior_preservation=False, text_encoder_lr=1e-3, text_encoder_2_lr=0.0,
+                               save_on_end=False)
+    trainer.run()
+    assert trainer.session is not None
+    after_first, after_second = ([p.detach() for p in e.parameters()] for e in trainer.session.components.text_encoders)
     assert any(not torch.equal(a, b) for a, b in zip(first, after_first, strict=True))
     assert all(torch.equal(a, b) for a, b in zip(second, after_second, strict=True))
 
@@ -89,16 +98,16 @@ def test_sdxl_size_conditioning_and_second_text_encoder_lr(sdxl_env: Any) -> Non
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
 def test_training_target_follows_the_prediction_type(env: Any, prediction_type: str) -> None:
-    trainer = env.trainer(prediction_type=prediction_type, with_prior_preservation=False, train_batch_size=2)
-    trainer.setup()
-    batch = trainer._epoch_batches(0)[0]
-    calls = _capture_unet_calls(trainer)
-    loss = trainer._forward(batch, 0)
+    session, _ = env.trainer(prediction_type=prediction_type, force_prediction_type=True,
+                             with_prior_preservation=False, train_batch_size=2).setup()
+    batch = session.epoch_batches(0)[0]
+    calls = _capture_unet_calls(session)
+    loss = _forward(session, batch)
     call = calls[0]
     noise, _, timesteps = noises.batch_noise(tuple(call["sample"].shape[1:]), [i.seed for i in batch], 0,
-                                             trainer.cfg, trainer.noise_scheduler.config.num_train_timesteps)
+                                             session.config, session.noise_scheduler.config.num_train_timesteps)
     assert torch.equal(timesteps, call["timesteps"])
-    alpha_bar = trainer.noise_scheduler.alphas_cumprod[timesteps].view(-1, 1, 1, 1)
+    alpha_bar = session.noise_scheduler.alphas_cumprod[timesteps].view(-1, 1, 1, 1)
     # x_t = sqrt(ab) x0 + sqrt(1-ab) eps and v = sqrt(ab) eps - sqrt(1-ab) x0, hence v = (eps - sqrt(1-ab) x_t) / sqrt(ab)
     velocity = (noise - (1 - alpha_bar).sqrt() * call["sample"]) / alpha_bar.sqrt()
     expected = {"epsilon": noise, "v_prediction": velocity}
@@ -114,11 +123,12 @@ def test_disk_latent_cache_is_reused_by_the_next_run(env: Any) -> None:
     first, second = Losses(), Losses()
     trainer = env.trainer(first, cache_latents="disk", max_train_steps=2, save_on_end=False, resume=False)
     trainer.run()
-    assert trainer.latent_cache.misses > 0 and list(env.model.cache.rglob("*.safetensors"))
+    assert trainer.session.latent_cache.misses > 0 and list(env.model.cache.rglob("*.safetensors"))
     env.fresh()
     again = env.trainer(second, cache_latents="disk", max_train_steps=2, save_on_end=False, resume=False)
     again.run()
-    assert again.latent_cache.misses == 0 and again.latent_cache.hits == trainer.latent_cache.misses
+    assert again.session.latent_cache.misses == 0
+    assert again.session.latent_cache.hits == trainer.session.latent_cache.misses
     assert second.train_losses() == first.train_losses()
 
 
@@ -156,7 +166,7 @@ def test_masks_weight_the_loss_through_the_trainer(env: Any) -> None:
     assert white == pytest.approx(unmasked, rel=1e-6)  # a full mask trains like no mask
     assert black == [0.0, 0.0]  # nothing outside the mask counts with unmasked_weight 0
     base = load_file(str(env.base_working / "unet" / "diffusion_pytorch_model.safetensors"))
-    trained = dict(trainer.components.unet.named_parameters())
+    trained = dict(trainer.session.components.unet.named_parameters())
     assert all(torch.equal(base[k], trained[k].detach()) for k in base)
 
 
@@ -207,3 +217,21 @@ def test_service_exports_the_trained_lora(env: Any) -> None:
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
     half = load_file(str(service.export_lora("tiny", precision="fp16")))
     assert {v.dtype for k, v in half.items() if not k.endswith(".alpha")} == {torch.float16}
+
+
+# --- the prediction type recorded with the weights -----------------------------------------------------------
+
+def test_the_weights_prediction_type_wins_unless_forced(env: Any) -> None:
+    from dreambooth.errors import ConfigError
+    from dreambooth.models.components import read_family
+
+    with pytest.raises(ConfigError, match=r"'prediction_type' is v_prediction .* recorded as epsilon.*"
+                                          r"set 'prediction_type' to epsilon.*'force_prediction_type'"):
+        env.trainer(prediction_type="v_prediction").run()
+    assert read_family(env.model.working)["prediction_type"] == "epsilon"
+    result = env.trainer(prediction_type="v_prediction", force_prediction_type=True, resume=False).run()
+    assert result.completed
+    # The retrained weights now record v-prediction: the old setting is the one refused now.
+    assert read_family(env.model.working)["prediction_type"] == "v_prediction"
+    with pytest.raises(ConfigError, match="'prediction_type' is epsilon"):
+        env.trainer(resume=False).run()

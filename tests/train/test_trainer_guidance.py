@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from dreambooth.train import meters
 from dreambooth.train import trainer as trainer_module
 from dreambooth.train.events import TrainCallbacks
 
@@ -35,8 +36,8 @@ def test_memory_estimate_shown_and_warns_when_device_too_small(env: Any, monkeyp
 
 def test_collapsing_speed_warns_once(env: Any, monkeypatch: Any) -> None:
     speed_collapses_after_three_steps(monkeypatch)
-    monkeypatch.setattr(trainer_module, "ItSlowdownMonitor", _monitor)
-    monkeypatch.setattr(trainer_module, "watches_speed", lambda device: True)
+    monkeypatch.setattr(meters, "ItSlowdownMonitor", _monitor)
+    monkeypatch.setattr(meters, "watches_speed", lambda device: True)
     messages = Messages()
     env.trainer(messages, max_train_steps=6).run()
     slow = [text for text in messages.warnings if "it/s" in text or "slow" in text.lower()]
@@ -46,11 +47,11 @@ def test_collapsing_speed_warns_once(env: Any, monkeypatch: Any) -> None:
 def speed_collapses_after_three_steps(monkeypatch: Any) -> None:
     rates = iter([10.0] * 3 + [1.0] * 50)
 
-    class FastThenSlow(trainer_module._Meter):
+    class FastThenSlow(meters.StepMeter):
         def step_rate(self) -> float:
             return next(rates)
 
-    monkeypatch.setattr(trainer_module, "_Meter", FastThenSlow)
+    monkeypatch.setattr(meters, "StepMeter", FastThenSlow)
 
 
 def _monitor() -> Any:
@@ -61,7 +62,7 @@ def _monitor() -> Any:
 
 def test_cpu_runs_do_not_watch_for_vram_spills(env: Any, monkeypatch: Any) -> None:
     speed_collapses_after_three_steps(monkeypatch)
-    monkeypatch.setattr(trainer_module, "ItSlowdownMonitor", _monitor)
+    monkeypatch.setattr(meters, "ItSlowdownMonitor", _monitor)
     messages = Messages()
     env.trainer(messages, max_train_steps=6).run()
     assert not [text for text in messages.warnings if "slow" in text.lower()]

@@ -27,7 +27,7 @@ def test_exported_checkpoint_renders_like_the_trainer(env: Any) -> None:
     assert exported in result.saved
     prompt = GenerationRequest("photo of sks dog", seed=3, steps=4, cfg_scale=5.0, width=64, height=64)
     with torch.no_grad():
-        trained = render(build_pipeline(trainer.components, "ddim"), prompt, torch.device("cpu"))
+        trained = render(build_pipeline(trainer.session.components, "ddim"), prompt, torch.device("cpu"))
         # the single file read fresh, with the tiny model's configs (real models use the shipped ones)
         state, _ = read_checkpoint(exported)
         fresh = components_from_state_dict(state, "sd1", "epsilon", tiny_configs("sd1"), torch.float32)

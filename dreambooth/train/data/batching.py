@@ -16,7 +16,6 @@ Rules (documented for users):
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections import defaultdict
 from dataclasses import dataclass
@@ -125,8 +124,9 @@ def epoch_batches(plan: DatasetPlan, config: TrainingConfig, epoch: int, seed: i
     return [batch[rank::world_size] for batch in global_batches(plan, config, epoch, seed, world_size)]
 
 
-def steps_per_epoch(plan: DatasetPlan, config: TrainingConfig, world_size: int = 1) -> int:
-    """Batches per epoch (before gradient accumulation); the same for every epoch and rank."""
+def batches_per_epoch(plan: DatasetPlan, config: TrainingConfig, world_size: int = 1) -> int:
+    """Batches per epoch (before gradient accumulation); the same for every epoch and rank. Optimizer steps:
+    `runlength.plan_run_length`."""
     counts: dict[tuple[int, int], int] = defaultdict(int)
     for _, bucket in epoch_entries(plan, config, 0):
         counts[bucket] += 1
@@ -134,16 +134,20 @@ def steps_per_epoch(plan: DatasetPlan, config: TrainingConfig, world_size: int =
     return sum(math.ceil(n / size) for n in counts.values())
 
 
-def validation_batches(plan: DatasetPlan, config: TrainingConfig, world_size: int = 1,
+def validation_batches(plan: DatasetPlan, config: TrainingConfig, seed: int, world_size: int = 1,
                        rank: int = 0) -> list[list[BatchItem]]:
-    """The held-out images at the base resolution: centre crop, no flip, a fixed order and fixed
-    item seeds, so validation losses are comparable across steps. Captions: use record.caption
-    (no dropout or shuffling)."""
-    spec = bucket_spec(config, config.resolution)
-    entries = [(r, b) for r in plan.validation if (b := bucket_for(r.size, spec)) is not None]
-    size = config.train_batch_size * world_size
-    batches = _cut(_by_bucket(entries), size, world_size)
-    plain = dataclasses.replace(config, hflip=False, random_crop=False)
-    items = [[_item(entry, plain, 0, -1, b * size + j) for j, entry in enumerate(batch)]
-             for b, batch in enumerate(batches)]
-    return [batch[rank::world_size] for batch in items]
+    """This rank's held-out images at the base resolution: centre crop, no flip, a fixed order and item seeds
+    fixed by the run's seed, so validation losses are comparable across steps. Images are dealt to the ranks
+    one by one and batched by bucket; ranks may hold different counts (the losses are summed over ranks)."""
+    spec = bucket_spec(config, training_resolutions(config)[0])
+    items = []
+    for index, record in enumerate(plan.validation):
+        bucket = bucket_for(record.size, spec)
+        if bucket is not None:
+            crop = crop_offset(record.size, bucket, None)
+            items.append(BatchItem(record, bucket, False, crop, seed * 7919 + index))
+    by_bucket: dict[tuple[int, int], list[BatchItem]] = defaultdict(list)
+    for item in items[rank::world_size]:
+        by_bucket[item.bucket].append(item)
+    size = config.train_batch_size
+    return [group[i:i + size] for group in by_bucket.values() for i in range(0, len(group), size)]

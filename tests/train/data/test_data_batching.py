@@ -12,11 +12,11 @@ from dreambooth.config.schema import Concept, TrainingConfig, training_resolutio
 from dreambooth.train.data import (
     DatasetPlan,
     ImageRecord,
+    batches_per_epoch,
     bucket_for,
     bucket_spec,
     epoch_batches,
     global_batches,
-    steps_per_epoch,
     validation_batches,
 )
 from dreambooth.train.data.buckets import crop_offset
@@ -85,7 +85,7 @@ def test_rank_split_equals_single_process_global_batches() -> None:
     single = epoch_batches(plan, config(train_batch_size=4, hflip=True, random_crop=True), 2, 5)
     cfg = config(train_batch_size=2, hflip=True, random_crop=True)
     ranks = [epoch_batches(plan, cfg, 2, 5, world_size=2, rank=r) for r in range(2)]
-    assert len(ranks[0]) == len(ranks[1]) == len(single) == steps_per_epoch(plan, cfg, world_size=2)
+    assert len(ranks[0]) == len(ranks[1]) == len(single) == batches_per_epoch(plan, cfg, world_size=2)
     for whole, part0, part1 in zip(single, ranks[0], ranks[1], strict=True):
         assert whole[0::2] == part0 and whole[1::2] == part1
 
@@ -157,7 +157,7 @@ def test_property_batching(plan: DatasetPlan, batch: int, world: int, extra: str
     cfg = config(train_batch_size=batch, extra_resolutions=extra, with_prior_preservation=prior,
                  bucket_no_upscale=no_upscale)
     single = epoch_batches(plan, cfg, epoch, seed)
-    assert len(single) == steps_per_epoch(plan, cfg)
+    assert len(single) == batches_per_epoch(plan, cfg)
     assert all(len({i.bucket for i in b}) == 1 and 1 <= len(b) <= batch for b in single)
     # Every instance item exactly `repeats` times at every resolution where it has a bucket.
     got = Counter((i.record.path.name, i.bucket) for i in flat(single) if not i.record.is_class)
@@ -169,7 +169,7 @@ def test_property_batching(plan: DatasetPlan, batch: int, world: int, extra: str
                 expected[(r.path.name, bucket)] += plan.repeats[r.concept_index]
     assert got == expected
     ranks = [epoch_batches(plan, cfg, epoch, seed, world, r) for r in range(world)]
-    assert all(len(r) == steps_per_epoch(plan, cfg, world) for r in ranks)
+    assert all(len(r) == batches_per_epoch(plan, cfg, world) for r in ranks)
     for step in zip(*ranks, strict=True):
         assert len({len(b) for b in step}) == 1 and len(step[0]) >= 1
         assert len({i.bucket for b in step for i in b}) == 1
@@ -188,12 +188,24 @@ def test_validation_batches_are_fixed_and_unaugmented() -> None:
     plan = make_plan(SIZES)
     plan.validation, plan.instance = plan.instance[:5], plan.instance[5:]
     cfg = config(hflip=True, random_crop=True, train_batch_size=2)
-    batches = validation_batches(plan, cfg)
+    batches = validation_batches(plan, cfg, seed=5)
     items = flat(batches)
     assert sorted(i.record.path.name for i in items) == sorted(r.path.name for r in plan.validation)
     assert not any(i.flip for i in items)
     assert all(i.crop == crop_offset(i.record.size, i.bucket, None) for i in items)
     assert all(len({i.bucket for i in b}) == 1 for b in batches)
-    assert validation_batches(plan, cfg) == batches
+    assert validation_batches(plan, cfg, seed=5) == batches
     assert flat(epoch_batches(plan, cfg, 0, 1)) and not ({i.record for i in items}
                                                          & {i.record for i in flat(epoch_batches(plan, cfg, 0, 1))})
+
+
+def test_validation_batches_split_over_ranks_with_the_runs_seeds() -> None:
+    plan = make_plan(SIZES)
+    plan.validation = plan.instance[:5]
+    cfg = config(train_batch_size=2)
+    whole = flat(validation_batches(plan, cfg, seed=5))
+    ranks = [flat(validation_batches(plan, cfg, seed=5, world_size=2, rank=r)) for r in range(2)]
+    assert sorted(i.record.path.name for i in ranks[0] + ranks[1]) == sorted(i.record.path.name for i in whole)
+    assert not {i.record for i in ranks[0]} & {i.record for i in ranks[1]}
+    # fixed per run, different between runs: the item seeds follow the run's seed
+    assert [i.seed for i in whole] != [i.seed for i in flat(validation_batches(plan, cfg, seed=6))]
