@@ -29,6 +29,7 @@ from .. import atomic
 from ..config.schema import (
     TrainingConfig,
     caches_text_outputs,
+    run_settings,
     text_cache_blockers,
     training_resolutions,
     validate,
@@ -228,8 +229,10 @@ class Trainer:
         runtime.check_precision(config, self.device)
         runtime.set_tf32(config.allow_tf32)
         self.cfg = config
-        resume_from = snapshots.resumable_snapshot(self.model_dir.snapshots) if self.resume else None
-        meta = snapshots.read_meta(resume_from) if resume_from else {}
+        self.run_settings = run_settings(config)
+        decision = (snapshots.resumable_snapshot(self.model_dir.snapshots, self.run_settings) if self.resume
+                    else snapshots.fresh_run("Not resuming (asked to start fresh). "))
+        self.run_id, resume_from, meta = decision.run_id, decision.path, decision.meta
         self.seed = int(meta.get("seed", resolve_seed(config.seed)))
         # LoRA initialisation and dropout draw from the global generators: seed them from the run's seed.
         seed_everything(self.seed)
@@ -237,10 +240,8 @@ class Trainer:
         self._load_data(config)
         self._build_optimizer(config)
         self._reset_meters(config)
-        state = _State()
-        if resume_from is not None:
-            state = self._restore(resume_from)
-            self.callbacks.on_status(f"Resuming from step {state.step}")
+        state = self._restore(resume_from) if resume_from is not None else _State()
+        (self.warn if decision.settings_changed else self.callbacks.on_status)(decision.message)
         return state
 
     def _load_model(self, config: TrainingConfig) -> None:
@@ -361,8 +362,9 @@ class Trainer:
         objects = {"optimizer": self.optimizer.state_dict(), "scheduler": self.lr_scheduler.state_dict(),
                    "ema": self.ema.state_dict() if self.ema else None, "rng": snapshots.rng_state(),
                    "scaler": self.scaler.state_dict() if self.scaler else None}
-        meta = {"epoch": state.epoch, "group": state.group, "seed": self.seed, "nan_skips": state.nan_skips,
-                "total_steps": self.total_steps, "finished": finished}
+        meta = {"run_id": self.run_id, "settings": self.run_settings, "epoch": state.epoch, "group": state.group,
+                "seed": self.seed, "nan_skips": state.nan_skips, "total_steps": self.total_steps,
+                "finished": finished}
         with atomic.disk_full_guard(self.model_dir.snapshots):
             path = snapshots.write_snapshot(self.model_dir.snapshots, state.step, self._trained_tensors(), objects,
                                             meta)
@@ -371,11 +373,8 @@ class Trainer:
 
     def _mark_finished(self, state: _State) -> Path | None:
         """Mark the run's last snapshot finished; rewriting it would leave a moment with no snapshot at all."""
-        existing = snapshots.snapshot_path(self.model_dir.snapshots, state.step)
-        if not (self.is_main and (existing / snapshots.STATE_FILE).is_file()):
-            return self._snapshot(state, finished=True)
-        snapshots.mark_finished(existing)
-        return existing
+        marked = snapshots.mark_run_finished(self.model_dir.snapshots, state.step, self.run_id) if self.is_main else None
+        return marked or self._snapshot(state, finished=True)
 
     def _restore(self, path: Path) -> _State:
         tensors, objects, meta = snapshots.read_snapshot(path)
@@ -793,8 +792,7 @@ class Trainer:
                 self._save_outputs(state, final=True)
             snapshot = self._mark_finished(state)
         elif self.commands.save_on_stop or not self.commands.stop_requested:
-            found = snapshots.list_snapshots(self.model_dir.snapshots)
-            snapshot = found[-1] if found else None
+            snapshot = snapshots.latest_of_run(self.model_dir.snapshots, self.run_id)
         self.callbacks.on_status("Training finished" if not stopped else f"Training stopped at step {state.step}")
         return TrainResult(state.step, self.total_steps, state.epoch, not stopped, stopped, list(self.saved),
                            snapshot, self.last_loss)

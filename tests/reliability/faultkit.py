@@ -249,7 +249,7 @@ def file_problem(path: Path) -> str | None:
         elif suffix in (".pt", ".bin"):
             import torch
 
-            torch.load(path, map_location="cpu", weights_only=False)
+            torch.load(path, map_location="cpu", weights_only=True)  # never unpickle code, even in tests
         elif suffix == ".png":
             from PIL import Image
 
@@ -312,9 +312,11 @@ def _model_problems(root: Path) -> list[str]:
     except Exception as error:
         problems.append(f"working folder does not load: {type(error).__name__}: {error}")
     try:
-        resume = snapshots.resumable_snapshot(model.snapshots)
-        if resume is not None:
-            snapshots.read_snapshot(resume)
+        from dreambooth.config.schema import run_settings
+
+        resume = snapshots.resumable_snapshot(model.snapshots, run_settings(model.load_config()))
+        if resume.path is not None:
+            snapshots.read_snapshot(resume.path)
     except Exception as error:
         problems.append(f"resumable snapshot does not load: {type(error).__name__}: {error}")
     return problems
