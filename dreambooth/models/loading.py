@@ -70,7 +70,7 @@ def read_ckpt(path: Path) -> dict[str, torch.Tensor]:
     try:
         loaded = torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
-        # torch's own text advises retrying with weights_only=False, which would run the file's code: not passed on.
+        # torch's own text advises loading the file without its safeguard, which would run the file's code.
         raise ModelError(f"Checkpoint {path} contains code or objects that are not tensors and is not loaded "
                          "(code in a model file is never run); use a .safetensors version of it.") from None
     except Exception:  # noqa: BLE001 - torch raises RuntimeError, EOFError, ... for a damaged archive

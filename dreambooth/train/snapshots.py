@@ -217,7 +217,7 @@ def read_snapshot(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], 
         document = json.loads((path / OBJECTS_STRUCTURE_FILE).read_text(encoding="utf-8"))
         objects = statetree.unflatten(_read_tensors(path / OBJECTS_TENSORS_FILE), document["objects"])
         return _read_tensors(path / TENSORS_FILE), objects, read_meta(path)
-    except (OSError, ValueError, KeyError, TypeError, statetree.StateFormatError) as error:
+    except Exception as error:  # noqa: BLE001 - safetensors raises its own error type for a damaged file
         raise TrainingError(f"Snapshot {path} cannot be read ({type(error).__name__}: {error}); delete it or "
                             "start without resume.") from None
 
@@ -256,7 +256,11 @@ def resumable_snapshot(root: Path, settings: dict[str, Any]) -> ResumeDecision:
     if not found:
         return fresh_run()
     latest = found[-1]
-    meta = read_meta(latest)
+    try:
+        meta = read_meta(latest)
+    except (OSError, ValueError) as error:
+        raise TrainingError(f"Snapshot {latest} cannot be read ({STATE_FILE}: {type(error).__name__}); delete it "
+                            "or start without resume.") from None
     run, step = meta.get("run_id") or "from an older version", meta.get("step", "?")
     if meta.get("finished"):
         return fresh_run(f"Run {run} finished at step {step}; it is not resumed. ")
