@@ -111,11 +111,13 @@ class KillSwitch:
     mid-write leaves it), then the process dies. Renames and steps are killed just before they happen.
     """
 
-    def __init__(self, root: Path, kill_at: int | None, log_path: Path | None):
+    def __init__(self, root: Path, kill_at: int | None, log_path: Path | None, kill_at_step: int | None = None):
         self.root = Path(root).resolve()
         self.kill_at = kill_at
+        self.kill_at_step = kill_at_step  # or: die just before this optimizer step of the process
         self.log_path = log_path
         self.count = 0
+        self.steps = 0
 
     def label(self, kind: str, path: Any = None) -> str:
         if path is None:
@@ -126,6 +128,9 @@ class KillSwitch:
 
     def event(self, kind: str, path: Any, action: Callable[[], Any], partial: bool) -> Any:
         self.count += 1
+        self.steps += kind == "step"
+        if kind == "step" and self.steps == self.kill_at_step:
+            os.kill(os.getpid(), signal.SIGKILL)
         if self.log_path is not None:
             with open(self.log_path, "a", encoding="utf-8") as handle:
                 handle.write(self.label(kind, path) + "\n")
@@ -201,7 +206,8 @@ def train_phase(spec: dict[str, Any]) -> None:
 
     torch.set_num_threads(1)
     root = Path(spec["root"])
-    install(KillSwitch(root, spec.get("kill_at"), Path(spec["log"]) if spec.get("log") else None))
+    install(KillSwitch(root, spec.get("kill_at"), Path(spec["log"]) if spec.get("log") else None,
+                       spec.get("kill_at_step")))
     model = model_of(root)
     config = model.load_config()
     for name, value in spec.get("config_update", {}).items():
