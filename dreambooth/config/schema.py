@@ -57,6 +57,30 @@ GROUPS = ("Model", "Method", "Steps", "Learning rate", "Optimizer", "Prior prese
           "Data", "Captions", "Augmentation", "Masked training", "Validation", "Loss and noise",
           "Precision and memory", "Text encoder", "EMA", "Saving", "Samples", "Logging", "Faults")
 
+# Settings a run can change and still be the same run: an interrupted run resumes after they change
+# (snapshots.resumable_snapshot). Every other setting, of the config and of each concept, defines the run
+# (run_settings); the value says why each of these does not change what the steps compute.
+SAME_RUN_SETTINGS: dict[str, str] = {
+    "model_name": "names the folder",
+    "base_checkpoint": "a record of where the weights came from",
+    "ema_for_output": "chooses the weights saved and sampled, not the ones trained",
+    "gradient_checkpointing": "memory: the same steps, recomputed",
+    "attention": "memory and speed: the same steps, another kernel",
+    "allow_tf32": "speed: the same steps, another matmul precision",
+    "save_every_n_steps": "saving", "save_every_n_epochs": "saving", "save_keep_last": "saving",
+    "snapshot_every_n_steps": "saving", "save_precision": "saving", "save_on_end": "saving",
+    "sample_every_n_steps": "previews", "sample_prompts": "previews", "sample_scheduler": "previews",
+    "log_every_n_steps": "logging",
+    "nan_policy": "what to do after a bad step; e.g. raise the limit to continue a run it stopped",
+    "max_nan_skips": "what to do after a bad step; e.g. raise the limit to continue a run it stopped",
+}
+SAME_RUN_CONCEPT_SETTINGS: dict[str, str] = {
+    "sample_prompt": "previews", "sample_negative_prompt": "previews", "n_samples": "previews",
+    "sample_seed": "previews", "sample_guidance_scale": "previews", "sample_steps": "previews",
+}
+# The run's length: an unfinished run continues up to the new length (a finished run is never resumed).
+RUN_LENGTH_SETTINGS = ("max_train_steps", "num_train_epochs")
+
 SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts",
               "polynomial", "rex")
 OPTIMIZERS = ("adamw", "adamw_8bit", "lion", "lion_8bit", "prodigy", "adafactor", "adamw_schedulefree")
@@ -509,7 +533,13 @@ class TrainingConfig:
     snapshot_every_n_steps: int = setting(0, "Snapshot every N steps", "Save the full training state "
                                           "(optimizer, RNG, data order) to resume from every N steps (0: "
                                           "only at stop). Typical: 500-2000; snapshots are 2-3x a "
-                                          "checkpoint's size. Set it for long or interruptible runs.", "Saving", min=0,
+                                          "checkpoint's size. Set it for long or interruptible runs. A start "
+                                          "resumes the newest snapshot of an unfinished run whose training "
+                                          "settings are unchanged (saving, preview, logging, NaN and memory "
+                                          "settings and the run's length may change); a finished run or "
+                                          "changed settings start a new run, and the status names them. The "
+                                          "old run's snapshots are deleted once the new run writes its first.",
+                                          "Saving", min=0,
                                           max=MAX_STEPS)
     save_precision: str = setting("fp16", "Save precision", "Precision of exported checkpoints and LoRAs. "
                                   "fp16 (typical) halves the file; it can drop the small updates of very low "
@@ -565,6 +595,16 @@ class TrainingConfig:
 def settings(cls: type = TrainingConfig) -> list[dataclasses.Field]:
     """The schema's scalar settings of `cls`, in declaration order."""
     return [f for f in dataclasses.fields(cls) if f.name != "concepts"]
+
+
+def run_settings(config: TrainingConfig) -> dict[str, Any]:
+    """The settings that define a run (all but SAME_RUN_*), flat: concept settings as 'concept 1 <name>'."""
+    found = {f.name: getattr(config, f.name) for f in settings(TrainingConfig) if f.name not in SAME_RUN_SETTINGS}
+    found["concepts"] = len(config.concepts)
+    for index, concept in enumerate(config.concepts, start=1):
+        found.update({f"concept {index} {f.name}": getattr(concept, f.name) for f in settings(Concept)
+                      if f.name not in SAME_RUN_CONCEPT_SETTINGS})
+    return found
 
 
 def field_type(cls: type, name: str) -> type:

@@ -53,12 +53,17 @@ def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str
 
 def read_ckpt(path: Path) -> dict[str, torch.Tensor]:
     """A pickled checkpoint, unpickled with weights_only=True: only tensors and plain containers load."""
+    import pickle
+
     try:
         loaded = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as error:
-        raise ModelError(f"Checkpoint {path} cannot be loaded safely ({type(error).__name__}: "
-                         f"{str(error).splitlines()[0] if str(error) else 'unreadable'}); it is damaged or holds "
-                         "code, which is never run. Use a .safetensors version of it.") from None
+    except pickle.UnpicklingError:
+        # torch's own text advises loading the file without its safeguard, which would run the file's code.
+        raise ModelError(f"Checkpoint {path} contains code or objects that are not tensors and is not loaded "
+                         "(code in a model file is never run); use a .safetensors version of it.") from None
+    except Exception:  # noqa: BLE001 - torch raises RuntimeError, EOFError, ... for a damaged archive
+        raise ModelError(f"Checkpoint {path} cannot be read: it is damaged or incomplete, and code in it is never "
+                         "run; download or copy it again, or use a .safetensors version of it.") from None
     if isinstance(loaded, Mapping) and isinstance(loaded.get("state_dict"), Mapping):
         loaded = loaded["state_dict"]
     if not isinstance(loaded, Mapping):

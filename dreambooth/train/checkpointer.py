@@ -35,10 +35,12 @@ class State:
     nan_skips: int = 0
 
 
-def resume_point(model_dir: ModelDir) -> tuple[Path | None, dict[str, Any]]:
-    """The snapshot a run continues from (None: a fresh run) and its meta (the run's seed)."""
-    path = snapshots.resumable_snapshot(model_dir.snapshots)
-    return path, (snapshots.read_meta(path) if path else {})
+def resume_point(model_dir: ModelDir, settings: dict[str, Any], resume: bool) -> snapshots.ResumeDecision:
+    """Which run a start is: the unfinished run with the same training settings, continued from its newest
+    snapshot, or a new run (the decision's message says which and why)."""
+    if not resume:
+        return snapshots.fresh_run("Not resuming (asked to start fresh). ")
+    return snapshots.resumable_snapshot(model_dir.snapshots, settings)
 
 
 class Checkpointer:
@@ -56,8 +58,8 @@ class Checkpointer:
         objects = {"optimizer": s.optimizer.state_dict(), "scheduler": s.lr_scheduler.state_dict(),
                    "ema": s.ema.state_dict() if s.ema else None, "rng": snapshots.rng_state(),
                    "scaler": s.scaler.state_dict() if s.scaler else None}
-        meta = {"epoch": state.epoch, "group": state.group, "seed": s.seed, "nan_skips": state.nan_skips,
-                "total_steps": s.run.total_steps, "finished": finished}
+        meta = {"run_id": s.run_id, "settings": s.run_settings, "epoch": state.epoch, "group": state.group,
+                "seed": s.seed, "nan_skips": state.nan_skips, "total_steps": s.run.total_steps, "finished": finished}
         with atomic.disk_full_guard(s.model_dir.snapshots):
             path = snapshots.write_snapshot(s.model_dir.snapshots, state.step, s.trained_tensors(), objects, meta)
         s.callbacks.on_saved("snapshot", path)
@@ -65,15 +67,13 @@ class Checkpointer:
 
     def mark_finished(self, state: State) -> Path | None:
         """Mark the run's last snapshot finished; rewriting it would leave a moment with no snapshot at all."""
-        existing = snapshots.snapshot_path(self.session.model_dir.snapshots, state.step)
-        if not (self.session.ranks.is_main and (existing / snapshots.STATE_FILE).is_file()):
-            return self.snapshot(state, finished=True)
-        snapshots.mark_finished(existing)
-        return existing
+        s = self.session
+        marked = snapshots.mark_run_finished(s.model_dir.snapshots, state.step, s.run_id) if s.ranks.is_main else None
+        return marked or self.snapshot(state, finished=True)
 
     def latest_snapshot(self) -> Path | None:
-        found = snapshots.list_snapshots(self.session.model_dir.snapshots)
-        return found[-1] if found else None
+        """This run's newest snapshot (another run's never counts as this one's)."""
+        return snapshots.latest_of_run(self.session.model_dir.snapshots, self.session.run_id)
 
     def restore(self, path: Path) -> State:
         s = self.session

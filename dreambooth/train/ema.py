@@ -45,4 +45,6 @@ class EMA:
     def load_state_dict(self, state: dict[str, object]) -> None:
         shadow = state["shadow"]
         assert isinstance(shadow, list) and len(shadow) == len(self.shadow)
-        self.shadow = [s.float().clone() for s in shadow]
+        # Snapshots are read onto the CPU; the shadow lives beside its parameter.
+        self.shadow = [s.to(device=p.device, dtype=torch.float32, copy=True) for s, p in
+                       zip(shadow, self.params, strict=True)]

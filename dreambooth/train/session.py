@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from ..config.schema import TrainingConfig, caches_text_outputs, text_cache_blockers
+from ..config.schema import TrainingConfig, caches_text_outputs, run_settings, text_cache_blockers
 from ..errors import ConfigError, TrainingError
 from ..families import ModelFamily, get_family
 from ..quiet import shown
@@ -30,6 +30,7 @@ from .ema import EMA
 from .events import TrainCallbacks, TrainObserver
 from .optim import build_optimizer, param_groups
 from .schedulers import build_scheduler
+from .snapshots import ResumeDecision
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +100,8 @@ class Session:
     observers: list[TrainObserver]
     ranks: Ranks
     seed: int
-    resume_from: Path | None       # the snapshot the run continues from, if any
+    resume: ResumeDecision         # which run this is and the snapshot it continues from, if any
+    run_settings: dict[str, Any]   # the training settings that make a run (config.schema.run_settings)
     components: Any                # models.components.Components
     unet: Any                      # the UNet the loop calls (DDP-wrapped on several ranks)
     text_encoders: list[Any]       # likewise for the text encoders
@@ -125,6 +127,15 @@ class Session:
     @property
     def device(self) -> torch.device:
         return self.ranks.device
+
+    @property
+    def resume_from(self) -> Path | None:
+        """The snapshot the run continues from (None: a new run)."""
+        return self.resume.path
+
+    @property
+    def run_id(self) -> str:
+        return self.resume.run_id
 
     @property
     def prediction_type(self) -> str:
@@ -200,8 +211,9 @@ def build_session(config: TrainingConfig, model_dir: ModelDir, host: Any, callba
     ranks = Ranks()
     runtime.check_precision(config, ranks.device)
     runtime.set_tf32(config.allow_tf32)
-    resume_from, meta = resume_point(model_dir) if resume else (None, {})
-    seed = int(meta.get("seed", resolve_seed(config.seed)))
+    settings = run_settings(config)
+    decision = resume_point(model_dir, settings, resume)
+    seed = int(decision.meta.get("seed", resolve_seed(config.seed)))
     # LoRA initialisation and dropout draw from the global generators: seed them from the run's seed.
     seed_everything(seed)
     callbacks.on_status("Loading model")
@@ -216,7 +228,8 @@ def build_session(config: TrainingConfig, model_dir: ModelDir, host: Any, callba
     params = [p for group in models.trainable.values() for p in group]
     return Session(
         config=config, model_dir=model_dir, host=host, callbacks=callbacks, warn=warn,
-        observers=list(observers or []), ranks=ranks, seed=seed, resume_from=resume_from,
+        observers=list(observers or []), ranks=ranks, seed=seed, resume=decision,
+        run_settings=settings,
         components=models.components, unet=models.unet, text_encoders=models.text_encoders,
         noise_scheduler=models.noise_scheduler, alphas_cumprod=models.noise_scheduler.alphas_cumprod.to(ranks.device),
         trainable=models.trainable, trained_parts=set(models.trainable),

@@ -102,7 +102,8 @@ class Trainer:
         state = State()
         if session.resume_from is not None:
             state = Checkpointer(session).restore(session.resume_from)
-            self.callbacks.on_status(f"Resuming from step {state.step}")
+        decision = session.resume
+        (self.warn if decision.settings_changed else self.callbacks.on_status)(decision.message)
         for observer in self.observers:
             observer.on_session(session)
         return session, state

@@ -116,11 +116,13 @@ class KillSwitch:
     mid-write leaves it), then the process dies. Renames and steps are killed just before they happen.
     """
 
-    def __init__(self, root: Path, kill_at: int | None, log_path: Path | None):
+    def __init__(self, root: Path, kill_at: int | None, log_path: Path | None, kill_at_step: int | None = None):
         self.root = Path(root).resolve()
         self.kill_at = kill_at
+        self.kill_at_step = kill_at_step  # or: die just before this optimizer step of the process
         self.log_path = log_path
         self.count = 0
+        self.steps = 0
 
     def label(self, kind: str, path: Any = None) -> str:
         if path is None:
@@ -131,6 +133,9 @@ class KillSwitch:
 
     def event(self, kind: str, path: Any, action: Callable[[], Any], partial: bool) -> Any:
         self.count += 1
+        self.steps += kind == "step"
+        if kind == "step" and self.steps == self.kill_at_step:
+            os.kill(os.getpid(), signal.SIGKILL)
         if self.log_path is not None:
             with open(self.log_path, "a", encoding="utf-8") as handle:
                 handle.write(self.label(kind, path) + "\n")
@@ -207,7 +212,8 @@ def train_phase(spec: dict[str, Any]) -> None:
 
     torch.set_num_threads(1)
     root = Path(spec["root"])
-    install(KillSwitch(root, spec.get("kill_at"), Path(spec["log"]) if spec.get("log") else None))
+    install(KillSwitch(root, spec.get("kill_at"), Path(spec["log"]) if spec.get("log") else None,
+                       spec.get("kill_at_step")))
     model = model_of(root)
     config = model.load_config()
     for name, value in spec.get("config_update", {}).items():
@@ -255,7 +261,7 @@ def file_problem(path: Path) -> str | None:
         elif suffix in (".pt", ".bin"):
             import torch
 
-            torch.load(path, map_location="cpu", weights_only=False)
+            torch.load(path, map_location="cpu", weights_only=True)  # never unpickle code, even in tests
         elif suffix == ".png":
             from PIL import Image
 
@@ -318,9 +324,11 @@ def _model_problems(root: Path) -> list[str]:
     except Exception as error:
         problems.append(f"working folder does not load: {type(error).__name__}: {error}")
     try:
-        resume = snapshots.resumable_snapshot(model.snapshots)
-        if resume is not None:
-            snapshots.read_snapshot(resume)
+        from dreambooth.config.schema import run_settings
+
+        resume = snapshots.resumable_snapshot(model.snapshots, run_settings(model.load_config()))
+        if resume.path is not None:
+            snapshots.read_snapshot(resume.path)
     except Exception as error:
         problems.append(f"resumable snapshot does not load: {type(error).__name__}: {error}")
     return problems

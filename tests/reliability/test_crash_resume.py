@@ -316,3 +316,33 @@ def test_cli_train_while_another_process_trains_is_refused_and_the_first_run_is_
     untrained = load_file(str(base_working / "unet/diffusion_pytorch_model.safetensors"))
     trained = load_file(str(working["shared"] / "unet/diffusion_pytorch_model.safetensors"))
     assert any(not torch.equal(untrained[k], trained[k]) for k in untrained)  # the comparison is of trained weights
+
+
+def test_a_second_run_killed_mid_way_resumes_its_own_snapshot(zygotes: list[Any], workspace: Any) -> None:
+    """After a finished 30-step run, a 20-step run of the same model is a new run: killed at step 12 it must
+    resume from its own step-12 snapshot (not the old run's step 30) and end bit-identical to the same
+    20-step run left alone."""
+    from dreambooth.train import snapshots
+
+    length = {"snapshot_every_n_steps": 4, "save_every_n_steps": 0}
+    first = workspace("dreambooth", max_train_steps=30, **length)
+    assert zygotes[0].run([{**train(first, "first.json"), "config_update": {}}]) == [0]
+    old_run = snapshots.read_meta(snapshots.list_snapshots(faultkit.model_of(first).snapshots)[-1])["run_id"]
+    killed = first.parent / "second-run-killed"
+    shutil.copytree(first, killed, copy_function=faultkit._link_or_copy)
+    second = {"max_train_steps": 20}
+    straight = {**train(first, "straight.json"), "config_update": second}
+    dying = {**train(killed, "killed.json", kill_at=None), "config_update": second, "kill_at_step": 13,
+             "expect": faultkit.KILLED}
+    with ThreadPoolExecutor(2) as pool:
+        codes = list(pool.map(lambda z, spec: z.run([spec]), zygotes, [straight, dying]))
+    assert codes == [[0], [faultkit.KILLED]], (first / "straight.error", killed / "killed.error")
+    left = [snapshots.read_meta(p) for p in snapshots.list_snapshots(faultkit.model_of(killed).snapshots)]
+    assert [(m["step"], m["run_id"] != old_run, m["finished"]) for m in left] == [(12, True, False)]
+    assert zygotes[0].run([{**train(killed, "resumed.json"), "config_update": second}]) == [0]
+    expected = final_tensors(first, json.loads((first / "straight.json").read_text()))
+    resumed_result = json.loads((killed / "resumed.json").read_text())
+    assert resumed_result["completed"] and resumed_result["step"] == 20
+    resumed = final_tensors(killed, resumed_result)
+    different = [k for k in expected if not torch.equal(expected[k], resumed.get(k))]
+    assert not different and expected.keys() == resumed.keys(), f"{len(different)} tensors differ: {different[:3]}"

@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import hashlib
+import json
 import shutil
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -153,8 +154,9 @@ def _digest(path: Path) -> str:
         return hasher.hexdigest()
     if path.suffix == ".png":
         return hashlib.sha1(np.asarray(Image.open(path)).tobytes()).hexdigest()
-    if path.name == "state.json":
-        return hashlib.sha1(path.read_bytes()).hexdigest()
+    if path.name == "state.json":  # the run id is drawn at random for every new run
+        state = {k: v for k, v in json.loads(path.read_text(encoding="utf-8")).items() if k != "run_id"}
+        return hashlib.sha1(json.dumps(state, sort_keys=True).encode()).hexdigest()
     return "file"  # pickles and logs hold timings; their presence is what counts
 
 
