@@ -11,12 +11,13 @@ from typing import Any
 import faultkit
 import pytest
 import torch
-from dreambooth.host.fake import FakeHost
 
 from dreambooth.errors import DreamboothError, ModelError
 from dreambooth.models.loading import load_checkpoint
 from dreambooth.train import snapshots
 from dreambooth.train.trainer import Trainer
+
+from fake_host import FakeHost
 
 
 class Payload:
