@@ -41,6 +41,7 @@ LABELS = {A1111: "AUTOMATIC1111", FORGE: "Forge", SDNEXT: "SD.Next"}
 NETWORKS_MODULES = {A1111: ("networks",), FORGE: ("networks", "modules_forge.lora.networks"),
                     SDNEXT: ("modules.lora.networks", "networks")}
 PROGRESS_RESOLUTION = 1000
+SCHEDULER = "Automatic"  # the sampler's own schedule, a choice in A1111 >= 1.9 and Forge
 SETTINGS_SECTION = ("dreambooth", "DreamBooth training")
 # Host-wide defaults shown in the web UI's Settings: (key, default, label, choices or None).
 SETTINGS: tuple[tuple[str, str, str, tuple[str, ...] | None], ...] = (
@@ -276,8 +277,7 @@ class WebuiHost:
 
     def _release_forge(self, sd_models: Any) -> None:
         model_data = self.need(sd_models, "model_data")
-        model_data.sd_model = None
-        model_data.loaded_sd_models = []
+        model_data.sd_model = None  # Forge keeps one model here (no loaded_sd_models list as in A1111)
         if hasattr(model_data, "forge_hash"):
             model_data.forge_hash = None  # forces forge_model_reload at the next generation
         with contextlib.suppress(ImportError):
@@ -342,6 +342,16 @@ class WebuiHost:
         except Exception:  # Forge raises until its lazy load happened
             return None
 
+    @staticmethod
+    def _scheduler_option(txt2img: Any) -> dict[str, str]:
+        """scheduler='Automatic' where the host has the field (A1111 >= 1.9, Forge): without it Forge logs a
+        'Sampler Scheduler autocorrection' warning for every image."""
+        try:
+            parameters = inspect.signature(txt2img).parameters
+        except (TypeError, ValueError):
+            return {}
+        return {"scheduler": SCHEDULER} if "scheduler" in parameters else {}
+
     def generate(self, request: GenerationRequest) -> list[Any]:
         """Render through the host's txt2img; the caller holds gpu_lock (never taken here)."""
         processing = self.module("processing")
@@ -359,12 +369,13 @@ class WebuiHost:
 
     def _txt2img(self, processing: Any, request: GenerationRequest, seed: int, size: int,
                  overrides: dict[str, Any]) -> list[Any]:
-        p = self.need(processing, "StableDiffusionProcessingTxt2Img")(
+        txt2img = self.need(processing, "StableDiffusionProcessingTxt2Img")
+        p = txt2img(
             sd_model=self._current_model(), prompt=request.prompt, negative_prompt=request.negative_prompt,
             sampler_name=self.sampler_name, batch_size=size, n_iter=1, steps=request.steps,
             cfg_scale=request.cfg_scale, width=request.width, height=request.height, seed=seed,
             do_not_save_samples=True, do_not_save_grid=True, override_settings=dict(overrides),
-            override_settings_restore_afterwards=True)
+            override_settings_restore_afterwards=True, **self._scheduler_option(txt2img))
         try:
             processed = self.need(processing, "process_images")(p)
         finally:

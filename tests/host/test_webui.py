@@ -181,11 +181,12 @@ def test_progress_and_interrupt_use_shared_state(webui):
 
 def test_forge_selects_checkpoints_through_main_entry_and_releases_lazily(forge):
     host = WebuiHost()
-    assert host.flavour == FORGE and host.name.startswith("Forge")
+    assert host.flavour == FORGE and host.name == "Forge 2.0.1v1.10.1"
+    assert type(forge.shared.sd_model).__name__ == "FakeInitialModel"  # nothing loaded before a generation
     checkpoint = forge.models / "Stable-diffusion" / "base.safetensors"
     host.generate(GenerationRequest("x", count=1, checkpoint=checkpoint))
     created = forge.processing.created[0]
-    assert created.kwargs["override_settings"] == {}
+    assert created.kwargs["override_settings"] == {} and created.kwargs["scheduler"] == "Automatic"
     assert created.checkpoint_during_processing == "base.safetensors [abc]"
     assert forge.main_entry.changes[0] == ("base.safetensors [abc]", False, True)
     assert forge.shared.opts.sd_model_checkpoint == "base.safetensors [abc]"  # the previous one, restored
@@ -193,6 +194,7 @@ def test_forge_selects_checkpoints_through_main_entry_and_releases_lazily(forge)
     forge.sd_models.model_data.forge_hash = "loaded"
     host.release_model()
     assert forge.sd_models.model_data.sd_model is None and forge.sd_models.model_data.forge_hash is None
+    assert not hasattr(forge.sd_models.model_data, "loaded_sd_models")  # A1111's list; Forge has none
     assert forge.memory.calls == ["unload_all_models", "soft_empty_cache"]
     host.restore_model()
     assert forge.main_entry.refreshes and "load_model" not in names(forge.sd_models.calls)
@@ -234,3 +236,16 @@ def test_call_tolerant_drops_unknown_keywords():
 
     assert call_tolerant(old, "x", save=False, refresh=True, preset=None) == ("x", False)
     assert call_tolerant(lambda name, **kw: kw, "x", a=1) == {"a": 1}
+
+
+def test_scheduler_is_passed_only_where_the_host_has_the_field():
+    class WithoutScheduler:
+        def __init__(self, prompt="", seed=-1):
+            pass
+
+    class WithScheduler(WithoutScheduler):
+        def __init__(self, prompt="", seed=-1, scheduler=None):
+            pass
+
+    assert WebuiHost._scheduler_option(WithoutScheduler) == {}
+    assert WebuiHost._scheduler_option(WithScheduler) == {"scheduler": "Automatic"}
