@@ -25,6 +25,7 @@ import logging
 import os
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -56,8 +57,49 @@ SETTINGS: tuple[tuple[str, str, str, tuple[str, ...] | None], ...] = (
 CONFIG_DEFAULTS = {"dreambooth_save_precision": "save_precision", "dreambooth_mixed_precision": "mixed_precision"}  # progress is reported to the host as sampling_step / 1000
 
 
+# torch entry points web UIs swap for their own while they build a model: Forge's backend (using_forge_operations)
+# replaces these torch.nn layer classes with weightless ones, A1111 (sd_disable_initialization) replaces
+# Module.load_state_dict and the torch.nn.init functions. A model we build in that window is broken.
+SWAPPED_LAYERS = ("Linear", "Conv1d", "Conv2d", "Conv3d", "ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d",
+                  "GroupNorm", "LayerNorm", "Embedding")
+SWAPPED_METHODS = ("load_state_dict", "_load_from_state_dict")
+SWAPPED_INITS = ("kaiming_uniform_", "uniform_", "normal_")
+HOST_LOAD_WAIT_S = 300.0  # how long we wait for the host to finish loading its model
+HOST_LOAD_POLL_S = 0.2
+
+
 class HostError(DreamboothError):
     """The web UI lacks something this adapter needs; the message names the host and its version."""
+
+
+def torch_swaps() -> list[str]:
+    """The torch entry points the host has currently replaced (empty when torch is as shipped)."""
+    torch = sys.modules.get("torch")
+    if torch is None:
+        return []
+    swapped = [f"torch.nn.{name}" for name in SWAPPED_LAYERS
+               if not getattr(getattr(torch.nn, name, None), "__module__", "torch.").startswith("torch.")]
+    swapped += [f"torch.nn.Module.{name}" for name in SWAPPED_METHODS
+                if getattr(getattr(torch.nn.Module, name), "__qualname__", "") != f"Module.{name}"]
+    swapped += [f"torch.nn.init.{name}" for name in SWAPPED_INITS
+                if getattr(getattr(torch.nn.init, name), "__module__", "") != "torch.nn.init"]
+    return swapped
+
+
+def wait_for_torch_as_shipped(host_name: str, timeout_s: float = HOST_LOAD_WAIT_S,
+                              poll_s: float = HOST_LOAD_POLL_S) -> None:
+    """Wait while the host is inside a model load that swaps torch entry points; a HostError after timeout_s."""
+    deadline = time.monotonic() + timeout_s
+    swapped = torch_swaps()
+    if swapped:
+        log.info("%s is loading a model (%s replaced); waiting for it to finish.", host_name, ", ".join(swapped))
+    while swapped:
+        if time.monotonic() >= deadline:
+            raise HostError(f"{host_name} has replaced {', '.join(swapped)} for {timeout_s:.0f} s (a model load "
+                            "that did not finish, or another extension); models built now would be broken. "
+                            "Wait until the web UI's model has loaded and try again.")
+        time.sleep(poll_s)
+        swapped = torch_swaps()
 
 
 def detect_flavour() -> str:
@@ -116,6 +158,7 @@ class WebuiHost:
     """A Host over the running web UI."""
 
     sampler_name = "Euler a"  # present in every supported host
+    host_load_wait_s = HOST_LOAD_WAIT_S
 
     def __init__(self, flavour: str | None = None, models_path_override: str | None = None):
         self.flavour = flavour or detect_flavour()
@@ -222,6 +265,8 @@ class WebuiHost:
         with lock:
             self._local.depth = 1
             try:
+                # A1111 loads its start-up model outside queue_lock: wait until torch is its own again.
+                wait_for_torch_as_shipped(self.name, self.host_load_wait_s)
                 yield None
             finally:
                 self._local.depth = 0

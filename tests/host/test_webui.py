@@ -8,10 +8,20 @@ import types
 from pathlib import Path
 
 import pytest
+import torch
 from tests_host_support import HERE, purge_fakes
 
 from dreambooth.host.base import GenerationRequest, Host
-from dreambooth.host.webui import A1111, FORGE, SDNEXT, HostError, WebuiHost, call_tolerant, detect_flavour
+from dreambooth.host.webui import (
+    A1111,
+    FORGE,
+    SDNEXT,
+    HostError,
+    WebuiHost,
+    call_tolerant,
+    detect_flavour,
+    torch_swaps,
+)
 from dreambooth.service import TrainingService
 from dreambooth.store import ModelStore
 from dreambooth.train.events import LossRecord
@@ -249,3 +259,36 @@ def test_scheduler_is_passed_only_where_the_host_has_the_field():
 
     assert WebuiHost._scheduler_option(WithoutScheduler) == {}
     assert WebuiHost._scheduler_option(WithScheduler) == {"scheduler": "Automatic"}
+
+
+class WeightlessLinear(torch.nn.Module):
+    """What Forge's using_forge_operations puts in torch.nn.Linear's place while it loads a model."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__()
+        self.weight = None
+
+
+def test_gpu_lock_waits_while_the_host_has_torch_layers_swapped(webui, monkeypatch):
+    host = WebuiHost()
+    monkeypatch.setattr(torch.nn, "Linear", WeightlessLinear)
+    assert torch_swaps() == ["torch.nn.Linear"]
+    restored = threading.Timer(0.3, lambda: setattr(torch.nn, "Linear", torch.nn.modules.linear.Linear))
+    restored.start()
+    with host.gpu_lock():
+        layer = torch.nn.Linear(2, 2)  # what our model building would get inside the lock
+    restored.join()
+    assert layer.weight is not None and torch_swaps() == []
+
+
+def test_gpu_lock_gives_up_with_a_clear_error_when_torch_stays_swapped(webui, monkeypatch):
+    host = WebuiHost()
+    host.host_load_wait_s = 0.3
+
+    def load_state_dict(module, state_dict, strict=True):  # A1111's window lacks `assign`
+        return None
+
+    monkeypatch.setattr(torch.nn.Module, "load_state_dict", load_state_dict)
+    with pytest.raises(HostError, match=r"replaced torch\.nn\.Module\.load_state_dict"), host.gpu_lock():
+        pass
+    assert webui.call_queue.queue_lock.owner is None  # the host's queue is free again
