@@ -12,6 +12,11 @@ functions, so the package imports anywhere. Facts this adapter relies on (checke
 * Forge loads the model lazily inside processing (forge_model_reload, keyed by forge_loading_parameters) and
   selects checkpoints with main_entry.checkpoint_change; SD.Next keeps folders in opts and has
   unload_model_weights(op=...) / reload_model_weights(op=...) that really free and reload.
+* While a host builds a model it swaps torch entry points (Forge: torch.nn layer classes; A1111:
+  Module.load_state_dict), so gpu_lock also waits until torch is as shipped before we build anything.
+
+The Forge names used here, with their parameters at the Forge commit that was run for real, are recorded in
+tests/host/facts/forge.json; tests/host/test_forge_facts.py keeps this module and the fake Forge to that list.
 """
 
 from __future__ import annotations
