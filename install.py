@@ -8,6 +8,7 @@ is satisfied, pip is not called at all.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -50,8 +51,21 @@ def major(version: str | None) -> int | None:
     return int(head) if head.isdigit() else None
 
 
-def needs_for(versions: Mapping[str, str | None], platform: str = sys.platform) -> list[Need]:
-    """Our packages, capped where the host's transformers needs it (A1111 1.10 pins transformers 4.30)."""
+def host_is_forge() -> bool:
+    """Forge (run with its root on PYTHONPATH) ships modules_forge; it installs its own bitsandbytes pin."""
+    try:
+        return importlib.util.find_spec("modules_forge") is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def needs_for(versions: Mapping[str, str | None], platform: str = sys.platform,
+              forge: bool = False) -> list[Need]:
+    """Our packages, capped where the host's transformers needs it (A1111 1.10 pins transformers 4.30).
+
+    Forge pins bitsandbytes itself (0.45.3, installed at start-up on CUDA machines), so under Forge we
+    leave it to the host: installing our own version would only be replaced at the next start.
+    """
     legacy = major(versions.get("transformers")) == 4
     found = [
         # diffusers > 0.31 and peft > 0.13.2 import APIs transformers 4.30 lacks.
@@ -61,7 +75,7 @@ def needs_for(versions: Mapping[str, str | None], platform: str = sys.platform) 
         Need("prodigyopt", ">=1.0", "prodigyopt>=1.0", optional=True, feature="the prodigy optimizer"),
         Need("schedulefree", ">=1.2", "schedulefree>=1.2", optional=True, feature="adamw_schedulefree"),
     ]
-    if platform != "darwin":  # no bitsandbytes wheels for macOS
+    if platform != "darwin" and not forge:  # no bitsandbytes wheels for macOS; Forge owns its pin
         found.append(Need("bitsandbytes", ">=0.43.0", "bitsandbytes>=0.43.0", optional=True,
                           feature="8-bit optimizers"))
     return found
@@ -92,10 +106,10 @@ def plan(needs: list[Need], versions: Mapping[str, str | None]) -> tuple[list[Ne
     return missing, warnings
 
 
-def host_constraints(versions: Mapping[str, str | None]) -> str:
+def host_constraints(versions: Mapping[str, str | None], forge: bool = False) -> str:
     """pip constraints pinning every installed host-owned package, so pip cannot replace one."""
-    return "".join(f"{name}=={version}\n" for name, version in versions.items()
-                   if name in HOST_OWNED and version)
+    owned = HOST_OWNED + (("bitsandbytes",) if forge else ())
+    return "".join(f"{name}=={version}\n" for name, version in versions.items() if name in owned and version)
 
 
 PipRunner = Callable[[list[str]], int]
@@ -115,15 +129,16 @@ def install(needs: list[Need], constraints: str, runner: PipRunner) -> int:
 
 
 def main(runner: PipRunner = run_pip, versions: Mapping[str, str | None] | None = None,
-         platform: str = sys.platform) -> int:
+         platform: str = sys.platform, forge: bool | None = None) -> int:
     if versions is None:
         versions = installed_versions(HOST_OWNED + ("diffusers", "peft", "safetensors", "prodigyopt",
                                                     "schedulefree", "bitsandbytes"))
-    needs = needs_for(versions, platform)
+    forge = host_is_forge() if forge is None else forge
+    needs = needs_for(versions, platform, forge)
     missing, warnings = plan(needs, versions)
     for warning in warnings:
         print(warning)
-    constraints = host_constraints(versions)
+    constraints = host_constraints(versions, forge)
     required = [need for need in missing if not need.optional]
     optional = [need for need in missing if need.optional]
     status = 0

@@ -90,6 +90,27 @@ def test_bitsandbytes_is_not_requested_on_macos():
     assert runner.calls == []
 
 
+def test_forge_keeps_its_own_bitsandbytes_pin():
+    """Forge installs bitsandbytes 0.45.3 itself at start-up: we never request it and pin the installed one."""
+    runner = Recorder()
+    versions = {**A1111_HOST, **OURS_INSTALLED, "bitsandbytes": None, "prodigyopt": None}
+    install.main(runner, versions, platform="linux", forge=True)
+    assert requested(runner) == ["prodigyopt>=1.0"]
+    runner = Recorder()
+    install.main(runner, {**versions, "bitsandbytes": "0.45.3"}, platform="linux", forge=True)
+    assert "bitsandbytes==0.45.3" in runner.constraints[0].splitlines()
+
+
+def test_forge_is_detected_from_modules_forge_on_the_path(tmp_path, monkeypatch):
+    monkeypatch.delitem(sys.modules, "modules_forge", raising=False)  # a fake Forge of another test
+    monkeypatch.setattr(sys, "path", [entry for entry in sys.path if "fake_forge" not in entry])
+    assert install.host_is_forge() is False
+    (tmp_path / "modules_forge").mkdir()
+    (tmp_path / "modules_forge" / "__init__.py").write_text("")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert install.host_is_forge() is True
+
+
 def test_wrong_installed_version_is_only_reported(capsys):
     runner = Recorder()
     install.main(runner, {**A1111_HOST, **OURS_INSTALLED, "diffusers": "0.27.2"}, platform="linux")

@@ -12,6 +12,11 @@ functions, so the package imports anywhere. Facts this adapter relies on (checke
 * Forge loads the model lazily inside processing (forge_model_reload, keyed by forge_loading_parameters) and
   selects checkpoints with main_entry.checkpoint_change; SD.Next keeps folders in opts and has
   unload_model_weights(op=...) / reload_model_weights(op=...) that really free and reload.
+* While a host builds a model it swaps torch entry points (Forge: torch.nn layer classes; A1111:
+  Module.load_state_dict), so gpu_lock also waits until torch is as shipped before we build anything.
+
+The Forge names used here, with their parameters at the Forge commit that was run for real, are recorded in
+tests/host/facts/forge.json; tests/host/test_forge_facts.py keeps this module and the fake Forge to that list.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import logging
 import os
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -41,6 +47,7 @@ LABELS = {A1111: "AUTOMATIC1111", FORGE: "Forge", SDNEXT: "SD.Next"}
 NETWORKS_MODULES = {A1111: ("networks",), FORGE: ("networks", "modules_forge.lora.networks"),
                     SDNEXT: ("modules.lora.networks", "networks")}
 PROGRESS_RESOLUTION = 1000
+SCHEDULER = "Automatic"  # the sampler's own schedule, a choice in A1111 >= 1.9 and Forge
 SETTINGS_SECTION = ("dreambooth", "DreamBooth training")
 # Host-wide defaults shown in the web UI's Settings: (key, default, label, choices or None).
 SETTINGS: tuple[tuple[str, str, str, tuple[str, ...] | None], ...] = (
@@ -55,8 +62,49 @@ SETTINGS: tuple[tuple[str, str, str, tuple[str, ...] | None], ...] = (
 CONFIG_DEFAULTS = {"dreambooth_save_precision": "save_precision", "dreambooth_mixed_precision": "mixed_precision"}  # progress is reported to the host as sampling_step / 1000
 
 
+# torch entry points web UIs swap for their own while they build a model: Forge's backend (using_forge_operations)
+# replaces these torch.nn layer classes with weightless ones, A1111 (sd_disable_initialization) replaces
+# Module.load_state_dict and the torch.nn.init functions. A model we build in that window is broken.
+SWAPPED_LAYERS = ("Linear", "Conv1d", "Conv2d", "Conv3d", "ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d",
+                  "GroupNorm", "LayerNorm", "Embedding")
+SWAPPED_METHODS = ("load_state_dict", "_load_from_state_dict")
+SWAPPED_INITS = ("kaiming_uniform_", "uniform_", "normal_")
+HOST_LOAD_WAIT_S = 300.0  # how long we wait for the host to finish loading its model
+HOST_LOAD_POLL_S = 0.2
+
+
 class HostError(DreamboothError):
     """The web UI lacks something this adapter needs; the message names the host and its version."""
+
+
+def torch_swaps() -> list[str]:
+    """The torch entry points the host has currently replaced (empty when torch is as shipped)."""
+    torch = sys.modules.get("torch")
+    if torch is None:
+        return []
+    swapped = [f"torch.nn.{name}" for name in SWAPPED_LAYERS
+               if not getattr(getattr(torch.nn, name, None), "__module__", "torch.").startswith("torch.")]
+    swapped += [f"torch.nn.Module.{name}" for name in SWAPPED_METHODS
+                if getattr(getattr(torch.nn.Module, name), "__qualname__", "") != f"Module.{name}"]
+    swapped += [f"torch.nn.init.{name}" for name in SWAPPED_INITS
+                if getattr(getattr(torch.nn.init, name), "__module__", "") != "torch.nn.init"]
+    return swapped
+
+
+def wait_for_torch_as_shipped(host_name: str, timeout_s: float = HOST_LOAD_WAIT_S,
+                              poll_s: float = HOST_LOAD_POLL_S) -> None:
+    """Wait while the host is inside a model load that swaps torch entry points; a HostError after timeout_s."""
+    deadline = time.monotonic() + timeout_s
+    swapped = torch_swaps()
+    if swapped:
+        log.info("%s is loading a model (%s replaced); waiting for it to finish.", host_name, ", ".join(swapped))
+    while swapped:
+        if time.monotonic() >= deadline:
+            raise HostError(f"{host_name} has replaced {', '.join(swapped)} for {timeout_s:.0f} s (a model load "
+                            "that did not finish, or another extension); models built now would be broken. "
+                            "Wait until the web UI's model has loaded and try again.")
+        time.sleep(poll_s)
+        swapped = torch_swaps()
 
 
 def detect_flavour() -> str:
@@ -115,6 +163,7 @@ class WebuiHost:
     """A Host over the running web UI."""
 
     sampler_name = "Euler a"  # present in every supported host
+    host_load_wait_s = HOST_LOAD_WAIT_S
 
     def __init__(self, flavour: str | None = None, models_path_override: str | None = None):
         self.flavour = flavour or detect_flavour()
@@ -221,6 +270,8 @@ class WebuiHost:
         with lock:
             self._local.depth = 1
             try:
+                # A1111 loads its start-up model outside queue_lock: wait until torch is its own again.
+                wait_for_torch_as_shipped(self.name, self.host_load_wait_s)
                 yield None
             finally:
                 self._local.depth = 0
@@ -276,8 +327,7 @@ class WebuiHost:
 
     def _release_forge(self, sd_models: Any) -> None:
         model_data = self.need(sd_models, "model_data")
-        model_data.sd_model = None
-        model_data.loaded_sd_models = []
+        model_data.sd_model = None  # Forge keeps one model here (no loaded_sd_models list as in A1111)
         if hasattr(model_data, "forge_hash"):
             model_data.forge_hash = None  # forces forge_model_reload at the next generation
         with contextlib.suppress(ImportError):
@@ -342,6 +392,16 @@ class WebuiHost:
         except Exception:  # Forge raises until its lazy load happened
             return None
 
+    @staticmethod
+    def _scheduler_option(txt2img: Any) -> dict[str, str]:
+        """scheduler='Automatic' where the host has the field (A1111 >= 1.9, Forge): without it Forge logs a
+        'Sampler Scheduler autocorrection' warning for every image."""
+        try:
+            parameters = inspect.signature(txt2img).parameters
+        except (TypeError, ValueError):
+            return {}
+        return {"scheduler": SCHEDULER} if "scheduler" in parameters else {}
+
     def generate(self, request: GenerationRequest) -> list[Any]:
         """Render through the host's txt2img; the caller holds gpu_lock (never taken here)."""
         processing = self.module("processing")
@@ -359,12 +419,13 @@ class WebuiHost:
 
     def _txt2img(self, processing: Any, request: GenerationRequest, seed: int, size: int,
                  overrides: dict[str, Any]) -> list[Any]:
-        p = self.need(processing, "StableDiffusionProcessingTxt2Img")(
+        txt2img = self.need(processing, "StableDiffusionProcessingTxt2Img")
+        p = txt2img(
             sd_model=self._current_model(), prompt=request.prompt, negative_prompt=request.negative_prompt,
             sampler_name=self.sampler_name, batch_size=size, n_iter=1, steps=request.steps,
             cfg_scale=request.cfg_scale, width=request.width, height=request.height, seed=seed,
             do_not_save_samples=True, do_not_save_grid=True, override_settings=dict(overrides),
-            override_settings_restore_afterwards=True)
+            override_settings_restore_afterwards=True, **self._scheduler_option(txt2img))
         try:
             processed = self.need(processing, "process_images")(p)
         finally:

@@ -8,10 +8,20 @@ import types
 from pathlib import Path
 
 import pytest
+import torch
 from tests_host_support import HERE, purge_fakes
 
 from dreambooth.host.base import GenerationRequest, Host
-from dreambooth.host.webui import A1111, FORGE, SDNEXT, HostError, WebuiHost, call_tolerant, detect_flavour
+from dreambooth.host.webui import (
+    A1111,
+    FORGE,
+    SDNEXT,
+    HostError,
+    WebuiHost,
+    call_tolerant,
+    detect_flavour,
+    torch_swaps,
+)
 from dreambooth.service import TrainingService
 from dreambooth.store import ModelStore
 from dreambooth.train.events import LossRecord
@@ -181,11 +191,12 @@ def test_progress_and_interrupt_use_shared_state(webui):
 
 def test_forge_selects_checkpoints_through_main_entry_and_releases_lazily(forge):
     host = WebuiHost()
-    assert host.flavour == FORGE and host.name.startswith("Forge")
+    assert host.flavour == FORGE and host.name == "Forge 2.0.1v1.10.1"
+    assert type(forge.shared.sd_model).__name__ == "FakeInitialModel"  # nothing loaded before a generation
     checkpoint = forge.models / "Stable-diffusion" / "base.safetensors"
     host.generate(GenerationRequest("x", count=1, checkpoint=checkpoint))
     created = forge.processing.created[0]
-    assert created.kwargs["override_settings"] == {}
+    assert created.kwargs["override_settings"] == {} and created.kwargs["scheduler"] == "Automatic"
     assert created.checkpoint_during_processing == "base.safetensors [abc]"
     assert forge.main_entry.changes[0] == ("base.safetensors [abc]", False, True)
     assert forge.shared.opts.sd_model_checkpoint == "base.safetensors [abc]"  # the previous one, restored
@@ -193,6 +204,7 @@ def test_forge_selects_checkpoints_through_main_entry_and_releases_lazily(forge)
     forge.sd_models.model_data.forge_hash = "loaded"
     host.release_model()
     assert forge.sd_models.model_data.sd_model is None and forge.sd_models.model_data.forge_hash is None
+    assert not hasattr(forge.sd_models.model_data, "loaded_sd_models")  # A1111's list; Forge has none
     assert forge.memory.calls == ["unload_all_models", "soft_empty_cache"]
     host.restore_model()
     assert forge.main_entry.refreshes and "load_model" not in names(forge.sd_models.calls)
@@ -234,3 +246,49 @@ def test_call_tolerant_drops_unknown_keywords():
 
     assert call_tolerant(old, "x", save=False, refresh=True, preset=None) == ("x", False)
     assert call_tolerant(lambda name, **kw: kw, "x", a=1) == {"a": 1}
+
+
+def test_scheduler_is_passed_only_where_the_host_has_the_field():
+    class WithoutScheduler:
+        def __init__(self, prompt="", seed=-1):
+            pass
+
+    class WithScheduler(WithoutScheduler):
+        def __init__(self, prompt="", seed=-1, scheduler=None):
+            pass
+
+    assert WebuiHost._scheduler_option(WithoutScheduler) == {}
+    assert WebuiHost._scheduler_option(WithScheduler) == {"scheduler": "Automatic"}
+
+
+class WeightlessLinear(torch.nn.Module):
+    """What Forge's using_forge_operations puts in torch.nn.Linear's place while it loads a model."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__()
+        self.weight = None
+
+
+def test_gpu_lock_waits_while_the_host_has_torch_layers_swapped(webui, monkeypatch):
+    host = WebuiHost()
+    monkeypatch.setattr(torch.nn, "Linear", WeightlessLinear)
+    assert torch_swaps() == ["torch.nn.Linear"]
+    restored = threading.Timer(0.3, lambda: setattr(torch.nn, "Linear", torch.nn.modules.linear.Linear))
+    restored.start()
+    with host.gpu_lock():
+        layer = torch.nn.Linear(2, 2)  # what our model building would get inside the lock
+    restored.join()
+    assert layer.weight is not None and torch_swaps() == []
+
+
+def test_gpu_lock_gives_up_with_a_clear_error_when_torch_stays_swapped(webui, monkeypatch):
+    host = WebuiHost()
+    host.host_load_wait_s = 0.3
+
+    def load_state_dict(module, state_dict, strict=True):  # A1111's window lacks `assign`
+        return None
+
+    monkeypatch.setattr(torch.nn.Module, "load_state_dict", load_state_dict)
+    with pytest.raises(HostError, match=r"replaced torch\.nn\.Module\.load_state_dict"), host.gpu_lock():
+        pass
+    assert webui.call_queue.queue_lock.owner is None  # the host's queue is free again

@@ -5,5 +5,5 @@ def unload_all_models():
     calls.append("unload_all_models")
 
 
-def soft_empty_cache():
+def soft_empty_cache(force=False):
     calls.append("soft_empty_cache")

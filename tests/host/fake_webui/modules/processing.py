@@ -12,8 +12,13 @@ class Processed:
 
 
 class StableDiffusionProcessingTxt2Img:
-    def __init__(self, **kwargs):
-        self.kwargs = kwargs
+    """Keyword parameters as fields of the real dataclass (A1111 1.10 and Forge); an unknown one is a TypeError."""
+
+    def __init__(self, sd_model=None, prompt="", negative_prompt="", sampler_name=None, scheduler=None,
+                 batch_size=1, n_iter=1, steps=50, cfg_scale=7.0, width=512, height=512, seed=-1,
+                 do_not_save_samples=False, do_not_save_grid=False, override_settings=None,
+                 override_settings_restore_afterwards=True):
+        self.kwargs = {name: value for name, value in locals().items() if name != "self"}
         self.closed = False
         self.checkpoint_during_processing = None
         created.append(self)

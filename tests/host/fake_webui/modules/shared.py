@@ -34,7 +34,9 @@ sys.modules[__name__].__class__ = _Shared
 
 
 class OptionInfo:
-    def __init__(self, default=None, label="", component=None, component_args=None, section=None, **kwargs):
+    def __init__(self, default=None, label="", component=None, component_args=None, onchange=None, section=None,
+                 refresh=None, comment_before='', comment_after='', infotext=None, restrict_api=False,
+                 category_id=None):
         self.default, self.label, self.component, self.component_args = default, label, component, component_args
         self.section = section
 
