@@ -384,6 +384,62 @@ def _add_wizard(commands: Any, common: argparse.ArgumentParser) -> None:
     add_arguments(parser)
 
 
+CommandAdder = Callable[[str, Callable[..., int], str], argparse.ArgumentParser]
+
+
+def _add_app_commands(add: CommandAdder) -> None:
+    serve = add("serve", cmd_serve, "Run the standalone training app in the browser (the default command).")
+    serve.add_argument("--host", default="127.0.0.1", help="Address to listen on (default: 127.0.0.1, this "
+                       "machine only; 0.0.0.0 for the network).")
+    serve.add_argument("--port", type=int, default=7860, help="Port to listen on (default: 7860).")
+    serve.add_argument("--open-browser", action="store_true", help="Open the app in the default browser.")
+    demo = add("demo-model", cmd_demo_model, "Write a tiny random checkpoint of a family (for tests and trials).")
+    demo.add_argument("--family", choices=("sd1", "sd2v", "sdxl"), required=True, help="Architecture to imitate.")
+    demo.add_argument("--out", metavar="FILE", help="Output .safetensors (default: the checkpoints folder, "
+                      "demo-FAMILY.safetensors).")
+
+
+def _add_model_commands(add: CommandAdder) -> None:
+    create = add("create", cmd_create, "Create a trainable model from a checkpoint.")
+    create.add_argument("--name", required=True, help="Name of the new model (its folder under models/dreambooth).")
+    create.add_argument("--from", dest="source", required=True, metavar="CKPT",
+                        help="Checkpoint path, a file name in the checkpoints folder, or a diffusers folder.")
+    create.add_argument("--family", choices=FAMILIES, help="Architecture, when detection should be overridden.")
+    create.add_argument("--v-prediction", action="store_true",
+                        help="The checkpoint is an SD 2.x 768-v model (when the file does not say so).")
+    add("list", cmd_list, "List the trainable models with their family and method.")
+    _add_config_command(add)
+
+
+def _add_config_command(add: CommandAdder) -> None:
+    config = add("config", cmd_config, "Show, change or import a model's settings.")
+    config.add_argument("--name", required=True, help="The model.")
+    config.add_argument("--show", action="store_true", help="Print the settings as JSON (also after changes).")
+    config.add_argument("--set", nargs="+", action="extend", metavar="FIELD=VALUE", help="Change settings, e.g. learning_rate=1e-6 "
+                        "concepts.0.instance_prompt='photo of sks dog' (index = count adds a concept).")
+    config.add_argument("--import", dest="import_file", metavar="FILE", help="Import our JSON, the old DreamBooth "
+                        "extension's db_config.json, or a concepts list JSON, merged onto the current settings "
+                        "(the model's family, prediction type and base are kept); unmapped keys are listed.")
+    config.add_argument("--replace", action="store_true", help="With --import: replace all settings with the "
+                        "file's (unnamed ones go back to their defaults) instead of merging.")
+    config.add_argument("--set-identity", nargs="+", action="extend", metavar="FIELD=VALUE", help="Correct what "
+                        "the model is when detection chose wrong: model_family, prediction_type or "
+                        "base_checkpoint, e.g. prediction_type=v_prediction.")
+
+
+def _add_run_commands(add: CommandAdder) -> None:
+    export = add("export", cmd_export, "Export a model as a .safetensors checkpoint for the web UI.")
+    export.add_argument("--name", required=True, help="The model.")
+    export.add_argument("--precision", choices=PRECISIONS, help="Weights precision (default: the model's "
+                        "save_precision). fp32 keeps every training update; fp16/bf16 halve the size.")
+    export.add_argument("--out", metavar="FILE", help="Output file (default: checkpoints folder, NAME.safetensors).")
+    train = add("train", cmd_train, "Train a model; flags override its saved settings for this run only.")
+    train.add_argument("--name", required=True, help="The model.")
+    train.add_argument("--set", nargs="+", action="extend", metavar="FIELD=VALUE", help="Overrides by name, including concept "
+                       "settings: concepts.0.instance_prompt='photo of sks dog'.")
+    add_schema_flags(train)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog=PROG, description="DreamBooth, LoRA and fine-tune training for Stable Diffusion. "
                      "Without a command: serve the standalone app.")
@@ -398,46 +454,10 @@ def build_parser() -> argparse.ArgumentParser:
         sub.set_defaults(handler=handler)
         return sub
 
-    serve = add("serve", cmd_serve, "Run the standalone training app in the browser (the default command).")
-    serve.add_argument("--host", default="127.0.0.1", help="Address to listen on (default: 127.0.0.1, this "
-                       "machine only; 0.0.0.0 for the network).")
-    serve.add_argument("--port", type=int, default=7860, help="Port to listen on (default: 7860).")
-    serve.add_argument("--open-browser", action="store_true", help="Open the app in the default browser.")
-    demo = add("demo-model", cmd_demo_model, "Write a tiny random checkpoint of a family (for tests and trials).")
-    demo.add_argument("--family", choices=("sd1", "sd2v", "sdxl"), required=True, help="Architecture to imitate.")
-    demo.add_argument("--out", metavar="FILE", help="Output .safetensors (default: the checkpoints folder, "
-                      "demo-FAMILY.safetensors).")
-    create = add("create", cmd_create, "Create a trainable model from a checkpoint.")
-    create.add_argument("--name", required=True, help="Name of the new model (its folder under models/dreambooth).")
-    create.add_argument("--from", dest="source", required=True, metavar="CKPT",
-                        help="Checkpoint path, a file name in the checkpoints folder, or a diffusers folder.")
-    create.add_argument("--family", choices=FAMILIES, help="Architecture, when detection should be overridden.")
-    create.add_argument("--v-prediction", action="store_true",
-                        help="The checkpoint is an SD 2.x 768-v model (when the file does not say so).")
-    add("list", cmd_list, "List the trainable models with their family and method.")
-    config = add("config", cmd_config, "Show, change or import a model's settings.")
-    config.add_argument("--name", required=True, help="The model.")
-    config.add_argument("--show", action="store_true", help="Print the settings as JSON (also after changes).")
-    config.add_argument("--set", nargs="+", action="extend", metavar="FIELD=VALUE", help="Change settings, e.g. learning_rate=1e-6 "
-                        "concepts.0.instance_prompt='photo of sks dog' (index = count adds a concept).")
-    config.add_argument("--import", dest="import_file", metavar="FILE", help="Import our JSON, the old DreamBooth "
-                        "extension's db_config.json, or a concepts list JSON, merged onto the current settings "
-                        "(the model's family, prediction type and base are kept); unmapped keys are listed.")
-    config.add_argument("--replace", action="store_true", help="With --import: replace all settings with the "
-                        "file's (unnamed ones go back to their defaults) instead of merging.")
-    config.add_argument("--set-identity", nargs="+", action="extend", metavar="FIELD=VALUE", help="Correct what "
-                        "the model is when detection chose wrong: model_family, prediction_type or "
-                        "base_checkpoint, e.g. prediction_type=v_prediction.")
-    export = add("export", cmd_export, "Export a model as a .safetensors checkpoint for the web UI.")
-    export.add_argument("--name", required=True, help="The model.")
-    export.add_argument("--precision", choices=PRECISIONS, help="Weights precision (default: the model's "
-                        "save_precision). fp32 keeps every training update; fp16/bf16 halve the size.")
-    export.add_argument("--out", metavar="FILE", help="Output file (default: checkpoints folder, NAME.safetensors).")
-    train = add("train", cmd_train, "Train a model; flags override its saved settings for this run only.")
-    train.add_argument("--name", required=True, help="The model.")
-    train.add_argument("--set", nargs="+", action="extend", metavar="FIELD=VALUE", help="Overrides by name, including concept "
-                       "settings: concepts.0.instance_prompt='photo of sks dog'.")
-    add_schema_flags(train)
+    # The order here is the order of `--help`.
+    _add_app_commands(add)
+    _add_model_commands(add)
+    _add_run_commands(add)
     _add_wizard(commands, common)
     _add_lora_tools(add)
     return parser

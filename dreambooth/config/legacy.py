@@ -353,7 +353,7 @@ class _Importer:
             concepts = io.from_dict({"version": data["version"], "concepts": data["concepts"]}, self.source,
                                     warn=self.messages.append).concepts
             for index, concept in enumerate(concepts):
-                self._resolve_paths(concept, index)
+                resolve_concept_paths(concept, index, self.base_dir, self.messages)
             self._replace_concepts(concepts, "concepts")
 
     def _replace_concepts(self, concepts: list[Concept], where: str) -> None:
@@ -412,7 +412,10 @@ class _Importer:
         self._apply_lora_extras(data, bool(use_lora))
         stop = incumbent_eras.text_encoder_stop(data, self.source)
         if stop is not None:
-            self._apply_text_encoder_stop(*stop)
+            fraction, message = stop
+            if message:
+                self.messages.append(message)
+            apply_text_encoder_stop(self.config, fraction)
         if self._flag(data, "use_8bit_adam") and "optimizer" not in data:
             self.config.optimizer = "adamw_8bit"
         self._apply_weight_decay(data)
@@ -475,16 +478,6 @@ class _Importer:
             self.config.lora_conv_rank = self.config.lora_rank
             self.config.lora_conv_alpha = float(self.config.lora_rank)
 
-    def _apply_text_encoder_stop(self, stop: float | None, message: str) -> None:
-        if message:
-            self.messages.append(message)
-        if stop is None:
-            return
-        # The old extension expresses "don't train the text encoder" as stopping it at 0.
-        self.config.train_text_encoder = stop > 0
-        if stop > 0:
-            self.config.stop_text_encoder = stop
-
     def _apply_concepts(self, data: dict[str, Any]) -> None:
         # As the old extension chose: the concepts file when use_concepts is on, else the inline list,
         # else (files of Nov 2022) the single concept kept at the top level.
@@ -506,7 +499,7 @@ class _Importer:
             # Pasted text must not make the server read files it names; import that file instead.
             self.messages.append(f"ignored: concepts_path ('{raw_path}'; import that concepts list file itself)")
             return False
-        path = Path(self.resolve_path(raw_path, "concepts_path"))
+        path = Path(resolve_import_path(raw_path, "concepts_path", self.base_dir, self.messages))
         if not path.is_file():
             self.messages.append(f"ignored: concepts_path ({raw_path!r} not found at {path}; import the concepts "
                                  "list file itself)")
@@ -544,7 +537,7 @@ class _Importer:
                 self._ignore(f"concepts[{index}].{key}", raw,
                              CONCEPT_IGNORED_REASONS.get(key, "no equivalent concept setting here"))
         self._concept_specials(concept, index, data)
-        self._resolve_paths(concept, index)
+        resolve_concept_paths(concept, index, self.base_dir, self.messages)
         # num_class_images_per replaced the total in 2023; files rewritten since keep a stale total beside it.
         if not _unset(Concept, "num_class_images", data.get("num_class_images_per")):
             self._class_images_per(concept, index, data["num_class_images_per"])
@@ -594,20 +587,6 @@ class _Importer:
                                  f"{per} x the number of instance images")
         concept.num_class_images = max(per, 0) * (images if images is not None else 1)
 
-    # ---- paths
-    def _resolve_paths(self, concept: Concept, index: int) -> None:
-        for name in PATH_FIELDS:
-            raw = getattr(concept, name)
-            if raw:
-                setattr(concept, name, self.resolve_path(raw, f"concept {index + 1} {name}"))
-        folder = concept.instance_data_dir
-        if folder and not _WINDOWS_PATH.match(folder) and not os.path.isdir(folder):
-            self.messages.append(f"concept {index + 1}: instance_data_dir '{folder}' does not exist on this "
-                                 "machine; fix the path before training")
-
-    def resolve_path(self, raw: str, where: str) -> str:
-        return resolve_import_path(raw, where, self.base_dir, self.messages)
-
     # ---- result
     def finish(self, base: TrainingConfig | None) -> ImportResult:
         if self.replace and base is not None and base.concepts and not self.config.concepts:
@@ -633,6 +612,28 @@ class _Importer:
         except ConfigError as error:
             raise ConfigError(f"{self.source}: {error}") from None
         return ImportResult(self.config, self.messages)
+
+
+def resolve_concept_paths(concept: Concept, index: int, base_dir: Path | None, messages: list[str]) -> None:
+    """Resolve the concept's folders like resolve_import_path; note an instance folder missing here."""
+    for name in PATH_FIELDS:
+        raw = getattr(concept, name)
+        if raw:
+            setattr(concept, name, resolve_import_path(raw, f"concept {index + 1} {name}", base_dir, messages))
+    folder = concept.instance_data_dir
+    if folder and not _WINDOWS_PATH.match(folder) and not os.path.isdir(folder):
+        messages.append(f"concept {index + 1}: instance_data_dir '{folder}' does not exist on this "
+                        "machine; fix the path before training")
+
+
+def apply_text_encoder_stop(config: TrainingConfig, stop: float | None) -> None:
+    """Set an old file's stop_text_encoder fraction; the old extension expressed "don't train the text
+    encoder" as stopping it at 0."""
+    if stop is None:
+        return
+    config.train_text_encoder = stop > 0
+    if stop > 0:
+        config.stop_text_encoder = stop
 
 
 def resolve_import_path(raw: str, where: str, base_dir: Path | None, messages: list[str]) -> str:

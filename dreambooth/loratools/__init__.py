@@ -3,8 +3,9 @@
 Pure functions over state dicts and models (import from the submodules):
 
 - ``read``: ``LoraModule``, ``LoraFile``, ``KeyTable``, ``key_table(family, unet, text_encoders)``,
-  ``components_key_table(components)``, ``family_key_table(family)``, ``read_lora(tensors, metadata, table)``,
-  ``load_lora(path, table=None, family=None)``, ``split_key``, ``guess_family``.
+  ``components_key_table(components)``, ``family_key_table(family)``, ``full_size_components(family)``,
+  ``read_lora(tensors, metadata, table)``, ``load_lora(path, table=None, family=None)``, ``split_key``,
+  ``guess_family``.
 - ``extract``: ``RankRule(mode, value, max_rank)``, ``choose_rank``, ``extract_lora(trained, base, rule, conv_rule)``.
 - ``resize``: ``resize_lora(lora, rule)``, ``resize_module``, ``product_svd``.
 - ``merge``: ``merge_into_components(components, [(lora, weight)], table)``, ``merge_loras([(lora, weight)], rule)``,

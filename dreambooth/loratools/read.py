@@ -19,6 +19,7 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -170,8 +171,9 @@ def components_key_table(components: Any) -> KeyTable:
 
 
 @functools.cache
-def family_key_table(family: str) -> KeyTable:
-    """The table of the full-size model of `family`, built on the meta device from the shipped configs."""
+def full_size_components(family: str) -> SimpleNamespace:
+    """The full-size UNet and text encoders of `family` on the meta device (shipped configs: no weights), as
+    .family, .unet and .text_encoders."""
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
@@ -183,7 +185,13 @@ def family_key_table(family: str) -> KeyTable:
         encoders = [CLIPTextModel(CLIPTextConfig.from_dict(configs["text_encoder"]))]
         if "text_encoder_2" in configs:
             encoders.append(CLIPTextModelWithProjection(CLIPTextConfig.from_dict(configs["text_encoder_2"])))
-    return key_table(family, unet, encoders)
+    return SimpleNamespace(family=family, unet=unet, text_encoders=encoders)
+
+
+@functools.cache
+def family_key_table(family: str) -> KeyTable:
+    """The table of the full-size model of `family`, built on the meta device from the shipped configs."""
+    return components_key_table(full_size_components(family))
 
 
 # --- reading --------------------------------------------------------------------------------------------

@@ -279,12 +279,21 @@ def register_api(app: Any, service: TrainingService, store: ModelStore, auth: di
                  data_roots: list[Path] | None = None, prefix: str = PREFIX,
                  max_body_bytes: int = MAX_BODY_BYTES) -> DreamboothApi:
     """Add the /dreambooth/ routes to a FastAPI app; with `auth` ({user: password}) they need HTTP basic auth."""
-    from fastapi import APIRouter, Body, Depends
+    from fastapi import APIRouter, Depends
 
     api = DreamboothApi(service, store, data_roots)
     dependencies = [Depends(basic_auth_dependency(auth))] if auth else []
     router = APIRouter(prefix=prefix, dependencies=dependencies, tags=["dreambooth"],
                        route_class=body_limited_route(max_body_bytes))
+    _add_model_routes(router, api)
+    _add_lora_routes(router, api)
+    _add_run_routes(router, api)
+    app.include_router(router)
+    return api
+
+
+def _add_model_routes(router: Any, api: DreamboothApi) -> None:
+    from fastapi import Body
 
     @router.get("/models")
     def list_models() -> Any:
@@ -312,6 +321,10 @@ def register_api(app: Any, service: TrainingService, store: ModelStore, auth: di
     def train(name: str, body: Any = Body(None)) -> Any:
         return _answer(lambda: api.train(name, body))
 
+
+def _add_lora_routes(router: Any, api: DreamboothApi) -> None:
+    from fastapi import Body
+
     @router.post("/lora/extract", status_code=201)
     def lora_extract(body: dict = Body(...)) -> Any:
         return _answer(lambda: api.lora_extract(body))
@@ -324,6 +337,10 @@ def register_api(app: Any, service: TrainingService, store: ModelStore, auth: di
     def lora_merge(body: dict = Body(...)) -> Any:
         return _answer(lambda: api.lora_merge(body))
 
+
+def _add_run_routes(router: Any, api: DreamboothApi) -> None:
+    from fastapi import Body
+
     @router.get("/status")
     def status() -> Any:
         return _answer(api.status)
@@ -331,6 +348,3 @@ def register_api(app: Any, service: TrainingService, store: ModelStore, auth: di
     @router.post("/cancel")
     def cancel(body: Any = Body(None)) -> Any:
         return _answer(lambda: api.cancel(body))
-
-    app.include_router(router)
-    return api

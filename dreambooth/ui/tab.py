@@ -1,8 +1,9 @@
 """The training tab, generated from the settings schema; the same tab runs inside the web UIs and standalone.
 
 `create_tab(host, service, store)` returns a gr.Blocks. Controls come from forms.control_spec, actions
-from controller.TabController; this module only lays out components and wires events. Only the gradio
-API common to 3.41, 4.x and 5 is used (differences live in compat.py).
+from controller.TabController, the sections and their handlers from panels.py; this module composes the
+sections and wires their events. Only the gradio API common to 3.41, 4.x and 5 is used (differences live in
+compat.py).
 """
 
 from __future__ import annotations
@@ -15,19 +16,18 @@ from typing import Any
 
 import gradio as gr
 
-from ..config.schema import FAMILIES, SCHEDULERS, TrainingConfig
+from ..config.schema import TrainingConfig
 from ..errors import DreamboothError
 from ..host.base import Host
 from ..store import ModelStore
 from . import compat, forms, output
-from .controller import AUTO, MEMORY_CHOICES, TabController, load_images
+from .controller import TabController
 from .lora_tools import LoraToolsSection
+from .panels import ConceptsPanel, FormFields, GuidancePanel, ModelPanel, RunPanel
 
 log = logging.getLogger(__name__)
 
 TAB_ID = "dreambooth_tab"
-STRENGTH_NAMES = ("low_end", "ultra_soft", "very_soft", "soft", "medium", "hard", "very_hard", "ultra_hard",
-                  "high_end")
 
 
 def _message_for(error: BaseException) -> str:
@@ -51,14 +51,15 @@ def guarded(fn: Callable[..., list[Any]], n_outputs: int) -> Callable[..., Any]:
 
 
 class DreamboothTab:
-    """Components of the tab and their wiring."""
+    """The tab's layout: its sections (panels.py) and the settings form they share, and the wiring between them."""
 
     def __init__(self, host: Host, service: Any, store: ModelStore):
         self.ctl = TabController(host, service, store)
-        self.settings: dict[str, Any] = {}
-        self.panels: list[Any] = []
-        self.panel_fields: list[dict[str, Any]] = []
-        self.previews: list[tuple[Any, Any, Any]] = []
+        self.fields = FormFields()
+        self.models = ModelPanel(self.ctl, self.fields)
+        self.concepts = ConceptsPanel(self.ctl, self.fields)
+        self.guidance = GuidancePanel(self.ctl, self.fields)
+        self.run = RunPanel(self.ctl, self.fields)
 
     # --- layout ---------------------------------------------------------------------------------------
     def build(self) -> gr.Blocks:
@@ -67,197 +68,79 @@ class DreamboothTab:
                 self.message = gr.HTML("", elem_id="db_message")
                 with gr.Row(equal_height=False):
                     with gr.Column(scale=3, elem_id="db_settings_column"):
-                        self._model_section()
-                        with gr.Tabs(elem_id="db_sections"):
-                            with gr.Tab("Concepts", elem_id="db_tab_concepts"):
-                                self._concepts_section()
-                            with gr.Tab("Parameters", elem_id="db_tab_parameters"):
-                                self._parameters_section()
-                            with gr.Tab("Saving", elem_id="db_tab_saving"):
-                                self._groups_section(forms.SAVING_GROUPS)
-                            with gr.Tab("Generate", elem_id="db_tab_generate"):
-                                self._generate_section()
-                            with gr.Tab("Wizard", elem_id="db_tab_wizard"):
-                                self._wizard_section()
-                            with gr.Tab("Presets & memory", elem_id="db_tab_presets"):
-                                self._presets_section()
+                        self.models.build()
+                        self._sections()
                     with gr.Column(scale=2, elem_id="db_output_column"):
-                        self._output_section()
+                        self.run.build_output()
                 gr.HTML(self._help_holder(), elem_id="db_help_holder")
             self._wire(blocks)
         return blocks
 
+    def _sections(self) -> None:
+        with gr.Tabs(elem_id="db_sections"):
+            with gr.Tab("Concepts", elem_id="db_tab_concepts"):
+                self.concepts.build()
+            with gr.Tab("Parameters", elem_id="db_tab_parameters"):
+                self._parameters_section()
+            with gr.Tab("Saving", elem_id="db_tab_saving"):
+                self._groups_section(forms.SAVING_GROUPS)
+            with gr.Tab("Generate", elem_id="db_tab_generate"):
+                self.run.build_generate()
+            with gr.Tab("Wizard", elem_id="db_tab_wizard"):
+                self.guidance.build_wizard()
+            with gr.Tab("Presets & memory", elem_id="db_tab_presets"):
+                self.guidance.build_presets()
+
     def _help_holder(self) -> str:
         data = html.escape(json.dumps(forms.help_texts()), quote=True)
         return f'<div id="db_help_data" data-help="{data}"></div>'
-
-    def _controls(self, specs: list[forms.ControlSpec], config: TrainingConfig) -> None:
-        for spec in specs:
-            self.settings[spec.name] = compat.control(spec, getattr(config, spec.name),
-                                                      forms.config_elem_id(spec.name))
-
-    def _model_section(self) -> None:
-        defaults = TrainingConfig()
-        with gr.Group(elem_id="db_model_section"):
-            with gr.Row():
-                names = self.ctl.model_names()
-                sources = list(self.ctl.checkpoint_choices())
-                self.model = gr.Dropdown(choices=names, value=names[0] if names else None, label="Model",
-                                         elem_id="db_model", scale=3)
-                self.refresh_models = compat.button("Refresh", "db_refresh_models", small=True)
-                self.save_button = compat.button("Save config", "db_save_config", small=True)
-                self.delete_button = compat.button("Delete model", "db_delete_model", variant="stop", small=True)
-            with gr.Accordion("Create a model", open=not names, elem_id="db_create_section"):
-                with gr.Row():
-                    self.new_name = gr.Textbox(label="New model name", elem_id="db_new_name",
-                                               placeholder="e.g. my-dog")
-                    self.source = gr.Dropdown(choices=sources, value=sources[0] if sources else None,
-                                              label="From checkpoint",
-                                              elem_id="db_source", **compat.supported(gr.Dropdown,
-                                                                                      allow_custom_value=True))
-                    self.refresh_sources = compat.button("Refresh", "db_refresh_sources", small=True)
-                with gr.Row():
-                    self.new_family = gr.Dropdown(choices=[AUTO, *FAMILIES], value=AUTO, label="Family",
-                                                  elem_id="db_new_family")
-                    self.new_prediction = gr.Dropdown(choices=[AUTO, "epsilon", "v_prediction"], value=AUTO,
-                                                      label="Prediction type", elem_id="db_new_prediction")
-                    self.create_button = compat.button("Create model", "db_create_model", variant="primary")
-            with gr.Row():
-                self._controls(forms.grouped_specs(forms.config_specs()).get(forms.MODEL_GROUP, []), defaults)
-
-    def _concepts_section(self) -> None:
-        with gr.Row():
-            self.add_concept = compat.button("Add concept", "db_add_concept", small=True)
-            self.remove_concept = compat.button("Remove last concept", "db_remove_concept", small=True)
-        self.in_use = gr.State(1)
-        for index in range(forms.MAX_CONCEPTS):
-            self._concept_panel(index)
-        with gr.Accordion("Import concepts JSON", open=False, elem_id="db_import_section"):
-            self.concepts_file = gr.File(label="Upload concepts .json", elem_id="db_concepts_file",
-                                         file_types=[".json"])
-            self.concepts_text = gr.Textbox(label="...or paste the JSON list", lines=4, elem_id="db_concepts_text")
-            self.import_button = compat.button("Import pasted JSON", "db_import_concepts")
-
-    def _concept_panel(self, index: int) -> None:
-        fields: dict[str, Any] = {}
-        blank = forms.Concept()
-        with gr.Column(visible=index == 0, elem_id=f"db_concept_{index}") as panel:
-            gr.Markdown(f"#### Concept {index + 1}")
-            specs = forms.concept_specs()
-            for start in range(0, len(specs), 3):
-                with gr.Row():
-                    for spec in specs[start:start + 3]:
-                        fields[spec.name] = compat.control(spec, getattr(blank, spec.name),
-                                                           forms.concept_elem_id(index, spec.name))
-            button = compat.button("Preview dataset", f"db_preview_{index}", small=True)
-            gallery = compat.gallery("Images found", f"db_preview_gallery_{index}", columns=6)
-            summary = gr.Markdown("", elem_id=f"db_preview_summary_{index}")
-        self.panels.append(panel)
-        self.panel_fields.append(fields)
-        self.previews.append((button, gallery, summary))
 
     def _parameters_section(self) -> None:
         defaults = TrainingConfig()
         with gr.Tabs(elem_id="db_parameter_groups"):
             for group, specs in forms.parameter_groups().items():
                 with gr.Tab(group, elem_id=f"db_group_{_slug(group)}"):
-                    self._controls(specs, defaults)
+                    self.fields.add_controls(specs, defaults)
 
     def _groups_section(self, groups: tuple[str, ...]) -> None:
         grouped, defaults = forms.grouped_specs(forms.config_specs()), TrainingConfig()
         for group in groups:
             gr.Markdown(f"#### {group}")
-            self._controls(grouped.get(group, []), defaults)
+            self.fields.add_controls(grouped.get(group, []), defaults)
 
-    def _generate_section(self) -> None:
-        gr.Markdown("Run these now, between or during training (samples and saves act at the next step).")
-        with gr.Row():
-            self.class_button = compat.button("Generate class images", "db_generate_class")
-            self.sample_button = compat.button("Generate samples now", "db_sample_now")
-        with gr.Row():
-            self.export_precision = gr.Dropdown(choices=["fp16", "fp32", "bf16"], value="fp16",
-                                                label="Export precision", elem_id="db_export_precision")
-            self.export_ckpt_button = compat.button("Export checkpoint", "db_export_checkpoint")
-            self.export_lora_button = compat.button("Export LoRA", "db_export_lora")
-        self.lora_tools = LoraToolsSection(self.ctl).build()
+    # --- the shared form -------------------------------------------------------------------------------
+    @property
+    def settings(self) -> dict[str, Any]:
+        return self.fields.settings
 
-    def _wizard_section(self) -> None:
-        gr.Markdown("Steps, epochs, learning rate and class images from the community parameter study, "
-                    "[sd_dreambooth_extension discussion #547]"
-                    "(https://github.com/d8ahazard/sd_dreambooth_extension/discussions/547). "
-                    "'Apply' writes them into the settings (save or train to keep them).")
-        with gr.Row():
-            self.wiz_images = gr.Textbox(value="10", label="Images per concept (comma-separated)",
-                                         elem_id="db_wiz_images")
-            self.wiz_te = gr.Checkbox(value=False, label="Train text encoder", elem_id="db_wiz_te")
-            self.wiz_mode = gr.Radio(choices=["strength", "learning rate"], value="strength", label="Choose by",
-                                     elem_id="db_wiz_mode")
-        with gr.Row():
-            self.wiz_strength = gr.Dropdown(choices=list(STRENGTH_NAMES), value="medium", label="Strength",
-                                            elem_id="db_wiz_strength")
-            self.wiz_lr = gr.Number(value=1e-6, label="Learning rate", elem_id="db_wiz_lr")
-            self.wiz_scheduler = gr.Dropdown(choices=list(SCHEDULERS), value="constant", label="Scheduler",
-                                             elem_id="db_wiz_scheduler")
-        with gr.Row():
-            self.wiz_batch = gr.Number(value=1, precision=0, label="Batch size", elem_id="db_wiz_batch")
-            self.wiz_accum = gr.Number(value=1, precision=0, label="Accumulation", elem_id="db_wiz_accum")
-            self.wiz_resolution = gr.Number(value=512, precision=0, label="Resolution", elem_id="db_wiz_res")
-            self.wiz_base = gr.Number(value=512, precision=0, label="Base resolution", elem_id="db_wiz_base")
-        with gr.Row():
-            self.wiz_plan_button = compat.button("Plan", "db_wizard_plan")
-            self.wiz_apply_button = compat.button("Apply to settings", "db_wizard_apply", variant="primary")
-        self.wiz_result = gr.Markdown("", elem_id="db_wizard_result")
+    @property
+    def panels(self) -> list[Any]:
+        """The concept panels."""
+        return self.fields.panels
 
-    def _presets_section(self) -> None:
-        with gr.Row():
-            self.memory = gr.Dropdown(choices=list(MEMORY_CHOICES), value="CPU", label="Memory of your device",
-                                      elem_id="db_memory")
-            self.preset_button = compat.button("Apply preset", "db_apply_preset", variant="primary")
-            self.estimate_button = compat.button("Estimate memory", "db_estimate")
-        self.estimate_text = gr.Markdown("", elem_id="db_memory_estimate")
-
-    def _output_section(self) -> None:
-        with gr.Row():
-            self.train_button = compat.button("Train", "db_train", variant="primary")
-            self.cancel_button = compat.button("Cancel", "db_cancel", variant="stop")
-            self.save_now_button = compat.button("Save now", "db_save_now")
-        self.cancel_saves = gr.Checkbox(value=True, label="Save when cancelling", elem_id="db_cancel_saves")
-        self.progress = gr.HTML(output.progress_html({}), elem_id="db_progress")
-        self.status = gr.Markdown("Idle.", elem_id="db_status")
-        self.run_error = gr.HTML("", elem_id="db_run_error")
-        self.plot = gr.Image(value=output.render_loss_plot([]), label="Loss and learning rate", type="pil",
-                             interactive=False, elem_id="db_loss_plot")
-        self.gallery = compat.gallery("Latest samples", "db_samples", columns=3)
-        self.signature = gr.State(None)
-
-    # --- form values ------------------------------------------------------------------------------------
     @property
     def form(self) -> list[Any]:
         """Components in forms.form_values order."""
-        concept_components = [fields[spec.name] for fields in self.panel_fields for spec in forms.concept_specs()]
-        return [self.settings[spec.name] for spec in forms.config_specs()] + [self.in_use] + concept_components
+        return self.fields.components
 
-    def form_updates(self, config: TrainingConfig) -> list[Any]:
-        """Values for self.form followed by the panels' visibility."""
-        values = forms.form_values(config)
-        in_use = values[len(forms.config_specs())]
-        return values + [compat.update(visible=index < in_use) for index in range(forms.MAX_CONCEPTS)]
+    @property
+    def lora_tools(self) -> LoraToolsSection:
+        return self.run.lora_tools
 
     # --- wiring -----------------------------------------------------------------------------------------
     def _wire(self, blocks: gr.Blocks) -> None:
-        self._wire_models()
-        self._wire_concepts()
-        self._wire_actions()
-        self._wire_guidance()
-        self.lora_tools.wire(self._event, self.message)
-        outputs = [self.progress, self.status, self.run_error, self.plot, self.gallery, self.signature]
-        compat.poll(blocks, self.poll, [self.signature], outputs)
-        blocks.load(self.poll, [self.signature], outputs, show_progress="hidden", api_name="db_status")
+        model = self.models.model
+        self.models.wire(self._event, self.message)
+        self.concepts.wire(self._event, self.message, model)
+        self.run.wire(self._event, self.message, model)
+        self.guidance.wire(self._event, self.message)
+        self.run.lora_tools.wire(self._event, self.message)
+        self.run.wire_polling(blocks)
         # A (re)loaded page shows the current model list and the selected model's saved config.
-        form_out = self.form + self.panels + [self.message]
-        refreshed = blocks.load(guarded(self.on_refresh_models, 2), [self.model], [self.model, self.message],
+        form_out = self.fields.outputs + [self.message]
+        refreshed = blocks.load(guarded(self.models.on_refresh_models, 2), [model], [model, self.message],
                                 show_progress="hidden", **compat.private())
-        refreshed.then(guarded(self.on_select, len(form_out)), [self.model], form_out, show_progress="hidden",
+        refreshed.then(guarded(self.models.on_select, len(form_out)), [model], form_out, show_progress="hidden",
                        **compat.private())
 
     def _event(self, trigger: Any, fn: Callable[..., list[Any]], inputs: list[Any], outputs: list[Any],
@@ -266,201 +149,9 @@ class DreamboothTab:
         naming = {"api_name": api_name} if api_name else compat.private()
         return trigger(guarded(fn, len(outputs)), inputs, outputs, show_progress="minimal", **naming)
 
-    def _wire_models(self) -> None:
-        form_out = self.form + self.panels + [self.message]
-        self._event(self.model.change, self.on_select, [self.model], form_out)
-        self._event(self.refresh_models.click, self.on_refresh_models, [self.model], [self.model, self.message],
-                    "db_refresh_models")
-        self._event(self.refresh_sources.click, self.on_refresh_sources, [self.source], [self.source, self.message])
-        self._event(self.create_button.click, self.on_create,
-                    [self.new_name, self.source, self.new_family, self.new_prediction],
-                    [self.model, self.new_name, self.message], "db_create_model")
-        self._event(self.delete_button.click, self.on_delete, [self.model], [self.model, self.message])
-        self._event(self.save_button.click, self.on_save, [self.model, *self.form], [self.message])
-
-    def _wire_concepts(self) -> None:
-        count_out = [self.in_use, *self.panels, self.message]
-        self._event(self.add_concept.click, self.on_add, [self.in_use], count_out)
-        self._event(self.remove_concept.click, self.on_remove, [self.in_use, *self.form], self.form + self.panels
-                    + [self.message])
-        form_out = self.form + self.panels + [self.message]
-        self._event(self.import_button.click, self.on_import_text, [self.concepts_text, *self.form], form_out)
-        self._event(self.concepts_file.change, self.on_import_file, [self.concepts_file, *self.form], form_out)
-        for index, (button, gallery, summary) in enumerate(self.previews):
-            self._event(button.click, self._preview_handler(index), [self.model, *self.form],
-                        [gallery, summary, self.message])
-
-    def _wire_actions(self) -> None:
-        self._event(self.train_button.click, self.on_train, [self.model, *self.form], [self.message])
-        self._event(self.cancel_button.click, self.on_cancel, [self.cancel_saves], [self.message], "db_cancel")
-        self._event(self.save_now_button.click, self.on_save_now, [], [self.message])
-        self._event(self.sample_button.click, self.on_sample_now, [], [self.message])
-        self._event(self.class_button.click, self.on_class_images, [self.model, *self.form], [self.message])
-        self._event(self.export_ckpt_button.click, self.on_export_checkpoint, [self.model, self.export_precision],
-                    [self.message])
-        self._event(self.export_lora_button.click, self.on_export_lora, [self.model, self.export_precision],
-                    [self.message])
-
-    def _wire_guidance(self) -> None:
-        wizard_inputs = [self.wiz_images, self.wiz_te, self.wiz_mode, self.wiz_strength, self.wiz_lr,
-                         self.wiz_batch, self.wiz_accum, self.wiz_resolution, self.wiz_base, self.wiz_scheduler]
-        self._event(self.wiz_plan_button.click, self.on_wizard_plan, wizard_inputs, [self.wiz_result, self.message],
-                    "db_wizard_plan")
-        form_out = self.form + self.panels + [self.message]
-        self._event(self.wiz_apply_button.click, self.on_wizard_apply, [*wizard_inputs, *self.form],
-                    [self.wiz_result, *form_out])
-        self._event(self.preset_button.click, self.on_preset, [self.memory, *self.form],
-                    [self.estimate_text, *form_out])
-        self._event(self.estimate_button.click, self.on_estimate, [self.memory, *self.form],
-                    [self.estimate_text, self.message])
-
-    # --- handlers (each returns one value per output, the message box last) -----------------------------
-    def on_select(self, name: str | None) -> list[Any]:
-        # The message box is left alone: a create or delete notice that led here stays visible.
-        return self.form_updates(self.ctl.load_config(name)) + [compat.update()]
-
-    def on_refresh_models(self, current: str | None) -> list[Any]:
-        names = self.ctl.model_names()
-        value = current if current in names else (names[0] if names else None)
-        return [compat.update(choices=names, value=value), ""]
-
-    def on_refresh_sources(self, current: str | None) -> list[Any]:
-        choices = list(self.ctl.checkpoint_choices())
-        value = current if current in choices else (choices[0] if choices else None)
-        note = "" if choices else output.notice_html(
-            f"No checkpoints in {self.ctl.host.layout.checkpoints_dir}; copy a .safetensors file there.")
-        return [compat.update(choices=choices, value=value), note]
-
-    def on_create(self, name: str, source: str, family: str, prediction: str) -> list[Any]:
-        created = self.ctl.create_model(name or "", source or "", family, prediction)
-        names = self.ctl.model_names()
-        return [compat.update(choices=names, value=created), "", output.notice_html(f"Model {created} created.")]
-
-    def on_delete(self, name: str | None) -> list[Any]:
-        self.ctl.delete_model(name)
-        names = self.ctl.model_names()
-        return [compat.update(choices=names, value=names[0] if names else None),
-                output.notice_html(f"Model {name} deleted.")]
-
-    def on_save(self, name: str | None, *values: Any) -> list[Any]:
-        self.ctl.save_config(name, list(values))
-        return [output.notice_html(f"Saved the config of {name}.")]
-
-    def on_add(self, in_use: int) -> list[Any]:
-        count = min(int(in_use or 1) + 1, forms.MAX_CONCEPTS)
-        note = "" if count > int(in_use or 1) else output.notice_html(
-            f"The tab shows at most {forms.MAX_CONCEPTS} concepts.")
-        return [count] + [compat.update(visible=index < count) for index in range(forms.MAX_CONCEPTS)] + [note]
-
-    def on_remove(self, in_use: int, *values: Any) -> list[Any]:
-        """Hide the last panel and clear it (so a later Add starts blank)."""
-        values_list = list(values)
-        offset, width = len(forms.config_specs()) + 1, len(forms.concept_specs())
-        count = max(1, int(in_use or 1) - 1)
-        blank = forms.concept_to_values(forms.Concept())
-        for index in range(count, forms.MAX_CONCEPTS):
-            values_list[offset + index * width:offset + (index + 1) * width] = blank
-        values_list[offset - 1] = count
-        return values_list + [compat.update(visible=i < count) for i in range(forms.MAX_CONCEPTS)] + [""]
-
-    def _with_concepts(self, values: list[Any], concepts: list[Any], warnings: list[str]) -> list[Any]:
-        config = forms.form_to_config(values)
-        config.concepts = concepts
-        note = f"Imported {len(concepts)} concept(s)." + "".join(f" {w}" for w in warnings)
-        return self.form_updates(config) + [output.notice_html(note)]
-
-    def on_import_text(self, text: str, *values: Any) -> list[Any]:
-        concepts, warnings = self.ctl.import_concepts(text, None)
-        return self._with_concepts(list(values), concepts, warnings)
-
-    def on_import_file(self, upload: Any, *values: Any) -> list[Any]:
-        path = compat.uploaded_path(upload)
-        if path is None:  # the upload was cleared
-            return [compat.update() for _ in range(len(self.form) + len(self.panels))] + [""]
-        concepts, warnings = self.ctl.import_concepts(None, path)
-        return self._with_concepts(list(values), concepts, warnings)
-
-    def _preview_handler(self, index: int) -> Callable[..., list[Any]]:
-        def on_preview(name: str | None, *values: Any) -> list[Any]:
-            items, summary = self.ctl.preview_concept(name, list(values), index)
-            return [items, summary, ""]
-        return on_preview
-
-    def on_train(self, name: str | None, *values: Any) -> list[Any]:
-        return [output.notice_html(self.ctl.train(name, list(values)))]
-
-    def on_cancel(self, save: bool) -> list[Any]:
-        return [output.notice_html(self.ctl.cancel(bool(save)))]
-
-    def on_save_now(self) -> list[Any]:
-        self.ctl.service.save_now()
-        return [output.notice_html("A save will be written after the current step.")]
-
-    def on_sample_now(self) -> list[Any]:
-        self.ctl.service.sample_now()
-        return [output.notice_html("Samples will be rendered after the current step (during training).")]
-
-    def on_class_images(self, name: str | None, *values: Any) -> list[Any]:
-        return [output.notice_html(self.ctl.generate_class_images(name, list(values)))]
-
-    def on_export_checkpoint(self, name: str | None, precision: str) -> list[Any]:
-        return [output.notice_html(self.ctl.export(name, "checkpoint", precision))]
-
-    def on_export_lora(self, name: str | None, precision: str) -> list[Any]:
-        return [output.notice_html(self.ctl.export(name, "lora", precision))]
-
-    def on_wizard_plan(self, *inputs: Any) -> list[Any]:
-        return [wizard_markdown(self.ctl.wizard_plan(*inputs)), ""]
-
-    def on_wizard_apply(self, *inputs_and_values: Any) -> list[Any]:
-        result = self.ctl.wizard_plan(*inputs_and_values[:10])
-        config = self.ctl.wizard_apply(result, list(inputs_and_values[10:]))
-        return [wizard_markdown(result)] + self.form_updates(config) + [
-            output.notice_html("Wizard values applied; press Save config or Train to keep them.")]
-
-    def on_preset(self, memory: str, *values: Any) -> list[Any]:
-        config, notes = self.ctl.apply_preset(memory, list(values))
-        estimate = self.ctl.memory_estimate(memory, forms.form_values(config))
-        text = _code_block(estimate) + "".join(f"\n- {note}" for note in notes)
-        return [text] + self.form_updates(config) + [output.notice_html(f"Preset for {memory} applied.")]
-
-    def on_estimate(self, memory: str, *values: Any) -> list[Any]:
-        return [_code_block(self.ctl.memory_estimate(memory, list(values))), ""]
-
-    def poll(self, signature: Any) -> list[Any]:
-        """Progress, status, error, and (only when they changed) the plot and the gallery."""
-        status = self.ctl.service.status()
-        new_signature = list(output.status_signature(status))
-        changed = new_signature != signature
-        plot = output.render_loss_plot(status.losses) if changed else compat.update()
-        samples = load_images(list(status.samples), list(status.sample_prompts)) if changed else compat.update()
-        return [output.progress_html(status), output.status_markdown(status), output.error_html(status.error),
-                plot, samples, new_signature]
-
 
 def _slug(text: str) -> str:
     return "".join(ch if ch.isalnum() else "_" for ch in text.lower())
-
-
-def _code_block(text: str) -> str:
-    return "```\n" + text + "\n```"
-
-
-def wizard_markdown(result: Any) -> str:
-    """The wizard's results as a table with each formula and its numbers, then its notes."""
-    rows = ["| result | value | formula |", "|---|---|---|"]
-    for line in getattr(result, "lines", []):
-        rows.append(f"| {line.name} | {_format_value(line.value)} | `{line.formula}` |")
-    notes = [f"- {note}" for note in getattr(result, "notes", [])]
-    summary = (f"**Max steps {result.max_train_steps}, epochs {result.num_train_epochs}, learning rate "
-               f"{result.learning_rate_setting:.3g}, class images {', '.join(map(str, result.class_images))}**")
-    return "\n".join([summary, "", *rows, "", *notes])
-
-
-def _format_value(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return str(value)
 
 
 def create_tab(host: Host, service: Any, store: ModelStore | None = None) -> gr.Blocks:

@@ -10,38 +10,21 @@ Two sets of files per family (sd1, sd2, sdxl) and kind (LoRA, LoCon, DoRA):
 
 from __future__ import annotations
 
-import functools
 import re
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import loader_rules as rules
 import pytest
-import torch
 from lora_helpers import fresh, write_trained_lora
 from safetensors.torch import load_file
 
 from dreambooth.loratools.extract import target_layers
-from dreambooth.models.loading import shipped_configs
+from dreambooth.loratools.read import full_size_components
 from dreambooth.train import lora_keys
 
 FAMILIES = ("sd1", "sd2", "sdxl")
 KINDS = ("lora", "locon", "dora")
-
-
-@functools.cache
-def full_size(family: str) -> Any:
-    from diffusers import UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
-    configs = shipped_configs(family)
-    with torch.device("meta"):
-        unet = UNet2DConditionModel.from_config(configs["unet"])
-        encoders = [CLIPTextModel(CLIPTextConfig.from_dict(configs["text_encoder"]))]
-        if "text_encoder_2" in configs:
-            encoders.append(CLIPTextModelWithProjection(CLIPTextConfig.from_dict(configs["text_encoder_2"])))
-    return SimpleNamespace(family=family, unet=unet, text_encoders=encoders)
 
 
 def written_keys(components: Any, kind: str) -> dict[str, tuple[str, str]]:
@@ -117,7 +100,7 @@ def test_tiny_files_match_every_loader(family: str, kind: str, tmp_path: Path) -
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("kind", KINDS)
 def test_full_size_layouts_match_every_loader(family: str, kind: str) -> None:
-    components = full_size(family)
+    components = full_size_components(family)
     keys = written_keys(components, kind)
     check_a1111(components, keys)
     check_comfy(components, keys, forge=False)
@@ -127,13 +110,13 @@ def test_full_size_layouts_match_every_loader(family: str, kind: str) -> None:
 
 def test_replayed_loaders_do_reject_foreign_keys() -> None:
     """The replays are not vacuous: a misnamed layer, and SD1 keys given to SDXL, stay unmatched."""
-    components = full_size("sdxl")
+    components = full_size_components("sdxl")
     keys = {"lora_unet_down_blocks_9_attentions_0_proj_in.alpha": ("unet", "x")}
     mapping = rules.sdnext_layer_mapping(components.unet, list(components.text_encoders))
     assert rules.sdnext_matches(keys, mapping) == {}
     unet_keys, clip_keys = rules.comfy_model_keys("sdxl", lora_keys.unet_ldm_names(components.unet).values(),
                                                   list(components.text_encoders))
     assert rules.comfy_matches(keys, rules.comfy_unet_key_map(unet_keys)) == {}
-    sd1_keys = written_keys(full_size("sd1"), "lora")
+    sd1_keys = written_keys(full_size_components("sd1"), "lora")
     sd1_unet = [key for key in sd1_keys if key.startswith("lora_unet_")]
     assert len(rules.comfy_matches(sd1_unet, rules.comfy_unet_key_map(unet_keys))) < len(sd1_unet)

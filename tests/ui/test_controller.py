@@ -44,11 +44,11 @@ def test_train_shows_progress_losses_samples_and_refuses_a_second_run(host, serv
     hold.set()
     assert "started" in tab.ctl.train(model, forms.form_values(tab.ctl.load_config(model)))
     _wait(lambda: service.status().samples)
-    progress, status, error, plot, gallery, signature = tab.poll(None)
+    progress, status, error, plot, gallery, signature = tab.run.poll(None)
     assert 'data-state="running"' in progress and "step 5/5" in progress and error == ""
     assert plot.size == (640, 260) and gallery[0][1] == "a red square"
     # Unchanged status: the plot and gallery are not sent again.
-    unchanged = tab.poll(signature)
+    unchanged = tab.run.poll(signature)
     assert _is_no_change(unchanged[3]) and _is_no_change(unchanged[4])
     with pytest.raises(DreamboothError, match="still running"):
         tab.ctl.train(model, forms.form_values(tab.ctl.load_config(model)))
@@ -72,10 +72,10 @@ def test_delete_is_refused_while_the_model_trains(host, service, store, model, h
 
 def test_errors_show_in_the_message_box_and_leave_other_outputs(host, service, store) -> None:
     tab = DreamboothTab(host, service, store)
-    result = guarded(tab.on_train, 2)(None, *forms.form_values(TrainingConfig()))
+    result = guarded(tab.run.on_train, 2)(None, *forms.form_values(TrainingConfig()))
     assert _is_no_change(result[0])
     assert "No model selected" in result[1] and "db-error" in result[1]
-    single = guarded(tab.on_train, 1)(None, *forms.form_values(TrainingConfig()))
+    single = guarded(tab.run.on_train, 1)(None, *forms.form_values(TrainingConfig()))
     assert isinstance(single, str) and "No model selected" in single
 
 
@@ -91,10 +91,10 @@ def test_concepts_import_from_file_and_paste(host, service, store, tmp_path: Pat
 
 def test_add_and_remove_panels_clear_the_removed_one(host, service, store) -> None:
     tab = DreamboothTab(host, service, store)
-    added = tab.on_add(1)
+    added = tab.concepts.on_add(1)
     assert added[0] == 2 and added[1]["visible"] and added[2]["visible"] and not added[3]["visible"]
     config = TrainingConfig(concepts=[Concept(instance_data_dir="/a"), Concept(instance_data_dir="/b")])
-    removed = tab.on_remove(2, *forms.form_values(config))
+    removed = tab.concepts.on_remove(2, *forms.form_values(config))
     values = removed[:len(forms.form_values(config))]
     assert [c.instance_data_dir for c in forms.form_to_config(values).concepts] == ["/a"]
 
