@@ -334,11 +334,12 @@ def export_and_create(extras: Extras, workdir: Path) -> dict[str, float]:
             "checkpoint size (GiB)": checkpoint.stat().st_size / GIB}
 
 
-def matmul_peak_tflops(device: Any) -> float:
-    """Best bf16 matmul rate of a few square products: the card's (or CPU's) practical peak."""
+def matmul_peak_tflops(device: Any, real: bool) -> float:
+    """Best bf16 matmul rate of a few square products: the card's (or CPU's) practical peak. The tiny preset
+    (a smoke check) uses small products: a CPU without bf16 instructions takes about a minute per 2048^3."""
     import torch
 
-    size = 8192 if device.type == "cuda" else 2048
+    size = 8192 if device.type == "cuda" else (2048 if real else 256)
     a = torch.randn(size, size, device=device, dtype=torch.bfloat16)
     b = torch.randn(size, size, device=device, dtype=torch.bfloat16)
     best = float("inf")
@@ -401,7 +402,7 @@ def unet_passes(components: Any, extras: Extras, device: Any) -> dict[str, float
         step()
     seconds = statistics.median([timed(lambda: synchronised(device, step))[0] for _ in range(2)])
     flops = counter.get_total_flops()
-    peak = matmul_peak_tflops(device)
+    peak = matmul_peak_tflops(device, extras.real)
     achieved = flops / seconds / 1e12
     unet.requires_grad_(False).to(torch.bfloat16)
     noisy.requires_grad_(True)  # gradients flow back through every layer, as they must to reach LoRA layers
