@@ -352,6 +352,13 @@ class TrainingConfig:
     use_dora: bool = setting(False, "DoRA", "Weight-decomposed LoRA (peft's use_dora): learns magnitude and "
                              "direction separately, often closer to full fine-tuning at the same rank. Off "
                              "is typical; turn on for hard subjects at low rank; it trains somewhat slower.", "LoRA")
+    lora_init_file: str = setting("", "Start from LoRA", "A LoRA file whose weights the new LoRA starts "
+                                  "from instead of a fresh random start, e.g. to continue training it: our "
+                                  "own export or another trainer's (kohya/A1111, diffusers/peft, OneTrainer, "
+                                  "ComfyUI spellings). A path, or a file name in the host's LoRA folder. Its "
+                                  "rank must equal 'LoRA rank' (and 'Conv rank' for LoCon layers); its alpha "
+                                  "is converted so the LoRA acts as the file does at weight 1. Empty: fresh "
+                                  "start (typical). Not with DoRA.", "LoRA", max_length=PATH_MAX_LENGTH)
     # --- Data ------------------------------------------------------------------------------------
     resolution: int = setting(512, "Resolution", "Training resolution in pixels (512 for SD1/SD2-base, 768 "
                               "for SD2-v, 1024 for SDXL). A multiple of 8; of 64 with buckets. Memory and "

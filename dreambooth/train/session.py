@@ -217,7 +217,7 @@ def build_session(config: TrainingConfig, model_dir: ModelDir, host: Any, callba
     # LoRA initialisation and dropout draw from the global generators: seed them from the run's seed.
     seed_everything(seed)
     callbacks.on_status("Loading model")
-    models = _load_models(config, model_dir, ranks, warn)
+    models = _load_models(config, model_dir, ranks, warn, host.layout.lora_dir)
     plan = data_api.scan_dataset(config, model_dir.class_images, warn)
     run = plan_run_length(plan, config, ranks.world_size)
     if run.total_steps <= 0:
@@ -251,12 +251,17 @@ def _cache_namespace(components: Any) -> str:
     return f"{components.family}-{next(components.vae.parameters()).dtype}"
 
 
-def _load_models(config: TrainingConfig, model_dir: ModelDir, ranks: Ranks, warn: Callable[[str], None]) -> _Models:
+def _load_models(config: TrainingConfig, model_dir: ModelDir, ranks: Ranks, warn: Callable[[str], None],
+                 lora_dir: Path) -> _Models:
     from ..models.components import load_components
+    from .lora_init import apply_start_lora, read_start_lora
 
     components = load_components(model_dir.working, torch.float32, runtime.load_dtypes(config))
     check_identity(config, components, model_dir.working)
+    start_lora = read_start_lora(config, components, lora_dir, warn)  # keys resolve on the unwrapped layers
     trainable = runtime.trainable_parameters(components, config)
+    if start_lora is not None:
+        apply_start_lora(components, start_lora, warn)
     dtype = runtime.compute_dtype(config)
     runtime.cast_frozen(components, trainable, dtype, ranks.device)
     channels_last = runtime.use_channels_last(ranks.device)

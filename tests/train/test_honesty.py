@@ -202,12 +202,27 @@ def make_data(root: Path) -> Path:
     _images(root / "twocaps", 2, 8, captions=["a dog from txt"])
     for index in range(2):
         (root / "twocaps" / f"img{index}.caption").write_text("a dog from caption file")
+    _write_start_lora(root / "start.safetensors")
     _images(root / "masked", 2, 9)
     for index in range(2):
         mask = np.zeros((64, 64), dtype=np.uint8)
         mask[16:40, 8:32 + 16 * index] = 255
         Image.fromarray(mask).save(root / "masked" / f"img{index}-masklabel.png")
     return root
+
+
+def _write_start_lora(path: Path) -> None:
+    """A LoRA of the tiny SD1 model (rank 4, as the 'lora' baseline) with non-zero adapters, for 'lora_init_file'."""
+    from dreambooth.models.tiny import tiny_components
+    from dreambooth.train import lora
+
+    config = TrainingConfig(method="lora", lora_rank=4, lora_alpha=4.0, save_precision="fp32")
+    components = tiny_components("sd1", seed=0)
+    generator = torch.Generator().manual_seed(11)
+    with torch.no_grad():
+        for param in (p for group in lora.add_lora(components, config).values() for p in group):
+            param.add_(0.05 * torch.randn(param.shape, generator=generator))
+    lora.export_lora(components, config, path, {})
 
 
 def baseline_config(data: Path) -> TrainingConfig:
@@ -430,6 +445,7 @@ CASES = [
     Case("lora_conv_rank", 2, "weights", "lora"),
     Case("lora_conv_alpha", 8.0, "weights", "locon"),
     Case("use_dora", True, "weights", "lora"),
+    Case("lora_init_file", "{data}/start.safetensors", "weights", "lora"),
     # Data
     Case("resolution", 128, "batches"),
     Case("extra_resolutions", "128", "batches"),
