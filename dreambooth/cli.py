@@ -394,7 +394,7 @@ def _add_app_commands(add: CommandAdder) -> None:
     serve.add_argument("--port", type=int, default=7860, help="Port to listen on (default: 7860).")
     serve.add_argument("--open-browser", action="store_true", help="Open the app in the default browser.")
     demo = add("demo-model", cmd_demo_model, "Write a tiny random checkpoint of a family (for tests and trials).")
-    demo.add_argument("--family", choices=("sd1", "sd2v", "sdxl"), required=True, help="Architecture to imitate.")
+    demo.add_argument("--family", choices=FAMILIES, required=True, help="Architecture to imitate.")
     demo.add_argument("--out", metavar="FILE", help="Output .safetensors (default: the checkpoints folder, "
                       "demo-FAMILY.safetensors).")
 

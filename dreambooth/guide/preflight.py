@@ -24,6 +24,7 @@ from ..config.schema import (
     uses_prior_preservation,
 )
 from ..errors import ConfigError
+from ..families import get_family
 from ..imagefiles import IMAGE_EXTENSIONS, is_image_name
 
 KOHYA_FOLDER = re.compile(r"^\d+_")
@@ -76,7 +77,7 @@ def _images_in(folder: str, dataset_info: Mapping[str, int] | None) -> int | Non
 def check_text_encoder_cache(config: TrainingConfig, family: str = "sd1") -> list[Finding]:
     if config.cache_text_encoder_outputs != "on":
         return []  # auto caches only where the result stays the same; off never does
-    encoders = "both text encoders'" if family == "sdxl" else "the text encoder's"
+    encoders = "the text encoders'" if len(get_family(family).text_encoders) > 1 else "the text encoder's"
     return [_error(("cache_text_encoder_outputs", name),
                    f"'cache_text_encoder_outputs' on keeps {encoders} output for each caption, but {why} ('{name}'): "
                    f"set it to auto or off, or change '{name}'.") for name, why in text_cache_blockers(config)]
