@@ -270,13 +270,13 @@ def ours_run(case: Case, workdir: Path, on_step: Callable[[int], None]) -> None:
     lines, run to its natural end (final save and snapshot included, after the last timed step)."""
     from dreambooth.cli_train import run_training
     from dreambooth.store import Layout
-    from dreambooth.train.events import TrainCallbacks
+    from dreambooth.train.events import TrainObserver
 
-    class StepClock(TrainCallbacks):
-        def on_progress(self, progress: Any) -> None:
-            on_step(progress.step - 1)
+    class StepClock(TrainObserver):
+        def on_step(self, step: int) -> None:
+            on_step(step - 1)
 
-    status = run_training(Layout.under(workdir / "models"), "bench", watcher=StepClock())
+    status = run_training(Layout.under(workdir / "models"), "bench", observers=[StepClock()])
     if status != 0:
         raise RuntimeError(f"'train' ended with status {status}")
 

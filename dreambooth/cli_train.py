@@ -11,14 +11,14 @@ from __future__ import annotations
 import os
 import signal
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from .config.overrides import apply_overrides
 from .errors import DreamboothError, TrainingError
 from .store import ModelStore
-from .train.events import LossRecord, Progress, TrainCallbacks, TrainCommands
+from .train.events import LossRecord, Progress, TrainCallbacks, TrainCommands, TrainObserver
 from .train.trainer import Trainer
 
 
@@ -59,41 +59,6 @@ class PrintCallbacks(TrainCallbacks):
         self._say(f"error: {text}")
 
 
-class BothCallbacks(TrainCallbacks):
-    """Every event to the printed lines and to a watcher (the benchmark's step clock)."""
-
-    def __init__(self, printed: TrainCallbacks, watcher: TrainCallbacks):
-        self.targets = (printed, watcher)
-
-    def on_status(self, text: str) -> None:
-        for target in self.targets:
-            target.on_status(text)
-
-    def on_progress(self, progress: Progress) -> None:
-        for target in self.targets:
-            target.on_progress(progress)
-
-    def on_loss(self, record: LossRecord) -> None:
-        for target in self.targets:
-            target.on_loss(record)
-
-    def on_sample(self, step: int, paths: list[Path], prompts: list[str]) -> None:
-        for target in self.targets:
-            target.on_sample(step, paths, prompts)
-
-    def on_saved(self, kind: str, path: Path) -> None:
-        for target in self.targets:
-            target.on_saved(kind, path)
-
-    def on_warning(self, text: str) -> None:
-        for target in self.targets:
-            target.on_warning(text)
-
-    def on_error(self, text: str) -> None:
-        for target in self.targets:
-            target.on_error(text)
-
-
 def cli_host(layout: Any) -> Any:
     try:
         from .host.embedded import EmbeddedHost
@@ -125,17 +90,16 @@ class NullHost:
 
 
 def run_training(layout: Any, name: str, overrides: Mapping[str, Any] | None = None, *,
-                 watcher: TrainCallbacks | None = None,
+                 observers: Sequence[TrainObserver] = (),
                  host_factory: Callable[[Any], Any] = cli_host) -> int:
     """Train model `name` of `layout` in the foreground; 0 when finished, 130 when stopped, 1 on an error.
 
-    `watcher` receives every event besides the printed lines. Ctrl-C asks the loop to stop after the current
+    `observers` watch each step (the benchmark's step clock). Ctrl-C asks the loop to stop after the current
     step with a final save (a second Ctrl-C aborts).
     """
     config = apply_overrides(ModelStore(layout).existing(name).load_config(), overrides or {})
     main_rank = int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) == 0
     printed = PrintCallbacks(main_rank)
-    callbacks = BothCallbacks(printed, watcher) if watcher is not None else printed
     commands = TrainCommands()
     previous = None
     if threading.current_thread() is threading.main_thread():
@@ -146,7 +110,7 @@ def run_training(layout: Any, name: str, overrides: Mapping[str, Any] | None = N
 
         previous = signal.signal(signal.SIGINT, on_interrupt)
     try:
-        result = Trainer(config, host_factory(layout), callbacks, commands).run()
+        result = Trainer(config, host_factory(layout), printed, commands, observers=observers).run()
     except DreamboothError:
         return 1  # already printed through callbacks.on_error
     finally:
