@@ -170,7 +170,7 @@ def _image_paths(folder: str) -> list[str]:
         names = sorted(os.listdir(folder))
     except OSError:
         return []
-    paths = [os.path.join(folder, n) for n in names if n.lower().endswith(IMAGE_EXTENSIONS) and not n.startswith(".")]
+    paths = [os.path.join(folder, n) for n in names if is_image_name(n) and not n.startswith(".")]
     for name in names:
         if KOHYA_FOLDER.match(name) and os.path.isdir(os.path.join(folder, name)):
             paths += _image_paths(os.path.join(folder, name))
@@ -253,7 +253,7 @@ def images_per_epoch(concept: Concept, dataset_info: Mapping[str, int] | None) -
         return None
     own = KOHYA_FOLDER.match(os.path.basename(os.path.normpath(folder)))
     repeats = int(own.group(0)[:-1]) if own and concept.repeats == 1 else concept.repeats
-    total = sum(1 for name in names if name.lower().endswith(IMAGE_EXTENSIONS)) * repeats
+    total = sum(1 for name in names if is_image_name(name)) * repeats
     for name in names:
         path = os.path.join(folder, name)
         if KOHYA_FOLDER.match(name) and os.path.isdir(path):

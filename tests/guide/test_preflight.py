@@ -236,3 +236,19 @@ def test_epoch_length_counts_the_repeats_of_kohya_folder_names(good: TrainingCon
     own = dataclasses.replace(epochs, concepts=[dataclasses.replace(good.concepts[0],
                                                                     instance_data_dir=str(tmp_path / "5_zwx dog"))])
     assert run_steps(own, None) == 2 * 10
+
+
+def test_epoch_length_counts_images_not_their_masks(tmp_path: Path) -> None:
+    """A masked dataset holds NAME.png beside NAME-masklabel.png; only the images make the epoch."""
+    from PIL import Image
+
+    from dreambooth.guide.preflight import images_per_epoch
+    from dreambooth.imagefiles import MASK_SUFFIX
+
+    folder = tmp_path / "masked"
+    folder.mkdir()
+    for index in range(3):
+        Image.new("RGB", (64, 64)).save(folder / f"img{index}.PNG")
+        Image.new("L", (64, 64), 255).save(folder / f"img{index}{MASK_SUFFIX}")
+    concept = Concept(instance_data_dir=str(folder), instance_prompt="photo of sks thing", repeats=2)
+    assert images_per_epoch(concept, None) == 6
