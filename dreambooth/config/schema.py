@@ -16,7 +16,7 @@ from pathlib import PureWindowsPath
 from typing import Any
 
 from ..errors import ConfigError
-from ..families import FAMILY_NAMES
+from ..families import FAMILY_NAMES, all_families
 
 SCHEMA_VERSION = 3
 # The source of the step, LR and batch advice in help texts and the wizard, named where it is used.
@@ -85,6 +85,7 @@ SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_wi
               "polynomial", "rex")
 OPTIMIZERS = ("adamw", "adamw_8bit", "lion", "lion_8bit", "prodigy", "adafactor", "adamw_schedulefree")
 FAMILIES = FAMILY_NAMES  # the registered model families (dreambooth/families), in registry order
+FAMILY_CHOICES_TEXT = ", ".join(f"{family.name} ({family.label})" for family in all_families())
 
 
 @dataclass
@@ -181,13 +182,13 @@ class TrainingConfig:
                                    "folder (else with the model's working weights). Set when the model is "
                                    "created; change it only to correct the record.", "Model",
                                    max_length=PATH_MAX_LENGTH)
-    model_family: str = setting("sd1", "Model family", "Architecture: sd1 (SD 1.x), sd2 (SD 2.x 512, "
-                                "epsilon), sd2v (SD 2.x 768 v-prediction) or sdxl. Detected when the model "
-                                "is created; change it only if detection chose wrong, since it decides the "
-                                "resolution, text encoders and export format.", "Model",
+    model_family: str = setting("sd1", "Model family", f"Architecture: {FAMILY_CHOICES_TEXT}. Detected when "
+                                "the model is created; change it only if detection chose wrong, since it decides "
+                                "the resolution, text encoders and export format.", "Model",
                                 choices=FAMILIES)
     prediction_type: str = setting("epsilon", "Prediction type", "What the UNet predicts: epsilon (the "
-                                   "noise; SD 1.x, SD 2.x-base, SDXL) or v_prediction (SD 2.x 768-v models). "
+                                   "noise; SD 1.x, SD 2.x-base, SDXL) or v_prediction (SD 2.x 768-v and SDXL "
+                                   "v-prediction models such as NoobAI-XL V-Pred). "
                                    "Recorded with the weights when the model is created; training refuses a "
                                    "different value unless 'force_prediction_type' is on.", "Model",
                                    choices=("epsilon", "v_prediction"))
@@ -474,8 +475,12 @@ class TrainingConfig:
                                             "pyramid noise iterations is 0.",
                                             "Loss and noise", min=0.0, max=1.0)
     zero_terminal_snr: bool = setting(False, "Zero terminal SNR", "Rescale the noise schedule so the last "
-                                      "step is pure noise (use with v-prediction). Off is typical; turn on "
-                                      "for v-prediction models meant to produce true blacks and whites.", "Loss and noise")
+                                      "step is pure noise (use with v-prediction). Set from the model when it "
+                                      "is created: on for models that use it (the 'ztsnr' marker; SDXL "
+                                      "v-prediction models such as NoobAI-XL), off otherwise, which is typical "
+                                      "for epsilon models. The trained "
+                                      "model keeps the setting: samples, exports and their markers follow "
+                                      "it.", "Loss and noise")
     input_perturbation: float = setting(0.0, "Input perturbation", "Extra noise on the noisy input only, a "
                                         "regulariser against exposure bias. Typical: 0 (off) or 0.1. Turn on "
                                         "for longer fine-tunes that start to look washed out.", "Loss and noise", min=0.0, max=1.0)

@@ -1,6 +1,6 @@
 """Model families: one unit per family behind one interface (`base.ModelFamily`), and their registry.
 
-Each module of this package that defines `FAMILIES` is a family unit (sd1, sd2 with sd2v, sdxl);
+Each module of this package that defines `FAMILIES` is a family unit (sd1, sd2 with sd2v, sdxl with sdxlv);
 adding a family means adding its module (and its tests). Public API:
 
 - ``FAMILY_NAMES`` - registered family names, in registry order (the config schema's choices).
@@ -9,6 +9,8 @@ adding a family means adding its module (and its tests). Public API:
 - ``read_markers(keys, metadata, yaml_text)`` - what a file tells about its variant (prediction type,
   zero-terminal SNR) through the markers hosts read: `v_pred`/`ztsnr` keys, metadata, a yaml beside it.
 - ``detect_family(keys, metadata=None, yaml_text=None)`` - the family of a single file.
+- ``zero_terminal_snr_of(family, keys, metadata)`` - whether a single file's model uses the zero-terminal-SNR
+  schedule (its `ztsnr` marker, else the family's default).
 - ``resolve_family(keys, metadata, yaml_text, requested, prediction_type, source)`` - family and prediction
   type of a single file, given what the user asked for.
 - ``folder_family(index, text_config, scheduler_prediction, requested, prediction_type)`` - the same for a
@@ -24,13 +26,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import ModelError
-from .base import PREDICTION_TYPES, ModelFamily, TextEncoder
+from .base import PREDICTION_TYPES, V_PRED_KEY, ZTSNR_KEY, ModelFamily, TextEncoder
 from .tables import UNET_PREFIX, VAE_PREFIX
 
 EMA_UNET_PREFIX = "model_ema.diffusion_model"
 
 # Modules of this package shared by the families (not units); clip_text imports torch, the units do not.
-SHARED_MODULES = frozenset({"base", "tables", "clip_text"})
+SHARED_MODULES = frozenset({"base", "tables", "clip_text", "sizes"})
 
 
 def _discover() -> dict[str, ModelFamily]:
@@ -90,10 +92,27 @@ class Markers:
     zero_terminal_snr: bool | None = None
 
 
-def yaml_says_v(yaml_text: str) -> bool:
-    """Whether an ldm yaml sets `parameterization: "v"` (what A1111 reads)."""
-    return any(line.split("#")[0].replace(" ", "").replace("'", '"') in ('parameterization:"v"', "parameterization:v")
-               for line in yaml_text.splitlines())
+def _yaml_value(config: Any, *path: str) -> Any:
+    for name in path:
+        config = config.get(name) if isinstance(config, Mapping) else None
+    return config
+
+
+def yaml_prediction(yaml_text: str) -> str:
+    """The prediction type a yaml beside a checkpoint gives, read as AUTOMATIC1111 and Forge read it: ldm's
+    `parameterization: "v"` (SD 2.x) or an sgm denoiser whose scaling is VScaling (SDXL); anything else is
+    epsilon (the host builds the model from the yaml)."""
+    import yaml
+
+    try:
+        config = yaml.safe_load(yaml_text)
+    except yaml.YAMLError as error:
+        raise ModelError(f"The .yaml beside the checkpoint is not valid YAML ({str(error).splitlines()[0]}); "
+                         "fix or remove it.") from None
+    params = ("model", "params")
+    scaling = _yaml_value(config, *params, "denoiser_config", "params", "scaling_config", "target")
+    is_v = _yaml_value(config, *params, "parameterization") == "v" or str(scaling or "").endswith(".VScaling")
+    return "v_prediction" if is_v else "epsilon"
 
 
 def _metadata_prediction(metadata: Mapping[str, str]) -> str | None:
@@ -102,15 +121,28 @@ def _metadata_prediction(metadata: Mapping[str, str]) -> str | None:
     return {"v": "v_prediction", "epsilon": "epsilon"}.get(metadata.get("modelspec.prediction_type", ""))
 
 
+def _zero_terminal_snr(keys: Collection[str], metadata: Mapping[str, str]) -> bool | None:
+    """Hosts sample with the rescaled schedule exactly when the `ztsnr` key is there; next to a `v_pred`
+    key its absence says the model does without (the keys come as a pair). Our metadata goes first."""
+    recorded = metadata.get("dreambooth_zero_terminal_snr")
+    if recorded in ("True", "False"):
+        return recorded == "True"
+    if ZTSNR_KEY in keys:
+        return True
+    return False if V_PRED_KEY in keys else None
+
+
 def read_markers(keys: Collection[str], metadata: Mapping[str, str] | None = None,
                  yaml_text: str | None = None) -> Markers:
-    """Our metadata first, then the `v_pred` key (Forge, reForge), then a yaml beside the file (A1111)."""
-    prediction = _metadata_prediction(metadata or {})
-    if prediction is None and "v_pred" in keys:
+    """Our metadata first, then the `v_pred`/`ztsnr` keys (Forge, reForge, SD.Next, ComfyUI), then a yaml
+    beside the file (AUTOMATIC1111)."""
+    metadata = metadata or {}
+    prediction = _metadata_prediction(metadata)
+    if prediction is None and V_PRED_KEY in keys:
         prediction = "v_prediction"
     if prediction is None and yaml_text is not None:
-        prediction = "v_prediction" if yaml_says_v(yaml_text) else "epsilon"
-    return Markers(prediction, True if "ztsnr" in keys else None)
+        prediction = yaml_prediction(yaml_text)
+    return Markers(prediction, _zero_terminal_snr(keys, metadata))
 
 
 def variant(base: ModelFamily, prediction_type: str, zero_terminal_snr: bool | None = None) -> ModelFamily:
@@ -144,6 +176,14 @@ def resolve_family(keys: Iterable[str], metadata: Mapping[str, str] | None, yaml
     return variant(base, prediction, markers.zero_terminal_snr), prediction
 
 
+def zero_terminal_snr_of(family: ModelFamily, keys: Iterable[str], metadata: Mapping[str, str] | None = None
+                         ) -> bool:
+    """Whether a single file's model samples and trains with the zero-terminal-SNR schedule: what its markers
+    say, else the family's default (NoobAI-XL style v-prediction SDXL files told by a yaml alone use it)."""
+    told = _zero_terminal_snr(set(keys), metadata or {})
+    return family.zero_terminal_snr if told is None else told
+
+
 def folder_family(index: Mapping[str, Any], text_config: Mapping[str, Any], scheduler_prediction: str | None,
                   requested: str | None, prediction_type: str | None) -> tuple[ModelFamily, str]:
     """Family and prediction type of a diffusers folder: the caller's prediction type, a variant the caller
@@ -161,4 +201,5 @@ def folder_family(index: Mapping[str, Any], text_config: Mapping[str, Any], sche
 
 
 __all__ = ["FAMILY_NAMES", "Markers", "ModelFamily", "TextEncoder", "all_families", "architecture_of",
-           "detect_family", "folder_family", "get_family", "read_markers", "resolve_family", "variant"]
+           "detect_family", "folder_family", "get_family", "read_markers", "resolve_family", "variant",
+           "yaml_prediction", "zero_terminal_snr_of"]

@@ -27,6 +27,12 @@ PREDICTION_TYPES = ("epsilon", "v_prediction")
 DDPM_SCHEDULE = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
                  "beta_schedule": "scaled_linear", "clip_sample": False, "set_alpha_to_one": False,
                  "steps_offset": 1, "timestep_spacing": "leading", "variance_type": "fixed_small"}
+# Marker keys hosts read from a single file (Forge, reForge, SD.Next, ComfyUI): v-prediction, and sampling
+# with the zero-terminal-SNR schedule. Both are empty tensors.
+V_PRED_KEY = "v_pred"
+ZTSNR_KEY = "ztsnr"
+# The SAI model spec's (modelspec.prediction_type) names of the prediction types, as kohya writes them.
+MODELSPEC_PREDICTION = {"epsilon": "epsilon", "v_prediction": "v"}
 SD_PIPELINE_OPTIONS = {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
 SD_INDEX_OPTIONS = {"safety_checker": [None, None], "feature_extractor": [None, None],
                     "requires_safety_checker": False}
@@ -59,7 +65,12 @@ class TextEncoder:
 
 @dataclass(frozen=True)
 class ModelFamily:
-    """One model family. `architecture` groups families that share weights' layout (sd2 and sd2v)."""
+    """One model family. `architecture` groups families that share weights' layout (sd2 and sd2v).
+
+    The guide (memory estimate, presets, wizard, pre-flight) reads a family's sizes and limits from here:
+    `resolution` (the native one), `resolution_range`, `pixel_multiple`, `activation_gib`, and the real
+    parameter counts its shipped configs give (`parameter_counts`, `lora_parameters_per_rank`).
+    """
 
     name: str
     architecture: str
@@ -77,6 +88,14 @@ class ModelFamily:
     v_yaml: str | None = None  # config (under resources/configs/) written beside a v-prediction export
     unet_class: str = "UNet2DConditionModel"
     vae_class: str = "AutoencoderKL"
+    # --- sizes and limits the guide reads ---
+    denoiser_folder: str = "unet"  # the trained denoiser's diffusers subfolder and shipped config name
+    config_folder: str = ""  # shipped full-size configs under resources/configs/ (default: the name)
+    resolution_range: tuple[int, int] = (256, 1024)  # training resolutions the model handles well
+    pixel_multiple: int = 8  # image sides must be multiples of this (VAE downscale x patch size)
+    # Activation memory of one training sample at `resolution` in 16-bit compute without gradient
+    # checkpointing (SDPA attention), in GiB: calibrated on published numbers, see guide/memory.py.
+    activation_gib: float = 3.0
 
     # --- detection ---------------------------------------------------------------------------------------
 
@@ -96,35 +115,72 @@ class ModelFamily:
     def pad_tokens(self) -> list[str]:
         return [encoder.pad_token for encoder in self.text_encoders]
 
+    def component_folders(self) -> tuple[str, ...]:
+        """The model's components by diffusers subfolder: the denoiser, the VAE, the text encoders."""
+        return (self.denoiser_folder, "vae", *(encoder.folder for encoder in self.text_encoders))
+
     def shipped_configs(self) -> dict[str, dict[str, Any]]:
-        """The full-size component configs shipped for this family (resources/configs/<name>/)."""
+        """The full-size component configs shipped for this family (resources/configs/<config_folder>/)."""
         import json
 
-        folder = CONFIG_DIR / self.name
-        names = ("unet", "vae", *(encoder.folder for encoder in self.text_encoders))
-        return {name: json.loads((folder / name / "config.json").read_text()) for name in names
+        folder = CONFIG_DIR / (self.config_folder or self.name)
+        return {name: json.loads((folder / name / "config.json").read_text()) for name in self.component_folders()
                 if (folder / name / "config.json").is_file()}
 
-    def scheduler_config(self, prediction_type: str | None = None) -> dict[str, Any]:
-        return {**DDPM_SCHEDULE, "prediction_type": prediction_type or self.prediction_type}
+    def build_component(self, part: str, config: Mapping[str, Any]) -> torch.nn.Module:
+        """One component (a `component_folders` name) with fresh weights from its config."""
+        import diffusers
+        import transformers
 
-    def make_noise_scheduler(self, prediction_type: str | None = None) -> Any:
+        if part in (self.denoiser_folder, "vae"):
+            return getattr(diffusers, self.unet_class if part != "vae" else self.vae_class).from_config(dict(config))
+        encoder = next(encoder for encoder in self.text_encoders if encoder.folder == part)
+        model_class = getattr(transformers, encoder.model_class)
+        return model_class(model_class.config_class.from_dict(dict(config)))
+
+    def parameter_counts(self) -> dict[str, int]:
+        """Parameters of each component of the real model, counted on meta tensors (folder -> count)."""
+        from .sizes import parameter_counts
+
+        return parameter_counts(self)
+
+    def lora_parameters_per_rank(self) -> dict[str, int]:
+        """LoRA parameters per unit of rank of the denoiser and each text encoder of the real model."""
+        from .sizes import lora_parameters_per_rank
+
+        return lora_parameters_per_rank(self)
+
+    def lora_target_names(self, part: str, model: Any, with_conv: bool = False) -> list[str]:
+        """The layers of a component a LoRA adapts (`with_conv`: LoCon's 3x3 convolutions of the denoiser)."""
+        from .sizes import text_lora_targets, unet_lora_targets
+
+        return unet_lora_targets(model, with_conv) if part == self.denoiser_folder else text_lora_targets(model)
+
+    def scheduler_config(self, prediction_type: str | None = None,
+                         zero_terminal_snr: bool | None = None) -> dict[str, Any]:
+        """The DDPM training schedule; rescaled to zero terminal SNR (diffusers' rescale_betas_zero_snr)
+        where the model uses it (default: the family's)."""
+        rescale = self.zero_terminal_snr if zero_terminal_snr is None else zero_terminal_snr
+        return {**DDPM_SCHEDULE, "prediction_type": prediction_type or self.prediction_type,
+                "rescale_betas_zero_snr": rescale}
+
+    def make_noise_scheduler(self, prediction_type: str | None = None, zero_terminal_snr: bool | None = None) -> Any:
         from diffusers import DDPMScheduler
 
-        return DDPMScheduler.from_config(self.scheduler_config(prediction_type))
+        return DDPMScheduler.from_config(self.scheduler_config(prediction_type, zero_terminal_snr))
 
     def tokenizers(self) -> list[Any]:
         from ..models.tokenizer import load_clip_tokenizer
 
         return [load_clip_tokenizer(pad) for pad in self.pad_tokens]
 
-    def config_defaults(self, prediction_type: str | None = None) -> dict[str, Any]:
-        """Settings a new model of this family starts with (schema field -> value)."""
-        defaults: dict[str, Any] = {"model_family": self.name, "prediction_type": prediction_type or self.prediction_type,
-                                    "resolution": self.resolution}
-        if self.zero_terminal_snr:
-            defaults["zero_terminal_snr"] = True
-        return defaults
+    def config_defaults(self, prediction_type: str | None = None,
+                        zero_terminal_snr: bool | None = None) -> dict[str, Any]:
+        """Settings a new model of this family starts with (schema field -> value): the model's prediction
+        type and schedule (default: the family's)."""
+        return {"model_family": self.name, "prediction_type": prediction_type or self.prediction_type,
+                "resolution": self.resolution,
+                "zero_terminal_snr": self.zero_terminal_snr if zero_terminal_snr is None else zero_terminal_snr}
 
     # --- text conditioning ---------------------------------------------------------------------------------
 
@@ -172,9 +228,12 @@ class ModelFamily:
     def vae_table(self, config: Mapping[str, Any]) -> tables.BlockTable:
         return tables.vae_table(config)
 
-    def marker_tensors(self, prediction_type: str) -> dict[str, torch.Tensor]:
-        """Keys added to an exported single file so hosts detect the family's variant (none by default)."""
-        return {}
+    def marker_tensors(self, prediction_type: str, zero_terminal_snr: bool = False) -> dict[str, torch.Tensor]:
+        """Keys added to an exported single file so hosts detect the model's variant: the empty `ztsnr` key
+        Forge, reForge, SD.Next and ComfyUI read as 'sample with the zero-terminal-SNR schedule'."""
+        import torch
+
+        return {ZTSNR_KEY: torch.tensor([])} if zero_terminal_snr else {}
 
     def side_files(self, prediction_type: str) -> dict[str, str]:
         """Files written beside an export (suffix -> text): A1111 reads SD2-v's yaml."""
@@ -182,10 +241,17 @@ class ModelFamily:
             return {".yaml": (CONFIG_DIR / self.v_yaml).read_text(encoding="utf-8")}
         return {}
 
-    def lora_markers(self) -> dict[str, str]:
-        """LoRA metadata hosts and model browsers read the base model from."""
+    def lora_markers(self, prediction_type: str | None = None,
+                     zero_terminal_snr: bool | None = None) -> dict[str, str]:
+        """LoRA metadata hosts and model browsers read the base model and its objective from: kohya's ss_*
+        fields and the SAI model spec's prediction type (default: the family's)."""
+        prediction = prediction_type or self.prediction_type
+        rescaled = self.zero_terminal_snr if zero_terminal_snr is None else zero_terminal_snr
         return {"ss_base_model_version": self.lora_base_model_version,
-                "ss_v2": str(self.architecture == "sd2")}
+                "ss_v2": str(self.architecture == "sd2"),
+                "ss_v_parameterization": str(prediction == "v_prediction"),
+                "ss_zero_terminal_snr": str(rescaled),
+                "modelspec.prediction_type": MODELSPEC_PREDICTION[prediction]}
 
     # --- tiny models for tests and demos ----------------------------------------------------------------
 

@@ -3,7 +3,8 @@
 For a GPU the preset is the most capable tier of a ladder (full DreamBooth with AdamW at the top, an
 8-bit-optimizer LoRA with every saving at the bottom) whose memory estimate fits the memory class with
 a safety margin, so a preset always fits its class per `estimate_memory` unless even the bottom tier
-cannot (SDXL below 12 GB; `preset_notes` says so).  The CPU preset favours speed over memory.
+cannot (SDXL below 12 GB; `preset_notes` says so).  The CPU preset favours speed over memory.  Each
+family's native resolution and sizes come from its family unit, so a new family needs no rows here.
 """
 
 from __future__ import annotations
@@ -13,9 +14,11 @@ from typing import Any
 
 from ..config.schema import FAMILIES, TrainingConfig, text_cache_blockers
 from ..errors import ConfigError
-from .memory import GIB, NATIVE_RESOLUTION, estimate_memory
+from ..families import get_family
+from .memory import GIB, MEMORY_CLASSES_GB, estimate_memory
 
-MEMORY_CLASSES_GB = (6, 8, 12, 16, 24, 48)
+# The memory classes the presets overview names (the common card sizes).
+OVERVIEW_CLASSES_GB = (8, 12, 16, 24)
 FIT_MARGIN = 0.9  # leave 10 % for fragmentation and the samples rendered during training
 
 # Memory-saving ladder, most capable first; each tier lists the fields a preset sets.
@@ -64,7 +67,7 @@ def _precision(memory_gb: int) -> str:
 
 
 def _fits(preset: dict[str, Any], family: str, budget: float) -> bool:
-    config = TrainingConfig(model_family=family, resolution=NATIVE_RESOLUTION[family])
+    config = TrainingConfig(model_family=family, resolution=get_family(family).resolution)
     for name, value in preset.items():
         setattr(config, name, value)
     return estimate_memory(config, family).total <= budget
@@ -110,10 +113,30 @@ def preset_notes(family: str, memory_gb: float | None) -> list[str]:
         notes.append("CPU: a bf16 LoRA with frozen, cached text encoder; expect hours, not minutes.")
     elif not preset_fits(family, memory_gb):
         notes.append(f"{family} does not fit {size} GB even as an 8-bit LoRA with checkpointing at "
-                     f"{NATIVE_RESOLUTION[family]} px: lower 'resolution' or use a larger GPU.")
+                     f"{get_family(family).resolution} px: lower 'resolution' or use a larger GPU.")
     if preset.get("method") == "lora":
         notes.append("Full-weight DreamBooth does not fit this memory: the preset trains a LoRA instead.")
-    return notes
+    return [*notes, "What fits: " + "; ".join(preset_overview(family)) + "."]
+
+
+def describe(preset: dict[str, Any]) -> str:
+    """A preset in a few words: method, optimizer, what saves memory."""
+    method = "LoRA" if preset["method"] == "lora" else "full DreamBooth"
+    parts = [f"{method} with {preset['optimizer']}"]
+    if preset.get("gradient_checkpointing"):
+        parts.append("gradient checkpointing")
+    parts.append("text encoder trained" if preset.get("train_text_encoder") else "text encoder frozen and cached")
+    return ", ".join(parts)
+
+
+def preset_overview(family: str) -> list[str]:
+    """What the preset of each common card size trains for this family at its native resolution."""
+    rows = []
+    for size in OVERVIEW_CLASSES_GB:
+        preset = preset_for(family, size)
+        verdict = describe(preset) if preset_fits(family, size) else "does not fit"
+        rows.append(f"{size} GB: {verdict}")
+    return rows
 
 
 def apply_preset(config: TrainingConfig, preset: dict[str, Any]) -> TrainingConfig:

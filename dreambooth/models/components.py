@@ -29,6 +29,7 @@ PREDICTION_TYPES = {family.name: family.prediction_type for family in all_famili
 EXTRAS_FILE = "extras.safetensors"
 FAMILY_FILE = "family.json"
 SCHEDULERS = ("ddim", "euler", "euler_a", "dpmpp_2m")
+GUIDANCE_RESCALE = 0.7  # Lin et al. 2023's recommended phi for zero-terminal-SNR models
 
 
 @dataclass
@@ -47,6 +48,11 @@ class Components:
     @property
     def model_family(self) -> ModelFamily:
         return get_family(self.family)
+
+
+def uses_zero_terminal_snr(components: Components) -> bool:
+    """Whether the model's schedule is rescaled to zero terminal SNR (what it trains and samples with)."""
+    return bool(components.noise_scheduler.config.get("rescale_betas_zero_snr", False))
 
 
 def check_family(family: str) -> str:
@@ -187,7 +193,18 @@ def sampling_scheduler(components: Components, scheduler_name: str = "ddim") -> 
         raise ModelError(f"Sampler {scheduler_name!r} is unknown; use one of {', '.join(classes)}.")
     config = dict(components.noise_scheduler.config)
     config["prediction_type"] = components.prediction_type
+    if config.get("rescale_betas_zero_snr"):
+        # Lin et al. 2023, "Common Diffusion Noise Schedules and Sample Steps are Flawed": with a zero-terminal-
+        # SNR schedule, sampling starts at the last timestep (trailing spacing).
+        config["timestep_spacing"] = "trailing"
     return getattr(diffusers, classes[scheduler_name]).from_config(config)
+
+
+def call_options(pipeline: Any) -> dict[str, Any]:
+    """Options of a pipeline call that the model's schedule asks for: with zero terminal SNR, classifier-free
+    guidance rescaled by 0.7 (Lin et al. 2023, section 3.4: keeps the rescaled schedule from overexposing)."""
+    config = getattr(getattr(pipeline, "scheduler", None), "config", None) or {}
+    return {"guidance_rescale": GUIDANCE_RESCALE} if config.get("rescale_betas_zero_snr") else {}
 
 
 def build_pipeline(components: Components, scheduler_name: str = "ddim") -> Any:

@@ -19,7 +19,8 @@ import torch
 
 from ..atomic import save_safetensors, write_text
 from ..errors import ModelError
-from .components import Components
+from ..families.base import V_PRED_KEY, ZTSNR_KEY
+from .components import Components, uses_zero_terminal_snr
 from .convert import text_encoder_to_ldm, unet_to_ldm, vae_to_ldm
 
 logger = logging.getLogger(__name__)
@@ -65,9 +66,13 @@ def ldm_scheduler_tables(beta_start: float = 0.00085, beta_end: float = 0.012,
 
 
 def extra_tensors(components: Components) -> dict[str, torch.Tensor]:
-    """The base file's other keys, the family's variant markers, and the standard schedule tables when the
-    family's files carry them (SD1/SD2; SDXL's do not) and the base file had none."""
-    extras = {**components.extras, **components.model_family.marker_tensors(components.prediction_type)}
+    """The base file's other keys, the markers of what the model is now (the base file's are dropped: training
+    may have changed its prediction type or schedule), and the standard schedule tables when the family's
+    files carry them (SD1/SD2; SDXL's do not) and the base file had none."""
+    markers = components.model_family.marker_tensors(components.prediction_type,
+                                                     uses_zero_terminal_snr(components))
+    kept = {key: value for key, value in components.extras.items() if key not in (V_PRED_KEY, ZTSNR_KEY)}
+    extras = {**kept, **markers}
     if "alphas_cumprod" in extras or not components.model_family.schedule_tables:
         return extras
     config = components.noise_scheduler.config
@@ -118,7 +123,8 @@ def precision_warning(components: Components, base: Components | Mapping[str, to
 
 
 def checkpoint_metadata(components: Components, metadata: Mapping[str, Any] | None) -> dict[str, str]:
-    combined = {"dreambooth_family": components.family, "dreambooth_prediction_type": components.prediction_type}
+    combined = {"dreambooth_family": components.family, "dreambooth_prediction_type": components.prediction_type,
+                "dreambooth_zero_terminal_snr": str(uses_zero_terminal_snr(components))}
     combined.update({str(key): value if isinstance(value, str) else json.dumps(value)
                      for key, value in (metadata or {}).items()})
     return combined

@@ -21,7 +21,14 @@ import torch
 
 from ..atomic import write_json
 from ..errors import ModelError
-from ..families import EMA_UNET_PREFIX, ModelFamily, architecture_of, folder_family, get_family
+from ..families import (
+    EMA_UNET_PREFIX,
+    ModelFamily,
+    architecture_of,
+    folder_family,
+    get_family,
+    zero_terminal_snr_of,
+)
 from ..families import resolve_family as resolve_file_family
 from ..store import ModelDir, ModelStore
 from .components import Components, load_components, save_components
@@ -195,10 +202,11 @@ def _to_dtype(model: Any, dtype: torch.dtype) -> Any:
 
 def components_from_state_dict(state: Mapping[str, torch.Tensor], family: str, prediction_type: str,
                                configs: Mapping[str, Mapping[str, Any]], dtype: torch.dtype = torch.float32,
-                               source: str = "The checkpoint") -> Components:
+                               source: str = "The checkpoint", zero_terminal_snr: bool | None = None) -> Components:
     """Components from an original-layout state dict; keys the model does not hold become extras.
 
-    `source` names the file in error messages (the user's checkpoint, never a temporary config folder).
+    `source` names the file in error messages (the user's checkpoint, never a temporary config folder);
+    `zero_terminal_snr` is the model's schedule (default: the family's).
     """
     import diffusers
 
@@ -214,7 +222,8 @@ def components_from_state_dict(state: Mapping[str, torch.Tensor], family: str, p
     encoders = [load_text_encoder(configs[spec.folder], w, spec.with_projection, dtype)
                 for spec, w in zip(unit.text_encoders, weights, strict=True)]
     components = Components(family=family, unet=unet, vae=vae, text_encoders=encoders, tokenizers=unit.tokenizers(),
-                            noise_scheduler=unit.make_noise_scheduler(prediction_type), prediction_type=prediction_type)
+                            noise_scheduler=unit.make_noise_scheduler(prediction_type, zero_terminal_snr),
+                            prediction_type=prediction_type)
     held = set(model_to_ldm(components))
     components.extras = {key: value for key, value in state.items() if key not in held}
     return components
@@ -227,8 +236,9 @@ def load_checkpoint(path: str | Path, family: str | None = None, prediction_type
     state, metadata = read_checkpoint(path)
     family, prediction = resolve_family(path, state, metadata, family, prediction_type)
     configs = embedded_configs(metadata) or shipped_configs(family)
+    rescaled = zero_terminal_snr_of(get_family(family), state, metadata)
     state = with_ema_unet(state, family, configs["unet"], path)
-    return components_from_state_dict(state, family, prediction, configs, dtype, f"Checkpoint {path}")
+    return components_from_state_dict(state, family, prediction, configs, dtype, f"Checkpoint {path}", rescaled)
 
 
 # --- EMA-only checkpoints -------------------------------------------------------------------------------
@@ -301,7 +311,8 @@ def load_diffusers_folder(folder: str | Path, family: str | None = None, predict
             for part, cls in (("unet", detected.unet_class), ("vae", detected.vae_class))}
     return Components(family=detected.name, unet=load["unet"], vae=load["vae"], text_encoders=encoders,
                       tokenizers=_folder_tokenizers(folder, detected),
-                      noise_scheduler=detected.make_noise_scheduler(prediction), prediction_type=prediction)
+                      noise_scheduler=detected.make_noise_scheduler(prediction, scheduler.get("rescale_betas_zero_snr")),
+                      prediction_type=prediction)
 
 
 def load_source(source: str | Path, family: str | None = None, prediction_type: str | None = None,
@@ -326,6 +337,7 @@ def create_model(store: ModelStore, name: str, source: str | Path, family: str |
                  prediction_type: str | None = None) -> ModelDir:
     """Create model `name` in the store from a checkpoint or diffusers folder: working/ + db_config.json."""
     from ..config import TrainingConfig
+    from .components import uses_zero_terminal_snr
 
     model = store.model(name)
     if model.exists():
@@ -335,6 +347,7 @@ def create_model(store: ModelStore, name: str, source: str | Path, family: str |
     components = load_source(source, family, prediction_type)
     save_components(components, model.working)
     config = TrainingConfig(model_name=name, base_checkpoint=str(source),
-                            **components.model_family.config_defaults(components.prediction_type))
+                            **components.model_family.config_defaults(components.prediction_type,
+                                                                      uses_zero_terminal_snr(components)))
     model.save_config(config)
     return model

@@ -33,7 +33,8 @@ from ..atomic import save_safetensors
 from ..config.schema import TrainingConfig, base_checkpoint_name
 from ..errors import ConfigError, ModelError, TrainingError
 from ..families import get_family
-from ..families.tables import HF_LAYER_PREFIX, hf_text_name
+from ..families.sizes import text_lora_targets, unet_lora_targets
+from ..models.components import uses_zero_terminal_snr
 from . import lora_keys
 
 ADAPTER = "default"
@@ -41,8 +42,6 @@ PART_NAMES = ("unet", "text_encoder", "text_encoder_2")
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # Fraction of the LoRA's change that may be lost to rounding before the export warns.
 PRECISION_WARNING_FRACTION = 0.5
-TE_TARGET_SUFFIXES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj",
-                      "mlp.fc1", "mlp.fc2")
 # LoCon conv names: resnet conv1/conv2, down/upsampler conv. peft matches rank/alpha patterns as the
 # last dotted name parts (0.13: '.*\.key$', 0.21: '(.*\.)?key$'), so plain suffixes work in both.
 CONV_PATTERN_SUFFIXES = ("conv1", "conv2", "conv")
@@ -63,26 +62,12 @@ def model_parts(components: Any) -> dict[str, Any]:
 
 def unet_target_names(unet: Any, with_conv: bool) -> list[str]:
     """Linear and 1x1 conv layers of the attention blocks; with LoCon also the 3x3 convs of the resnets
-    and samplers (conv_in/conv_out stay frozen, as in kohya's LoCon)."""
-    names = []
-    for name, module in unet.named_modules():
-        in_attention = ".attentions." in name
-        is_linear_like = isinstance(module, torch.nn.Linear) or _is_conv(module, (1, 1))
-        is_locon_conv = _is_conv(module, (3, 3)) and (".resnets." in name or "samplers." in name)
-        if (in_attention and is_linear_like) or (with_conv and is_locon_conv):
-            names.append(name)
-    return names
-
-
-def _is_conv(module: Any, kernel: tuple[int, int]) -> bool:
-    return isinstance(module, torch.nn.Conv2d) and tuple(module.kernel_size) == kernel
+    and samplers (the rule lives with the families, which the memory estimate reads too)."""
+    return unet_lora_targets(unet, with_conv)
 
 
 def text_encoder_target_names(encoder: Any) -> list[str]:
-    return [name for name, module in encoder.named_modules()
-            if isinstance(module, torch.nn.Linear)
-            and hf_text_name(name).startswith(HF_LAYER_PREFIX)
-            and name.endswith(TE_TARGET_SUFFIXES)]
+    return text_lora_targets(encoder)
 
 
 def peft_config(config: TrainingConfig, targets: list[str], conv_targets: bool) -> Any:
@@ -122,7 +107,7 @@ def add_lora(components: Any, config: TrainingConfig) -> dict[str, list[torch.nn
         params[part] = []
         if _part_is_trained(part, config):
             with_conv = part == "unet" and config.lora_conv_rank > 0
-            targets = unet_target_names(model, with_conv) if part == "unet" else text_encoder_target_names(model)
+            targets = get_family(components.family).lora_target_names(part, model, with_conv)
             inject_adapter_in_model(peft_config(config, targets, with_conv), model, adapter_name=ADAPTER)
             params[part] = _unfreeze_adapter(model)
     return params
@@ -300,8 +285,8 @@ def default_metadata(components: Any, config: TrainingConfig) -> dict[str, str]:
     metadata = {
         "ss_network_module": "networks.lora", "ss_network_dim": str(config.lora_rank),
         "ss_network_alpha": str(config.lora_alpha), "ss_network_dropout": str(config.lora_dropout),
-        **get_family(components.family).lora_markers(),
-        "ss_v_parameterization": str(components.prediction_type == "v_prediction"),
+        **get_family(components.family).lora_markers(components.prediction_type,
+                                                     uses_zero_terminal_snr(components)),
         "ss_sd_model_name": base_checkpoint_name(config) or config.model_name,
         "ss_resolution": f"({resolution}, {resolution})", "ss_max_train_steps": str(config.max_train_steps),
         "ss_learning_rate": str(config.learning_rate), "ss_unet_lr": str(config.learning_rate),

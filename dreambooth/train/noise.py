@@ -77,7 +77,8 @@ def perturb(noise: torch.Tensor, amount: float, generator: torch.Generator) -> t
 
 
 def training_scheduler(scheduler: Any, zero_terminal_snr: bool) -> Any:
-    """The noise scheduler used for training: a copy with rescaled zero-terminal-SNR betas when asked."""
-    if not zero_terminal_snr:
+    """The noise scheduler used for training: the model's, or a copy whose betas are (or are no longer)
+    rescaled to zero terminal SNR where the setting differs from the model's schedule."""
+    if bool(scheduler.config.get("rescale_betas_zero_snr", False)) == zero_terminal_snr:
         return scheduler
-    return type(scheduler).from_config(scheduler.config, rescale_betas_zero_snr=True)
+    return type(scheduler).from_config(scheduler.config, rescale_betas_zero_snr=zero_terminal_snr)

@@ -274,6 +274,8 @@ def _load_models(config: TrainingConfig, model_dir: ModelDir, ranks: Ranks, warn
     unet = ranks.prepare(components.unet) if "unet" in trainable else components.unet
     encoders = [ranks.prepare(e) if n in trainable else e
                 for n, e in zip(runtime.TEXT_GROUPS, components.text_encoders, strict=False)]
+    # The model trains with the run's schedule from now on: samples, working/ and exports follow it.
+    components.noise_scheduler = noises.training_scheduler(components.noise_scheduler, config.zero_terminal_snr)
     return _Models(components, unet, encoders, noises.training_scheduler(components.noise_scheduler,
                                                                          config.zero_terminal_snr),
                    trainable, dtype, channels_last)

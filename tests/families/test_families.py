@@ -24,6 +24,7 @@ from dreambooth.families import (
     detect_family,
     get_family,
     resolve_family,
+    zero_terminal_snr_of,
 )
 from dreambooth.families.tables import HOST_TEXT_ROOTS, UNET_PREFIX
 from dreambooth.models.components import Components, load_components, save_components
@@ -71,6 +72,23 @@ def test_schedule_and_defaults_follow_the_family(name: str) -> None:
     assert (config.model_family, config.prediction_type, config.resolution) == (name, family.prediction_type,
                                                                                 family.resolution)
     assert config.zero_terminal_snr == family.zero_terminal_snr
+    assert family.make_noise_scheduler().config.rescale_betas_zero_snr == family.zero_terminal_snr
+    assert family.make_noise_scheduler(zero_terminal_snr=True).alphas_cumprod[-1] == 0
+
+
+@pytest.mark.parametrize("name", FAMILY_NAMES)
+def test_the_guide_reads_sizes_and_limits_from_the_family(name: str) -> None:
+    """What the memory estimate, presets, wizard and pre-flight need of a family, complete and consistent."""
+    family = get_family(name)
+    low, high = family.resolution_range
+    assert low <= family.resolution <= high and family.resolution % family.pixel_multiple == 0
+    assert family.activation_gib > 0
+    counts = family.parameter_counts()
+    assert tuple(counts) == family.component_folders() == tuple(family.shipped_configs())
+    assert all(count > 1e7 for count in counts.values())
+    per_rank = family.lora_parameters_per_rank()
+    assert set(per_rank) == {family.denoiser_folder, *(encoder.folder for encoder in family.text_encoders)}
+    assert all(0 < width < counts[part] / 100 for part, width in per_rank.items())
 
 
 @pytest.mark.parametrize("name", FAMILY_NAMES)
@@ -194,12 +212,14 @@ def test_sdxl_added_conditioning_is_size_crop_and_target() -> None:
 
 
 def test_sdxl_v_prediction_marker_round_trips(tmp_path: Path) -> None:
-    """An SDXL v-prediction export carries the `v_pred` key Forge reads, and detection reads it back."""
+    """An SDXL model turned v-prediction exports the `v_pred` key Forge reads; detection reads it back as the
+    v-prediction variant, without zero terminal SNR since the `ztsnr` key is not there."""
     base = tiny("sdxl")
     v_model = dataclasses.replace(base, prediction_type="v_prediction")
     keys = list(checkpoint_state_dict(v_model))
-    assert "v_pred" in keys and "v_pred" not in exported("sdxl")
-    assert resolve_family(keys, {}, None, None, None) == (get_family("sdxl"), "v_prediction")
+    assert "v_pred" in keys and "v_pred" not in exported("sdxl") and "ztsnr" not in keys
+    assert resolve_family(keys, {}, None, None, None) == (get_family("sdxlv"), "v_prediction")
+    assert zero_terminal_snr_of(get_family("sdxlv"), keys) is False
 
 
 def test_v_prediction_variant_is_chosen_from_the_yaml() -> None:

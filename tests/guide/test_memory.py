@@ -8,9 +8,9 @@ import pytest
 
 from dreambooth.config.schema import FAMILIES, TrainingConfig
 from dreambooth.errors import ConfigError
+from dreambooth.families import get_family
 from dreambooth.guide.memory import (
     GIB,
-    PARAMS,
     ItSlowdownMonitor,
     estimate_memory,
     lora_params_per_rank,
@@ -23,6 +23,7 @@ from dreambooth.guide.presets import (
     preset_fits,
     preset_for,
     preset_notes,
+    preset_overview,
 )
 
 
@@ -50,7 +51,7 @@ def test_checkpointing_lora_and_8bit_need_less() -> None:
 def test_parts_follow_the_architectures() -> None:
     full = estimate_memory(TrainingConfig(model_family="sdxl", method="dreambooth", train_text_encoder=False,
                                           optimizer="adamw"))
-    assert full.trainable_params == PARAMS["sdxl"]["unet"]
+    assert full.trainable_params == get_family("sdxl").parameter_counts()["unet"]
     assert full.gradients == 4 * full.trainable_params
     assert full.optimizer == 8 * full.trainable_params
     eight = estimate_memory(dataclasses.replace(TrainingConfig(model_family="sd1", train_text_encoder=False),
@@ -81,10 +82,9 @@ def test_warn_if_exceeds() -> None:
 @pytest.mark.parametrize("memory_gb", MEMORY_CLASSES_GB)
 def test_preset_fits_its_memory_class(family: str, memory_gb: int) -> None:
     preset = preset_for(family, memory_gb)
-    config = apply_preset(TrainingConfig(model_family=family, resolution={"sdxl": 1024, "sd2v": 768}.get(family, 512)),
-                          preset)
+    config = apply_preset(TrainingConfig(model_family=family, resolution=get_family(family).resolution), preset)
     need = estimate_memory(config, family).total
-    if family == "sdxl" and memory_gb < 12:
+    if get_family(family).architecture == "sdxl" and memory_gb < 12:
         # Even an 8-bit LoRA of SDXL's 2.6B-parameter UNet does not fit: the notes must say so.
         assert need > memory_gb * GIB * 0.9 and "does not fit" in " ".join(preset_notes(family, memory_gb))
     else:
@@ -154,10 +154,68 @@ def test_the_estimate_uses_the_parameter_counts_of_the_model_really_trained(tmp_
     counts = model_params(tmp_path / "working")
     assert counts["unet"] == sum(p.numel() for p in components.unet.parameters())
     # The file's count: parameters plus saved buffers (transformers 4.30 saves the 77 position ids).
-    assert counts["te"] == sum(t.numel() for t in components.text_encoders[0].state_dict().values())
+    assert counts["text_encoder"] == sum(t.numel() for t in components.text_encoders[0].state_dict().values())
     config = TrainingConfig(model_family="sd1", method="dreambooth", optimizer="adamw")
     tiny, real = estimate_memory(config, params=counts), estimate_memory(config)
-    assert tiny.trainable_params == counts["unet"] + counts["te"]
-    assert counts["te"] - sum(p.numel() for p in components.text_encoders[0].parameters()) <= 77
+    assert tiny.trainable_params == counts["unet"] + counts["text_encoder"]
+    assert counts["text_encoder"] - sum(p.numel() for p in components.text_encoders[0].parameters()) <= 77
     assert tiny.total < 1.2 * GIB < 10 * GIB < real.total  # overhead dominates for a tiny model
     assert model_params(tmp_path / "missing") is None
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_parameter_counts_are_the_shipped_configs_built_on_meta_tensors(family: str, monkeypatch) -> None:
+    """The counts come from building each component (no memory): with the tiny configs in place of the
+    shipped ones they equal a real tiny model's parameters, component by component."""
+    pytest.importorskip("diffusers")
+    from dreambooth.families import sizes
+    from dreambooth.models.tiny import tiny_components, tiny_configs
+
+    unit = get_family(family)
+    real = unit.parameter_counts()
+    assert set(real) == set(unit.component_folders()) and real[unit.denoiser_folder] > 5e8
+    monkeypatch.setattr(type(unit), "shipped_configs", lambda self: tiny_configs(self.name))
+    monkeypatch.setattr(sizes, "_COUNTS", {})
+    tiny = unit.parameter_counts()
+    components = tiny_components(family)
+    models = [components.unet, components.vae, *components.text_encoders]
+    assert list(tiny.values()) == [sum(p.numel() for p in model.parameters()) for model in models]
+    # LoRA widths: every adapted layer's in + out, the layers the trainer adapts.
+    from dreambooth.train import lora
+
+    unet_modules = dict(components.unet.named_modules())
+    width = sum(sizes.adapted_width(unet_modules[name]) for name in lora.unet_target_names(components.unet, False))
+    assert unit.lora_parameters_per_rank()[unit.denoiser_folder] == width
+
+
+def test_sd15_unet_count_matches_the_published_size() -> None:
+    # diffusers' stable-diffusion-v1-5 UNet holds 859,520,964 parameters (sum of numel over its weights).
+    assert get_family("sd1").parameter_counts()["unet"] == 859_520_964
+
+
+def test_the_estimate_says_which_cards_hold_the_run_and_the_presets_what_fits() -> None:
+    small = estimate_memory(TrainingConfig(model_family="sd1", method="lora", gradient_checkpointing=True))
+    assert small.fitting_classes() == [size for size in MEMORY_CLASSES_GB if size * GIB >= small.total]
+    assert f"fits             {small.fitting_classes()[0]} GB and larger" in small.lines()
+    huge = estimate_memory(TrainingConfig(model_family="sdxl", method="dreambooth", resolution=2048,
+                                          train_batch_size=8))
+    assert huge.fitting_classes() == [] and "none up to 48 GB" in huge.lines()[-1]
+    for family in FAMILIES:
+        overview = preset_overview(family)
+        assert [row.split(":")[0] for row in overview] == ["8 GB", "12 GB", "16 GB", "24 GB"]
+    assert preset_overview("sdxl")[0] == "8 GB: does not fit"
+    assert "LoRA" in preset_overview("sdxl")[1] and "full DreamBooth" in preset_overview("sd1")[-1]
+    assert any(note.startswith("What fits: 8 GB") for note in preset_notes("sdxlv", 16))
+
+
+def test_text_encoders_stay_on_the_device_in_the_estimate() -> None:
+    """The trainer keeps every component on the device: caching text-encoder outputs saves their activations
+    and work, not their weights; caching latents saves the VAE's activations only."""
+    base = TrainingConfig(model_family="sdxl", method="lora", train_text_encoder=False)
+    cached = estimate_memory(dataclasses.replace(base, cache_text_encoder_outputs="on"))
+    uncached = estimate_memory(dataclasses.replace(base, cache_text_encoder_outputs="off"))
+    assert cached.weights == uncached.weights
+    counts = get_family("sdxl").parameter_counts()
+    assert cached.weights >= 2 * (counts["unet"] + counts["text_encoder"] + counts["text_encoder_2"])
+    no_latents = estimate_memory(dataclasses.replace(base, cache_latents="off"))
+    assert no_latents.activations > cached.activations and no_latents.weights == cached.weights

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -109,6 +110,27 @@ def test_pipeline_samples(family: str, scheduler: str) -> None:
                       generator=torch.Generator().manual_seed(0)).images
     assert images.shape == (1, 64, 64, 3)
     assert float(images.std()) > 0
+
+
+@pytest.mark.parametrize("scheduler", ["ddim", "euler", "euler_a", "dpmpp_2m"])
+def test_zero_terminal_snr_models_sample_from_the_last_timestep_with_rescaled_guidance(scheduler: str) -> None:
+    """Lin et al. 2023: a zero-terminal-SNR model samples with v-prediction, from the last timestep (trailing
+    spacing), with classifier-free guidance rescaled (phi 0.7); every sampler gives finite images."""
+    from dreambooth.models.components import call_options
+
+    components = tiny_components("sdxlv")
+    pipeline = build_pipeline(components, scheduler)
+    pipeline.set_progress_bar_config(disable=True)
+    config = pipeline.scheduler.config
+    assert (config.prediction_type, config.rescale_betas_zero_snr, config.timestep_spacing) == (
+        "v_prediction", True, "trailing")
+    assert call_options(pipeline) == {"guidance_rescale": 0.7}
+    images = pipeline("a photo of sks dog", num_inference_steps=3, height=64, width=64, output_type="np",
+                      generator=torch.Generator().manual_seed(0), **call_options(pipeline)).images
+    assert int(pipeline.scheduler.timesteps[0]) == 999
+    assert np.isfinite(images).all() and float(images.std()) > 0
+    plain = build_pipeline(tiny_components("sdxl"), scheduler)
+    assert plain.scheduler.config.timestep_spacing == "leading" and call_options(plain) == {}
 
 
 def test_unknown_sampler_is_refused() -> None:
