@@ -118,3 +118,16 @@ def env(tmp_path: Path, tiny_working: Callable[[str], Path]) -> Env:
 def sdxl_env(tmp_path: Path, tiny_working: Callable[[str], Path]) -> Env:
     torch.manual_seed(0)
     return Env(tmp_path, tiny_working("sdxl"), family="sdxl")
+
+
+@pytest.fixture
+def sdxlv_env(tmp_path: Path, tiny_working: Callable[[str], Path]) -> Env:
+    """The tiny SDXL v-prediction model, configured as creating it from a NoobAI-XL V-Pred file does."""
+    from dreambooth.families import get_family
+
+    torch.manual_seed(0)
+    env = Env(tmp_path, tiny_working("sdxlv"), family="sdxlv")
+    defaults = get_family("sdxlv").config_defaults()
+    env.config.prediction_type, env.config.zero_terminal_snr = defaults["prediction_type"], defaults["zero_terminal_snr"]
+    env.model.save_config(env.config)
+    return env

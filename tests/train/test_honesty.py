@@ -347,6 +347,9 @@ BASES: dict[str, dict[str, Any]] = {
     "lora": {"method": "lora", "lora_rank": 4, "lora_alpha": 4.0},
     "locon": {"method": "lora", "lora_rank": 4, "lora_alpha": 4.0, "lora_conv_rank": 2},
     "sdxl": {"model_family": "sdxl", "_weights": "sdxl"},
+    # An SDXL v-prediction model with the zero-terminal-SNR schedule, set up as creating it does.
+    "sdxlv": {"model_family": "sdxlv", "prediction_type": "v_prediction", "zero_terminal_snr": True,
+              "_weights": "sdxlv"},
     "forced": {"force_prediction_type": True},
     "forced_v": {"prediction_type": "v_prediction", "force_prediction_type": True},
     "export": {"save_on_end": True},
@@ -481,6 +484,7 @@ CASES = [
     Case("pyramid_noise_iterations", 2, "losses"),
     Case("pyramid_noise_discount", 0.8, "losses", "pyramid"),
     Case("zero_terminal_snr", True, "losses"),
+    Case("zero_terminal_snr", False, "losses", "sdxlv"),
     Case("input_perturbation", 0.1, "losses"),
     # Precision and memory
     Case("mixed_precision", "bf16", "losses"),
