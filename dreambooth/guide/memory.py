@@ -22,6 +22,7 @@ from ..families import ModelFamily, get_family
 
 GIB = 1024 ** 3
 MEMORY_CLASSES_GB = (6, 8, 12, 16, 24, 48)
+FIT_MARGIN = 0.9  # leave 10 % of a card for fragmentation and the samples rendered during training
 
 # Encoding the batch's pixels with the VAE each step (latents not cached): a rough allowance for its
 # activations, which are freed before the denoiser runs (no gradients flow through the VAE).
@@ -60,8 +61,8 @@ class MemoryEstimate:
                 "activations": self.activations, "overhead": self.overhead}
 
     def fitting_classes(self) -> list[int]:
-        """The memory classes (GB) whose cards hold this run."""
-        return [size for size in MEMORY_CLASSES_GB if self.total <= size * GIB]
+        """The memory classes (GB) whose cards hold this run with the presets' safety margin."""
+        return [size for size in MEMORY_CLASSES_GB if self.total <= size * GIB * FIT_MARGIN]
 
     def lines(self) -> list[str]:
         rows = [f"{name:<16} {value / GIB:6.2f} GiB" for name, value in self.parts().items()]

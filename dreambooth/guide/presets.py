@@ -15,11 +15,10 @@ from typing import Any
 from ..config.schema import FAMILIES, TrainingConfig, text_cache_blockers
 from ..errors import ConfigError
 from ..families import get_family
-from .memory import GIB, MEMORY_CLASSES_GB, estimate_memory
+from .memory import FIT_MARGIN, GIB, MEMORY_CLASSES_GB, estimate_memory
 
 # The memory classes the presets overview names (the common card sizes).
 OVERVIEW_CLASSES_GB = (8, 12, 16, 24)
-FIT_MARGIN = 0.9  # leave 10 % for fragmentation and the samples rendered during training
 
 # Memory-saving ladder, most capable first; each tier lists the fields a preset sets.
 _FULL = {"method": "dreambooth", "cache_latents": "memory", "attention": "sdpa"}

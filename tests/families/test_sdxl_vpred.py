@@ -38,7 +38,6 @@ from dreambooth.models.tiny import tiny_components, tiny_configs
 from dreambooth.store import Layout, ModelStore
 
 
-
 @functools.cache
 def sdxl_state() -> dict[str, torch.Tensor]:
     """The tiny SDXL model's single file without any marker: what an SDXL fine-tune looks like."""

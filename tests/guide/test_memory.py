@@ -195,7 +195,7 @@ def test_sd15_unet_count_matches_the_published_size() -> None:
 
 def test_the_estimate_says_which_cards_hold_the_run_and_the_presets_what_fits() -> None:
     small = estimate_memory(TrainingConfig(model_family="sd1", method="lora", gradient_checkpointing=True))
-    assert small.fitting_classes() == [size for size in MEMORY_CLASSES_GB if size * GIB >= small.total]
+    assert small.fitting_classes() == [size for size in MEMORY_CLASSES_GB if 0.9 * size * GIB >= small.total]
     assert f"fits             {small.fitting_classes()[0]} GB and larger" in small.lines()
     huge = estimate_memory(TrainingConfig(model_family="sdxl", method="dreambooth", resolution=2048,
                                           train_batch_size=8))
