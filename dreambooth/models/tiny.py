@@ -24,19 +24,27 @@ def tiny_configs(family: str) -> dict[str, dict[str, Any]]:
 
 
 def build_models(configs: dict[str, dict[str, Any]], family: str | None = None) -> tuple[Any, Any, list[Any]]:
-    """UNet, VAE and text encoders with freshly initialised weights from component configs.
+    """Denoiser, VAE and text encoders with freshly initialised weights from component configs.
 
     The classes are the family's (default: told by which text-encoder configs are present).
     """
     import diffusers
-    import transformers
 
     unit = get_family(family or ("sdxl" if "text_encoder_2" in configs else "sd1"))
-    unet = getattr(diffusers, unit.unet_class).from_config(configs["unet"])
+    denoiser = getattr(diffusers, unit.denoiser_class).from_config(configs[unit.denoiser_folder])
     vae = getattr(diffusers, unit.vae_class).from_config(configs["vae"])
-    encoders = [getattr(transformers, spec.model_class)(transformers.CLIPTextConfig.from_dict(configs[spec.folder]))
-                for spec in unit.text_encoders]
-    return unet, vae, encoders
+    encoders = [_text_encoder(spec, configs.get(spec.folder)) for spec in unit.text_encoders]
+    return denoiser, vae, encoders
+
+
+def _text_encoder(spec: Any, config: dict[str, Any] | None) -> Any:
+    """A fresh text encoder of the spec's class; None for an optional encoder without a config."""
+    import transformers
+
+    if config is None:
+        return None
+    config_class = transformers.T5Config if spec.layout == "t5" else transformers.CLIPTextConfig
+    return getattr(transformers, spec.model_class)(config_class.from_dict(config))
 
 
 def perturb_degenerate(module: torch.nn.Module, generator: torch.Generator, scale: float = 0.02) -> None:
@@ -55,12 +63,14 @@ def tiny_components(family: str, seed: int = 0) -> Components:
     generator = torch.Generator().manual_seed(seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        unet, vae, encoders = build_models(configs, family)
-    for module in (unet, vae, *encoders):
-        perturb_degenerate(module, generator)
-        module.eval()
+        denoiser, vae, encoders = build_models(configs, family)
+    for module in (denoiser, vae, *encoders):
+        if module is not None:
+            perturb_degenerate(module, generator)
+            module.eval()
     unit = get_family(family)
     extras = unit.tiny_extras(configs, generator)
     scheduler = unit.make_noise_scheduler()
-    return Components(family=family, unet=unet, vae=vae, text_encoders=encoders, tokenizers=unit.tokenizers(),
+    return Components(family=family, denoiser=denoiser, vae=vae, text_encoders=encoders,
+                      tokenizers=unit.tiny_tokenizers(),
                       noise_scheduler=scheduler, prediction_type=scheduler.config.prediction_type, extras=extras)
