@@ -10,10 +10,12 @@ a freshly initialised CLIP makes A1111's prompt-emphasis rescale divide 0/0.
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 from typing import Any
 
 import torch
 
+from ..atomic import atomic_path
 from ..families import get_family
 from .components import Components
 
@@ -74,3 +76,27 @@ def tiny_components(family: str, seed: int = 0) -> Components:
     return Components(family=family, denoiser=denoiser, vae=vae, text_encoders=encoders,
                       tokenizers=unit.tiny_tokenizers(),
                       noise_scheduler=scheduler, prediction_type=scheduler.config.prediction_type, extras=extras)
+
+
+# A tiny T5 tokenizer for tests and demos, trained on the fly: no package ships T5's SentencePiece model.
+TINY_T5_CORPUS = ("a photo of sks dog", "photo of a dog", "a red cat sitting on the moon", "portrait of a person",
+                  "sks dog wearing a blue hat in the snow", "a painting of a house by the sea")
+
+
+def tiny_t5_tokenizer_dir(folder: Path) -> Path | None:
+    """`folder` holding a tiny SentencePiece model (spiece.model, T5's special ids); None when the
+    sentencepiece package is missing (tiny models then go without T5, which is optional where it is used)."""
+    try:
+        import sentencepiece
+    except ImportError:
+        return None
+    if not (folder / "spiece.model").is_file():
+        folder.mkdir(parents=True, exist_ok=True)
+        with atomic_path(folder / "spiece.model") as tmp:
+            sentencepiece.SentencePieceTrainer.train(
+                sentence_iterator=iter(TINY_T5_CORPUS * 20), model_prefix=str(tmp.with_suffix("")), vocab_size=64,
+                hard_vocab_limit=False, model_type="unigram", pad_id=0, eos_id=1, unk_id=2, bos_id=-1,
+                minloglevel=2)
+            tmp.with_suffix(".model").replace(tmp)
+            tmp.with_suffix(".vocab").unlink(missing_ok=True)
+    return folder

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ..atomic import write_json, write_text
+from ..errors import ModelError
 
 TOKENIZER_DIR = Path(__file__).resolve().parent.parent / "resources" / "tokenizer"
 MAX_LENGTH = 77
@@ -132,12 +133,21 @@ def missing_t5_tokenizer(folders: list[Path]) -> str:
 
 
 def read_t5_tokenizer(folder: Path) -> Any:
-    """tokenizer.json through the fast tokenizer (no SentencePiece needed), else spiece.model through the
-    SentencePiece one (the fast one would need protobuf to convert it under transformers 4)."""
+    """T5's tokenizer from spiece.model (SentencePiece) or tokenizer.json, whichever this installation reads:
+    tokenizer.json files written by recent `tokenizers` fail to parse in the old one A1111 1.10 pins, and
+    spiece.model needs the sentencepiece package."""
     from transformers import T5Tokenizer, T5TokenizerFast
 
-    cls = T5TokenizerFast if (folder / "tokenizer.json").is_file() else T5Tokenizer
-    return cls.from_pretrained(str(folder), local_files_only=True)
+    failures = []
+    for name, cls in (("spiece.model", T5Tokenizer), ("tokenizer.json", T5TokenizerFast)):
+        if not (folder / name).is_file():
+            continue
+        try:
+            return cls.from_pretrained(str(folder), local_files_only=True)
+        except Exception as error:  # noqa: BLE001 - missing sentencepiece, a tokenizer.json of a newer format
+            failures.append(f"{name}: {str(error).strip().splitlines()[-1] if str(error).strip() else error!r}")
+    raise ModelError(f"T5's tokenizer in {folder} cannot be read by this installation ({'; '.join(failures)}); "
+                     "install the sentencepiece package, or provide the other file (spiece.model or tokenizer.json).")
 
 
 def load_t5_tokenizer(model_folder: Path | None, encoder: Any) -> Any | None:
