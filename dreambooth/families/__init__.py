@@ -31,8 +31,9 @@ from .tables import UNET_PREFIX, VAE_PREFIX
 
 EMA_UNET_PREFIX = "model_ema.diffusion_model"
 
-# Modules of this package shared by the families (not units); clip_text imports torch, the units do not.
-SHARED_MODULES = frozenset({"base", "tables", "clip_text", "sizes"})
+# Modules of this package shared by the families (not units); clip_text and t5_text import torch, the units
+# do not.
+SHARED_MODULES = frozenset({"base", "tables", "clip_text", "t5_text", "sizes"})
 
 
 def _discover() -> dict[str, ModelFamily]:

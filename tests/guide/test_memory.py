@@ -152,7 +152,7 @@ def test_the_estimate_uses_the_parameter_counts_of_the_model_really_trained(tmp_
     components = tiny_components("sd1")
     save_components(components, tmp_path / "working")
     counts = model_params(tmp_path / "working")
-    assert counts["unet"] == sum(p.numel() for p in components.unet.parameters())
+    assert counts["unet"] == sum(p.numel() for p in components.denoiser.parameters())
     # The file's count: parameters plus saved buffers (transformers 4.30 saves the 77 position ids).
     assert counts["text_encoder"] == sum(t.numel() for t in components.text_encoders[0].state_dict().values())
     config = TrainingConfig(model_family="sd1", method="dreambooth", optimizer="adamw")
@@ -178,13 +178,13 @@ def test_parameter_counts_are_the_shipped_configs_built_on_meta_tensors(family: 
     monkeypatch.setattr(sizes, "_COUNTS", {})
     tiny = unit.parameter_counts()
     components = tiny_components(family)
-    models = [components.unet, components.vae, *components.text_encoders]
+    models = [components.denoiser, components.vae, *components.text_encoders]
     assert list(tiny.values()) == [sum(p.numel() for p in model.parameters()) for model in models]
     # LoRA widths: every adapted layer's in + out, the layers the trainer adapts.
     from dreambooth.train import lora
 
-    unet_modules = dict(components.unet.named_modules())
-    width = sum(sizes.adapted_width(unet_modules[name]) for name in lora.unet_target_names(components.unet, False))
+    unet_modules = dict(components.denoiser.named_modules())
+    width = sum(sizes.adapted_width(unet_modules[name]) for name in lora.unet_target_names(components.denoiser, False))
     assert unit.lora_parameters_per_rank()[unit.denoiser_folder] == width
 
 
