@@ -4,9 +4,10 @@ The estimate adds up weights, gradients, optimizer state, activations and a fixe
 from the parameter counts of the real architectures (each family unit counts them from the configs it
 ships, on meta tensors) and per-dtype / per-optimizer byte factors.  It is a planning aid (within
 roughly +-30 % of what the trainer peaks at), not a measurement.  What the trainer keeps on the device
-is counted as it does it: every component stays there for the whole run (samples need them all), the
-frozen ones in the compute dtype; caching latents and text-encoder outputs saves the encoders' work and
-activations, not their weights.
+is counted as it does it: the denoiser and the VAE stay there for the whole run, frozen weights in the
+compute dtype; the text encoders leave it once their outputs are cached (train/textcache.py: every
+caption is encoded before the first step) and come back only while previews render; latent caching saves
+the VAE's work and activations, not its weights.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..config.schema import TrainingConfig
+from ..config.schema import TrainingConfig, caches_text_outputs
 from ..families import ModelFamily, get_family
 
 GIB = 1024 ** 3
@@ -139,12 +140,13 @@ def _trainable_params(config: TrainingConfig, unit: ModelFamily, params: Mapping
 def _frozen_on_device(config: TrainingConfig, unit: ModelFamily, params: Mapping[str, int]) -> tuple[int, int]:
     """(parameters held on the device in compute precision, VAE parameters) without being trained.
 
-    The trainer keeps every component on the device (the samples it renders need them), so the text
-    encoders count whether or not their outputs are cached; the VAE is fp32 under fp16 (it overflows)."""
+    Frozen text encoders count unless their outputs are cached (then they wait on the CPU); the VAE stays
+    on the device, fp32 under fp16 (it overflows)."""
     frozen = 0
     if config.method == "lora" or not config.train_unet:
         frozen += params[unit.denoiser_folder]
-    if config.method == "lora" or not config.train_text_encoder:
+    frozen_text = config.method == "lora" or not config.train_text_encoder
+    if frozen_text and not caches_text_outputs(config):
         frozen += _text_encoder_params(unit, params)
     return frozen, params.get("vae", 0)
 
