@@ -33,7 +33,7 @@ def _offloaded(session: Session) -> list[torch.nn.Module]:
     """The text encoders that sit on the CPU while the run trains on an accelerator."""
     if session.device.type == OFFLOAD_DEVICE.type:
         return []
-    return [encoder for encoder in session.components.text_encoders
+    return [encoder for encoder in session.components.present_text_encoders()
             if next(encoder.parameters()).device.type == OFFLOAD_DEVICE.type]
 
 
@@ -51,9 +51,9 @@ def fill_and_offload(session: Session) -> int:
             encode_text(session, [caption])
     if session.device.type == OFFLOAD_DEVICE.type:
         return 0
-    for encoder in session.components.text_encoders:
+    for encoder in session.components.present_text_encoders():
         encoder.to(OFFLOAD_DEVICE)
-    return len(session.components.text_encoders)
+    return len(session.components.present_text_encoders())
 
 
 @contextlib.contextmanager
