@@ -66,7 +66,7 @@ def fake_session(device: str, cached: bool) -> Any:
     records = [SimpleNamespace(caption=caption) for caption in ("a", "b", "a")]
     plan = SimpleNamespace(instance=records[:2], class_images=records[2:], validation=[])
     return SimpleNamespace(device=torch.device(device), text_cache={} if cached else None, plan=plan,
-                           components=SimpleNamespace(text_encoders=encoders), config=SimpleNamespace(mixed_precision="no"))
+                           components=SimpleNamespace(text_encoders=encoders, present_text_encoders=lambda: encoders), config=SimpleNamespace(mixed_precision="no"))
 
 
 def test_encoders_move_to_the_cpu_after_the_cache_and_back_for_previews(monkeypatch: Any) -> None:
