@@ -13,8 +13,9 @@ original weight). Nothing here imports torch at import time.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
+
+from .tables import Slot
 
 if TYPE_CHECKING:
     import torch
@@ -22,16 +23,6 @@ if TYPE_CHECKING:
 MLP_RATIO = 4  # Flux.1's MLP width over its hidden width (diffusers' FluxSingleTransformerBlock default)
 # The width every released Flux.1 model has; diffusers' single-file converter assumes it.
 RELEASED_INNER_DIM = 3072
-
-
-@dataclass(frozen=True)
-class Slot:
-    """Rows `start:start+rows` of the original weight `original` (rows None: all of them)."""
-
-    original: str
-    start: int = 0
-    rows: int | None = None
-    swap_halves: bool = False  # the original stores (shift, scale) where diffusers has (scale, shift)
 
 
 def inner_dim(config: Mapping[str, Any]) -> int:
@@ -123,6 +114,26 @@ def module_table(config: Mapping[str, Any]) -> dict[str, Slot]:
     return {key.removesuffix(".weight"): Slot(slot.original.removesuffix(".weight"), slot.start, slot.rows,
                                               slot.swap_halves)
             for key, slot in key_table(config).items() if key.endswith(".weight") and slot.original.endswith(".weight")}
+
+
+# --- LoRA ------------------------------------------------------------------------------------------------
+
+LORA_PREFIX = "lora_unet_"  # kohya's Flux key prefix; Forge and ComfyUI match it against the original names
+LORA_BLOCKS = ("transformer_blocks.", "single_transformer_blocks.")
+
+
+def lora_target_names(transformer: Any) -> list[str]:
+    """Every linear layer of the double and single blocks: attention, MLP and modulation (what kohya's Flux
+    LoRA trains by default); the embedders and the final layer stay frozen."""
+    import torch
+
+    return [name for name, module in transformer.named_modules()
+            if isinstance(module, torch.nn.Linear) and name.startswith(LORA_BLOCKS)]
+
+
+def lora_key(original: str) -> str:
+    """The host's LoRA key of an original-layout layer: `lora_unet_` + its path with '_'."""
+    return LORA_PREFIX + original.replace(".", "_")
 
 
 # --- applying the table ----------------------------------------------------------------------------------
