@@ -493,6 +493,13 @@ class TrainingConfig:
                                            "backward pass: much less memory (activations fall to about 20%), "
                                            "about 20% slower. Off is typical when memory allows; turn on for "
                                            "large batches, high resolutions or small GPUs.", "Precision and memory")
+    base_quantization: str = setting("none", "Quantized base (LoRA)", "Store the frozen denoiser's linear "
+                                     "layers in fewer bits while a LoRA trains on top (QLoRA): nf4 (4-bit, "
+                                     "bitsandbytes) keeps about a quarter of the bf16 memory, int8 (bitsandbytes) "
+                                     "and fp8 (e4m3 storage, diffusers 0.32+) about half. The frozen weights are "
+                                     "rounded, so training changes slightly; working/ keeps the full weights. "
+                                     "Typical: none where the model fits; choose nf4 when it does not (Flux dev on 12-16 GB).",
+                                     "Precision and memory", choices=("none", "nf4", "int8", "fp8"))
     cache_latents: str = setting("memory", "Cache latents", "Encode each image once with the VAE instead of "
                                  "every step: in memory (typical) or on disk (reused across runs); off "
                                  "re-encodes every step. Saves time and VAE memory; turn off for random "

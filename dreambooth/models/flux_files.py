@@ -44,7 +44,6 @@ ROLE_MARKERS = {"transformer": ("double_blocks.0.img_attn.norm.key_norm.scale", 
                 "clip_l": ("text_model.encoder.layers.0.layer_norm1.bias", "encoder.layers.0.layer_norm1.bias"),
                 "t5xxl": ("encoder.block.0.layer.0.SelfAttention.k.weight",)}
 QUANT_STATE_TAGS = (".quant_state.bitsandbytes__nf4", ".quant_state.bitsandbytes__fp4")
-QUANT_STATE_PARTS = ("absmax", "quant_map", "nested_absmax", "nested_quant_map")
 FP8_DTYPES = tuple(getattr(torch, name) for name in ("float8_e4m3fn", "float8_e5m2") if hasattr(torch, name))
 COMPANION_FOLDERS = ("text_encoder", "VAE", "clip", "vae")  # under the host's models folder
 RELEASED_CONFIG = Path(__file__).resolve().parent.parent / "resources" / "configs" / "flux-dev" / "transformer"

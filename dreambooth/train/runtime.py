@@ -106,12 +106,17 @@ def load_dtypes(config: Any) -> dict[str, torch.dtype]:
 def cast_frozen(components: Any, trainable: dict[str, list[torch.nn.Parameter]], dtype: torch.dtype,
                 device: torch.device) -> None:
     """Frozen weights in the compute dtype (half the memory, faster); trained ones stay fp32 masters."""
+    from .quantize import is_quantized
+
     trained = {id(p) for params in trainable.values() for p in params}
     for module in (components.unet, components.vae, *components.text_encoders):
         frozen_dtype = vae_dtype(dtype) if module is components.vae else dtype
         module.to(device)
         for param in module.parameters():
-            param.data = param.data.float() if id(param) in trained else param.data.to(frozen_dtype)
+            if id(param) in trained:
+                param.data = param.data.float()
+            elif not is_quantized(param):  # a quantized base keeps its storage ('base_quantization')
+                param.data = param.data.to(frozen_dtype)
 
 
 def use_channels_last(device: torch.device) -> bool:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import hashlib
+import importlib.util
 import json
 import shutil
 from contextlib import ExitStack
@@ -486,6 +487,9 @@ CASES = [
     Case("mixed_precision", "bf16", "losses"),
     Case("allow_tf32", False, "runtime"),
     Case("gradient_checkpointing", True, "runtime"),
+    Case("base_quantization", "nf4", "losses", "lora"),
+    # fp8 storage needs diffusers' layerwise casting (0.32+); older diffusers refuse the setting with a message.
+    Case("base_quantization", "fp8", "losses" if importlib.util.find_spec("diffusers.hooks") else "outcome", "lora"),
     Case("cache_latents", "off", "runtime"),
     Case("cache_latents", "disk", "files"),
     Case("cache_text_encoder_outputs", "off", "runtime", "frozen_te"),
