@@ -1,0 +1,113 @@
+"""How Flux.1's transformer is fed, as diffusers' FluxPipeline feeds it: captions, packed latents, position ids,
+the resolution-dependent shift, guidance, and the preview sampler.
+
+* Captions: CLIP-L's pooled output (77 tokens, padded) conditions the modulation; T5-XXL's last hidden state
+  (padded to 512 tokens for dev, 256 for schnell) is the token sequence.
+* Latents: the VAE's 16 channels at 1/8 size, normalised with the VAE's shift and scale, are packed into 2x2
+  patches (64 features per token); each token's position id is (0, row, column); text tokens' ids are 0.
+* The transformer takes the noise level t in [0, 1] (FluxPipeline divides the scheduler's t x 1000 by 1000)
+  and, for dev, the distilled guidance scale.
+* dev samples with a shift that grows with the image's token count: mu rises linearly from `base_shift` at
+  `base_image_seq_len` tokens to `max_shift` at `max_image_seq_len`, and the shift is e^mu (the scheduler's
+  exponential time shift with sigma 1 equals t' = s t / (1 + (s - 1) t) with s = e^mu).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+
+from ..errors import ConfigError
+from .clip_text import EncodedText
+
+CLIP_TOKENS = 77
+# Guidance the dev transformer is trained with (the distilled-guidance input): the value of diffusers' Flux
+# DreamBooth LoRA script and of kohya's sd-scripts (3.5).
+TRAIN_GUIDANCE = 3.5
+
+
+def clip_pooled(encoder: Any, tokenizer: Any, captions: list[str], device: torch.device) -> torch.Tensor:
+    """CLIP-L's pooled output of each caption (cut to 77 tokens), as FluxPipeline computes it."""
+    ids = tokenizer(captions, padding="max_length", max_length=CLIP_TOKENS, truncation=True,
+                    return_tensors="pt").input_ids.to(device)
+    return encoder(ids, output_hidden_states=False).pooler_output
+
+
+def encode_captions(encoders: list[Any], tokenizers: list[Any], captions: list[str], t5_tokens: int,
+                    device: torch.device, warn: Callable[[str], None]) -> EncodedText:
+    from .t5_text import encode_t5
+
+    hidden = encode_t5(encoders[1], tokenizers[1], captions, t5_tokens, device, warn)
+    return EncodedText(hidden, clip_pooled(encoders[0], tokenizers[0], captions, device))
+
+
+def image_ids(height: int, width: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """(height/2 x width/2, 3) position ids of the packed latent tokens: (0, row, column).
+
+    Written here because FluxPipeline._prepare_latent_image_ids changed its arguments between diffusers 0.31
+    (latent size) and later releases (packed size)."""
+    rows = torch.arange(height // 2, device=device, dtype=dtype)
+    columns = torch.arange(width // 2, device=device, dtype=dtype)
+    grid = torch.stack(torch.meshgrid(rows, columns, indexing="ij"), dim=-1).reshape(-1, 2)
+    return torch.cat([torch.zeros_like(grid[:, :1]), grid], dim=1)
+
+
+def pack(latents: torch.Tensor) -> torch.Tensor:
+    from diffusers import FluxPipeline
+
+    batch, channels, height, width = latents.shape
+    return FluxPipeline._pack_latents(latents, batch, channels, height, width)
+
+
+def unpack(tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Packed tokens back to (B, C, height, width) latents (diffusers' unpacking takes pixel sizes)."""
+    from diffusers import FluxPipeline
+
+    scale = 8
+    return FluxPipeline._unpack_latents(tokens, height * scale, width * scale, scale)
+
+
+def transformer_output(transformer: Any, noisy: torch.Tensor, sigmas: torch.Tensor, encoded: EncodedText,
+                       guidance: float | None, dtype: torch.dtype) -> torch.Tensor:
+    """The transformer's velocity for (B, C, H, W) noisy latents at noise levels `sigmas` (B,)."""
+    batch, _, height, width = noisy.shape
+    device = noisy.device
+    text_ids = torch.zeros(encoded.hidden.shape[1], 3, device=device, dtype=dtype)
+    guidance_tensor = None if guidance is None else torch.full((batch,), guidance, device=device, dtype=torch.float32)
+    out = transformer(hidden_states=pack(noisy).to(dtype), timestep=sigmas.to(dtype), guidance=guidance_tensor,
+                      pooled_projections=encoded.pooled, encoder_hidden_states=encoded.hidden, txt_ids=text_ids,
+                      img_ids=image_ids(height, width, device, dtype), return_dict=False)[0]
+    return unpack(out, height, width)
+
+
+def resolution_shift(latent_height: int, latent_width: int, scheduler_config: Mapping[str, Any]) -> float:
+    """e^mu for an image of this latent size, mu as FluxPipeline computes it for the scheduler (dev)."""
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+    tokens = (latent_height // 2) * (latent_width // 2)
+    mu = calculate_shift(tokens, scheduler_config["base_image_seq_len"], scheduler_config["max_image_seq_len"],
+                         scheduler_config["base_shift"], scheduler_config["max_shift"])
+    return math.exp(mu)
+
+
+class FluxSampler:
+    """FluxPipeline behind the preview renderer's call: no negative prompt (Flux.1 is guidance-distilled), the
+    model's T5 length, and guidance only where the transformer has a guidance input (dev)."""
+
+    def __init__(self, pipeline: Any, t5_tokens: int):
+        self.pipeline = pipeline
+        self.t5_tokens = t5_tokens
+
+    def set_progress_bar_config(self, **options: Any) -> None:
+        self.pipeline.set_progress_bar_config(**options)
+
+    def __call__(self, *, prompt: str, negative_prompt: str | None, guidance_scale: float, **options: Any) -> Any:
+        if negative_prompt:
+            raise ConfigError(f"Sample negative prompt {negative_prompt!r}: Flux.1 samples without negative prompts "
+                              "(its guidance is distilled into the model); clear 'sample_negative_prompt' or the "
+                              "--n flag of 'sample_prompts'.")
+        return self.pipeline(prompt=prompt, guidance_scale=guidance_scale, max_sequence_length=self.t5_tokens,
+                             **options)
