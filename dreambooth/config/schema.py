@@ -19,6 +19,10 @@ from ..errors import ConfigError
 from ..families import FAMILY_NAMES
 
 SCHEMA_VERSION = 3
+PREDICTION_TYPES = ("epsilon", "v_prediction", "flow_matching")
+# The source of the flow-matching choices, named in their help texts.
+SD3_PAPER = ("'Scaling Rectified Flow Transformers for High-Resolution Image Synthesis' (Esser et al. 2024, "
+             "https://arxiv.org/abs/2403.03206)")
 # The source of the step, LR and batch advice in help texts and the wizard, named where it is used.
 PARAMETER_STUDY = ("the community parameter study (sd_dreambooth_extension discussion #547, "
                    "https://github.com/d8ahazard/sd_dreambooth_extension/discussions/547)")
@@ -55,7 +59,7 @@ def setting(default: Any, label: str, help: str, group: str, *, min: float | Non
 # Groups, in the order the tab shows them.
 GROUPS = ("Model", "Method", "Steps", "Learning rate", "Optimizer", "Prior preservation", "LoRA",
           "Data", "Captions", "Augmentation", "Masked training", "Validation", "Loss and noise",
-          "Precision and memory", "Text encoder", "EMA", "Saving", "Samples", "Logging", "Faults")
+          "Flow matching", "Precision and memory", "Text encoder", "EMA", "Saving", "Samples", "Logging", "Faults")
 
 # Settings a run can change and still be the same run: an interrupted run resumes after they change
 # (snapshots.resumable_snapshot). Every other setting, of the config and of each concept, defines the run
@@ -186,11 +190,13 @@ class TrainingConfig:
                                 "is created; change it only if detection chose wrong, since it decides the "
                                 "resolution, text encoders and export format.", "Model",
                                 choices=FAMILIES)
-    prediction_type: str = setting("epsilon", "Prediction type", "What the UNet predicts: epsilon (the "
-                                   "noise; SD 1.x, SD 2.x-base, SDXL) or v_prediction (SD 2.x 768-v models). "
+    prediction_type: str = setting("epsilon", "Prediction type", "What the model predicts: epsilon (the "
+                                   "noise; SD 1.x, SD 2.x-base, SDXL), v_prediction (SD 2.x 768-v models) or "
+                                   "flow_matching (the velocity from image to noise; SD3, SD 3.5, Flux). "
                                    "Recorded with the weights when the model is created; training refuses a "
-                                   "different value unless 'force_prediction_type' is on.", "Model",
-                                   choices=("epsilon", "v_prediction"))
+                                   "different value unless 'force_prediction_type' is on (never between flow "
+                                   "matching and the others: the architectures differ).", "Model",
+                                   choices=PREDICTION_TYPES)
     force_prediction_type: bool = setting(False, "Force prediction type", "Train the weights with "
                                           "'prediction_type' even where it differs from the type recorded with "
                                           "them, e.g. to turn an epsilon model into a v-prediction one (samples "
@@ -479,6 +485,31 @@ class TrainingConfig:
     input_perturbation: float = setting(0.0, "Input perturbation", "Extra noise on the noisy input only, a "
                                         "regulariser against exposure bias. Typical: 0 (off) or 0.1. Turn on "
                                         "for longer fine-tunes that start to look washed out.", "Loss and noise", min=0.0, max=1.0)
+    # --- Flow matching (SD3, SD 3.5, Flux) -------------------------------------------------------
+    flow_timestep_sampling: str = setting("logit_normal", "Timestep sampling", "How the noise level t of each "
+                                          "sample is drawn (flow-matching models only): logit_normal (typical: "
+                                          "t = sigmoid(normal(mean, std)), favours the middle), mode (the "
+                                          "'mode' density with the scale below) or uniform, as compared in "
+                                          f"{SD3_PAPER}. Change it only to reproduce another trainer's recipe.",
+                                          "Flow matching", choices=("logit_normal", "mode", "uniform"))
+    flow_logit_mean: float = setting(0.0, "Logit mean", "Mean of the logit-normal timestep density (ignored by "
+                                     "the other samplings). Typical: 0 (the paper's best, rf/lognorm(0.00, "
+                                     "1.00)); positive values train more on noisy steps (composition), negative "
+                                     "on detail.", "Flow matching", min=-3.0, max=3.0)
+    flow_logit_std: float = setting(1.0, "Logit std", "Spread of the logit-normal timestep density (ignored by "
+                                    "the other samplings). Typical: 1.0; smaller concentrates training on the "
+                                    "middle noise levels.", "Flow matching", min=0.1, max=5.0)
+    flow_mode_scale: float = setting(1.29, "Mode scale", "Scale s of the 'mode' timestep density (ignored by the "
+                                     "other samplings). Typical: 1.29 (the paper's mode(1.29)); 0 is uniform, "
+                                     "larger favours the middle more.", "Flow matching", min=-1.0, max=1.81)
+    flow_shift: float = setting(3.0, "Timestep shift", "Shift of the noise levels towards noise, t' = s t / (1 + "
+                                "(s - 1) t), the resolution-dependent shift of the paper; SD3 and SD 3.5 sample "
+                                "with 3.0. Typical: 3.0 at 1024 px; 1.0 leaves t unchanged (smaller images).",
+                                "Flow matching", min=0.1, max=20.0)
+    flow_loss_weighting: str = setting("none", "Loss weighting", "Per-sample weight of the velocity loss by "
+                                       "noise level: none (typical; the timestep sampling already weights), "
+                                       "sigma_sqrt (1/t^2) or cosmap, the weightings compared in "
+                                       f"{SD3_PAPER}.", "Flow matching", choices=("none", "sigma_sqrt", "cosmap"))
     # --- Precision and memory --------------------------------------------------------------------
     mixed_precision: str = setting("bf16", "Mixed precision", "Compute precision; master weights stay fp32. "
                                    "bf16 is fast on recent GPUs (Ampere and newer) and CPUs; fp16 needs CUDA "
@@ -718,7 +749,31 @@ def validate(config: TrainingConfig) -> TrainingConfig:
                 raise ConfigError(f"Concept {index + 1}: {error}") from None
             setattr(concept, f.name, value)
     _check_resolutions(config)
+    _check_objective_settings(config)
     return config
+
+
+# Settings of the DDPM objectives with the value that turns them off, and the flow-matching settings: a
+# setting that would do nothing for the model's objective is refused, never silently ignored.
+DDPM_ONLY_SETTINGS: dict[str, Any] = {"min_snr_gamma": 0.0, "offset_noise": 0.0, "pyramid_noise_iterations": 0,
+                                      "zero_terminal_snr": False}
+FLOW_SETTINGS = ("flow_timestep_sampling", "flow_logit_mean", "flow_logit_std", "flow_mode_scale", "flow_shift",
+                 "flow_loss_weighting")
+
+
+def _check_objective_settings(config: TrainingConfig) -> None:
+    if config.prediction_type == "flow_matching":
+        for name, off in DDPM_ONLY_SETTINGS.items():
+            if getattr(config, name) != off:
+                raise ConfigError(f"Setting '{name}' does not apply to flow-matching models ({config.model_family}): "
+                                  f"it acts on the DDPM noise schedule of SD 1.x, 2.x and XL; set it to {off}.")
+        return
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainingConfig)}
+    for name in FLOW_SETTINGS:
+        if getattr(config, name) != defaults[name]:
+            raise ConfigError(f"Setting '{name}' applies only to flow-matching models (SD3, SD 3.5, Flux); this "
+                              f"{config.model_family} model trains with {config.prediction_type}: set it back to "
+                              f"{defaults[name]}.")
 
 
 def _check_resolutions(config: TrainingConfig) -> None:

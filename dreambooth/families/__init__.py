@@ -29,8 +29,9 @@ from .tables import UNET_PREFIX, VAE_PREFIX
 
 EMA_UNET_PREFIX = "model_ema.diffusion_model"
 
-# Modules of this package shared by the families (not units); clip_text imports torch, the units do not.
-SHARED_MODULES = frozenset({"base", "tables", "clip_text", "flux_names"})
+# Modules of this package shared by the families (not units); clip_text, t5_text and flux_model import torch,
+# the units do not.
+SHARED_MODULES = frozenset({"base", "tables", "clip_text", "t5_text", "flux_names", "flux_model"})
 
 
 def _discover() -> dict[str, ModelFamily]:

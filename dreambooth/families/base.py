@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..errors import ConfigError
 from . import tables
 
 if TYPE_CHECKING:
@@ -22,7 +23,10 @@ if TYPE_CHECKING:
     from .clip_text import EncodedText
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "resources" / "configs"
-PREDICTION_TYPES = ("epsilon", "v_prediction")
+PREDICTION_TYPES = ("epsilon", "v_prediction", "flow_matching")
+# The trained diffusion model's part name in snapshots, optimizer groups, logs and LoRA state, whatever its
+# class (a UNet or a transformer): existing snapshots and logs name it so.
+DENOISER_PART = "unet"
 # The DDPM training schedule all SD1/SD2/SDXL models share (ldm's 'linear' = diffusers' scaled_linear).
 DDPM_SCHEDULE = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
                  "beta_schedule": "scaled_linear", "clip_sample": False, "set_alpha_to_one": False,
@@ -36,7 +40,11 @@ SD_INDEX_OPTIONS = {"safety_checker": [None, None], "feature_extractor": [None, 
 class TextEncoder:
     """One text encoder of a family: where it lives in a diffusers folder and in the single file.
 
-    layout: 'clip_l' (transformers names under a prefix) or 'open_clip' (renamed, fused q/k/v).
+    layout: 'clip_l' (transformers names under a prefix), 'open_clip' (renamed, fused q/k/v) or 't5'
+    (a T5 encoder: transformers names under a prefix, SentencePiece tokenizer).
+    optional: the model works without it (SD3's T5: zeros stand in for its output, as the reference
+    pipeline does); Components hold None for an absent optional encoder.
+    trainable: whether 'train_text_encoder' trains it (T5-XXL's 4.7 B parameters never train here).
     """
 
     folder: str            # diffusers subfolder and config name: 'text_encoder', 'text_encoder_2'
@@ -46,6 +54,8 @@ class TextEncoder:
     lora_prefix: str       # kohya LoRA key prefix: 'lora_te', 'lora_te1', 'lora_te2'
     pad_token: str         # CLIP-L pads with the end token, OpenCLIP with '!' (id 0)
     with_projection: bool = False  # CLIPTextModelWithProjection (SDXL's second: pooled output)
+    optional: bool = False
+    trainable: bool = True
 
     @property
     def host_prefix(self) -> str:
@@ -54,7 +64,13 @@ class TextEncoder:
 
     @property
     def model_class(self) -> str:
+        if self.layout == "t5":
+            return "T5EncoderModel"
         return "CLIPTextModelWithProjection" if self.with_projection else "CLIPTextModel"
+
+    @property
+    def tokenizer_class(self) -> str:
+        return "T5TokenizerFast" if self.layout == "t5" else "CLIPTokenizer"
 
 
 @dataclass(frozen=True)
@@ -75,8 +91,11 @@ class ModelFamily:
     zero_terminal_snr: bool = False
     schedule_tables: bool = True  # the file carries ldm's schedule buffers (SD1/SD2 files do, SDXL's do not)
     v_yaml: str | None = None  # config (under resources/configs/) written beside a v-prediction export
-    unet_class: str = "UNet2DConditionModel"
+    denoiser_class: str = "UNet2DConditionModel"  # the trained diffusion model's diffusers class
+    denoiser_folder: str = "unet"                 # its diffusers subfolder and pipeline argument
     vae_class: str = "AutoencoderKL"
+    scheduler_class: str = "DDPMScheduler"        # the training noise schedule's diffusers class
+    sample_schedulers: tuple[str, ...] = ("ddim", "euler", "euler_a", "dpmpp_2m")  # 'sample_scheduler' choices
 
     # --- detection ---------------------------------------------------------------------------------------
 
@@ -101,7 +120,7 @@ class ModelFamily:
         import json
 
         folder = CONFIG_DIR / self.name
-        names = ("unet", "vae", *(encoder.folder for encoder in self.text_encoders))
+        names = (self.denoiser_folder, "vae", *(encoder.folder for encoder in self.text_encoders))
         return {name: json.loads((folder / name / "config.json").read_text()) for name in names
                 if (folder / name / "config.json").is_file()}
 
@@ -109,14 +128,17 @@ class ModelFamily:
         return {**DDPM_SCHEDULE, "prediction_type": prediction_type or self.prediction_type}
 
     def make_noise_scheduler(self, prediction_type: str | None = None) -> Any:
-        from diffusers import DDPMScheduler
+        import diffusers
 
-        return DDPMScheduler.from_config(self.scheduler_config(prediction_type))
+        return getattr(diffusers, self.scheduler_class).from_config(self.scheduler_config(prediction_type))
 
-    def tokenizers(self) -> list[Any]:
-        from ..models.tokenizer import load_clip_tokenizer
+    def tokenizers(self, folder: Path | None = None) -> list[Any]:
+        """One tokenizer per text encoder: CLIP's from the shipped files; T5's from `folder` (a model folder
+        holding the encoder's tokenizer folder), None for an optional encoder whose files are absent."""
+        from ..models.tokenizer import load_clip_tokenizer, load_t5_tokenizer
 
-        return [load_clip_tokenizer(pad) for pad in self.pad_tokens]
+        return [load_t5_tokenizer(folder, encoder) if encoder.layout == "t5" else load_clip_tokenizer(encoder.pad_token)
+                for encoder in self.text_encoders]
 
     def config_defaults(self, prediction_type: str | None = None) -> dict[str, Any]:
         """Settings a new model of this family starts with (schema field -> value)."""
@@ -124,6 +146,8 @@ class ModelFamily:
                                     "resolution": self.resolution}
         if self.zero_terminal_snr:
             defaults["zero_terminal_snr"] = True
+        if self.sample_schedulers[0] != "ddim":
+            defaults["sample_scheduler"] = self.sample_schedulers[0]
         return defaults
 
     # --- text conditioning ---------------------------------------------------------------------------------
@@ -140,16 +164,32 @@ class ModelFamily:
         """The UNet's added_cond_kwargs for a batch of BatchItems (None: the family has none)."""
         return None
 
+    def predict(self, denoiser: Any, noisy_latents: torch.Tensor, timesteps: torch.Tensor, encoded: EncodedText,
+                items: list[Any], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """The denoiser's output for a batch: here the UNet with the family's added conditioning.
+
+        `timesteps` are in the objective's convention (DDPM: integer steps; flow matching: sigma x 1000)."""
+        added = self.added_conditioning(encoded, items, device, dtype)
+        return denoiser(noisy_latents, timesteps, encoder_hidden_states=encoded.hidden,
+                        added_cond_kwargs=added).sample
+
+    def normalise_latents(self, latents: torch.Tensor, vae_config: Any) -> torch.Tensor:
+        """VAE latents -> what the denoiser sees: (latents - shift_factor) * scaling_factor, as the pipelines
+        invert it (SD3's and Flux's VAEs have a shift; SD1/SD2/SDXL's none, and subtracting 0 is exact)."""
+        shift = getattr(vae_config, "shift_factor", None) or 0.0
+        return (latents - shift) * vae_config.scaling_factor if shift else latents * vae_config.scaling_factor
+
     # --- diffusers folder and sampling -----------------------------------------------------------------
 
-    def model_index(self, scheduler_class: str, encoder_classes: list[str], diffusers_version: str) -> dict[str, Any]:
+    def model_index(self, scheduler_class: str, encoder_classes: list[str | None], diffusers_version: str) -> dict[str, Any]:
         """model_index.json of a working folder (no safety checker: A1111 does not use one either)."""
         index: dict[str, Any] = {"_class_name": self.pipeline_class, "_diffusers_version": diffusers_version,
-                                 "unet": ["diffusers", self.unet_class], "vae": ["diffusers", self.vae_class],
-                                 "scheduler": ["diffusers", scheduler_class]}
+                                 self.denoiser_folder: ["diffusers", self.denoiser_class],
+                                 "vae": ["diffusers", self.vae_class], "scheduler": ["diffusers", scheduler_class]}
         for encoder, cls in zip(self.text_encoders, encoder_classes, strict=True):
-            index[encoder.folder] = ["transformers", cls]
-            index[encoder.tokenizer_folder] = ["transformers", "CLIPTokenizer"]
+            present = cls is not None
+            index[encoder.folder] = ["transformers", cls] if present else [None, None]
+            index[encoder.tokenizer_folder] = ["transformers", encoder.tokenizer_class] if present else [None, None]
         return {**index, **self.index_options}
 
     def build_pipeline(self, components: Any, scheduler: Any) -> Any:
@@ -160,14 +200,41 @@ class ModelFamily:
         pairs = zip(self.text_encoders, components.text_encoders, components.tokenizers, strict=True)
         for encoder, model, tokenizer in pairs:
             parts[encoder.folder], parts[encoder.tokenizer_folder] = model, tokenizer
-        return getattr(diffusers, self.pipeline_class)(vae=components.vae, unet=components.unet, scheduler=scheduler,
-                                                       **parts, **self.pipeline_options)
+        parts[self.denoiser_folder] = components.denoiser
+        return getattr(diffusers, self.pipeline_class)(vae=components.vae, scheduler=scheduler, **parts,
+                                                       **self.pipeline_options)
+
+    def sampling_scheduler(self, name: str, noise_scheduler_config: Mapping[str, Any], prediction_type: str) -> Any:
+        """The previews' sampler ('sample_scheduler') over the training schedule."""
+        import diffusers
+
+        classes = {"ddim": "DDIMScheduler", "euler": "EulerDiscreteScheduler",
+                   "euler_a": "EulerAncestralDiscreteScheduler", "dpmpp_2m": "DPMSolverMultistepScheduler"}
+        if name not in classes or name not in self.sample_schedulers:
+            raise ConfigError(f"Setting 'sample_scheduler': {name!r} does not sample {self.label} models; use "
+                              f"{' or '.join(self.sample_schedulers)}.")
+        return getattr(diffusers, classes[name]).from_config({**noise_scheduler_config,
+                                                              "prediction_type": prediction_type})
 
     # --- export: the names tables and what hosts detect ----------------------------------------------------
 
     def unet_table(self, config: Mapping[str, Any]) -> tables.BlockTable:
         """diffusers UNet module prefix -> original name under `model.diffusion_model.`."""
         return tables.unet_table(config)
+
+    def denoiser_to_original(self, state_dict: Mapping[str, torch.Tensor],
+                             config: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        """The denoiser's weights under their single-file keys (`model.diffusion_model.…`)."""
+        return tables.convert_by_table(state_dict, self.unet_table(config), tables.UNET_PREFIX, "UNet")
+
+    def denoiser_lora_keys(self, module_names: list[str], denoiser: Any) -> dict[str, str] | None:
+        """The exported LoRA key (before `.lora_down.weight`) of each adapted denoiser module; None: the
+        UNet families' kohya keys (train/lora_keys.unet_key)."""
+        return None
+
+    def denoiser_lora_targets(self, denoiser: Any, with_conv: bool) -> list[str] | None:
+        """Module names of the denoiser that LoRA adapts; None: the UNet's attention blocks (and LoCon convs)."""
+        return None
 
     def vae_table(self, config: Mapping[str, Any]) -> tables.BlockTable:
         return tables.vae_table(config)
@@ -191,6 +258,10 @@ class ModelFamily:
 
     def tiny_configs(self) -> dict[str, dict[str, Any]]:
         raise NotImplementedError(f"{self.name} has no tiny configs")
+
+    def tiny_tokenizers(self) -> list[Any]:
+        """The tokenizers of the tiny model (the real ones, where the package ships them)."""
+        return self.tokenizers()
 
     def tiny_extras(self, configs: Mapping[str, Mapping[str, Any]], generator: Any) -> dict[str, torch.Tensor]:
         """Keys of the family's single file that the diffusers models do not hold."""

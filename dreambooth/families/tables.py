@@ -194,3 +194,15 @@ def rename_module(name: str, table: BlockTable) -> str | None:
             rest = _rename_inside(".".join(parts[cut:]), renames)
             return f"{original}.{rest}" if rest else original
     return None
+
+
+def convert_by_table(state_dict: Mapping[str, Any], table: BlockTable, prefix: str,
+                     what: str) -> dict[str, Any]:
+    """Every key renamed by the table and put under `prefix`; a key the table does not place is an error."""
+    converted = {}
+    for key, value in state_dict.items():
+        name = rename_module(key, table)
+        if name is None:
+            raise ValueError(f"{what} weight {key!r} has no place in the original layout (unsupported architecture)")
+        converted[prefix + name] = value
+    return converted

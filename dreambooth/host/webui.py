@@ -37,6 +37,7 @@ from typing import Any
 
 from ..errors import ConfigError, DreamboothError, ModelError
 from ..generation import GenerationRequest
+from ..models.tokenizer import register_t5_tokenizer_dirs
 from ..store import Layout
 
 log = logging.getLogger(__name__)
@@ -107,6 +108,30 @@ def wait_for_torch_as_shipped(host_name: str, timeout_s: float = HOST_LOAD_WAIT_
         swapped = torch_swaps()
 
 
+# Where web UIs keep T5's tokenizer files (SD3's third text encoder, Flux's second), read and never fetched:
+# Forge ships them under backend/huggingface/ (checked at dfdcbab); A1111 1.10 (modules/models/sd3/sd3_cond.py)
+# loads google/t5-v1_1-xxl's through the Hugging Face cache, so it is there once the host has rendered SD3.
+FORGE_T5_TOKENIZERS = ("backend/huggingface/stabilityai/stable-diffusion-3-medium-diffusers/tokenizer_3",
+                       "backend/huggingface/black-forest-labs/FLUX.1-dev/tokenizer_2")
+A1111_T5_CACHE = "models--google--t5-v1_1-xxl"
+
+
+def host_t5_tokenizer_dirs(flavour: str) -> list[Path]:
+    """The folders this web UI keeps T5 tokenizer files in (existing ones only)."""
+    found: list[Path] = []
+    spec = importlib.util.find_spec("modules_forge") if flavour == FORGE else None
+    if spec is not None and spec.submodule_search_locations:
+        root = Path(next(iter(spec.submodule_search_locations))).parent
+        found += [root / relative for relative in FORGE_T5_TOKENIZERS]
+    try:
+        from huggingface_hub.constants import HF_HUB_CACHE
+    except ImportError:  # diffusers depends on huggingface_hub; without it there is no cache to read
+        HF_HUB_CACHE = None
+    if HF_HUB_CACHE:
+        found += sorted((Path(HF_HUB_CACHE) / A1111_T5_CACHE / "snapshots").glob("*"))
+    return [folder for folder in found if folder.is_dir()]
+
+
 def detect_flavour() -> str:
     """Which web UI imported us: Forge ships modules_forge, SD.Next modules.modeldata, else A1111."""
     if importlib.util.find_spec("modules_forge") is not None:
@@ -172,6 +197,7 @@ class WebuiHost:
         self._local = threading.local()
         self._released_checkpoint: Any = None
         self.layout = self._layout(models_path_override)
+        register_t5_tokenizer_dirs(host_t5_tokenizer_dirs(self.flavour))
 
     # --- access to the host ----------------------------------------------------------------------
     def module(self, name: str) -> Any:

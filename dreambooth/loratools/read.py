@@ -167,13 +167,13 @@ def key_table(family: str, unet: Any, text_encoders: list[Any]) -> KeyTable:
 
 
 def components_key_table(components: Any) -> KeyTable:
-    return key_table(components.family, components.unet, list(components.text_encoders))
+    return key_table(components.family, components.denoiser, list(components.text_encoders))
 
 
 @functools.cache
 def full_size_components(family: str) -> SimpleNamespace:
     """The full-size UNet and text encoders of `family` on the meta device (shipped configs: no weights), as
-    .family, .unet and .text_encoders."""
+    .family, .denoiser and .text_encoders."""
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
@@ -185,7 +185,7 @@ def full_size_components(family: str) -> SimpleNamespace:
         encoders = [CLIPTextModel(CLIPTextConfig.from_dict(configs["text_encoder"]))]
         if "text_encoder_2" in configs:
             encoders.append(CLIPTextModelWithProjection(CLIPTextConfig.from_dict(configs["text_encoder_2"])))
-    return SimpleNamespace(family=family, unet=unet, text_encoders=encoders)
+    return SimpleNamespace(family=family, denoiser=unet, text_encoders=encoders)
 
 
 @functools.cache

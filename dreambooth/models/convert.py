@@ -20,11 +20,10 @@ from ..families.tables import (
     OPEN_CLIP_PROJECTION,
     OPEN_CLIP_TOP,
     QKV,
-    UNET_PREFIX,
     VAE_PREFIX,
     BlockTable,
+    convert_by_table,
     open_clip_layer_key,
-    rename_module,
 )
 
 # Every registered family's CLIP-L key prefix (transformers names below it).
@@ -32,22 +31,6 @@ CLIP_L_PREFIXES = tuple(dict.fromkeys(encoder.ldm_prefix for family in all_famil
                                       for encoder in family.text_encoders if encoder.layout == "clip_l"))
 
 # --- UNet and VAE ---------------------------------------------------------------------------------------
-
-
-def convert_by_table(state_dict: Mapping[str, torch.Tensor], table: BlockTable, prefix: str,
-                     what: str) -> dict[str, torch.Tensor]:
-    """Every key renamed by the table and put under `prefix`; a key the table does not place is an error."""
-    converted = {}
-    for key, value in state_dict.items():
-        name = rename_module(key, table)
-        if name is None:
-            raise ValueError(f"{what} weight {key!r} has no place in the original layout (unsupported architecture)")
-        converted[prefix + name] = value
-    return converted
-
-
-def unet_to_ldm(state_dict: Mapping[str, torch.Tensor], table: BlockTable) -> dict[str, torch.Tensor]:
-    return convert_by_table(state_dict, table, UNET_PREFIX, "UNet")
 
 
 def _is_vae_attention_weight(ldm_key: str) -> bool:

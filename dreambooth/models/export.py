@@ -20,7 +20,7 @@ import torch
 from ..atomic import save_safetensors, write_text
 from ..errors import ModelError
 from .components import Components
-from .convert import text_encoder_to_ldm, unet_to_ldm, vae_to_ldm
+from .convert import text_encoder_to_ldm, vae_to_ldm
 
 logger = logging.getLogger(__name__)
 
@@ -32,14 +32,16 @@ LOSS_WARNING_FRACTION = 0.5
 def text_encoders_to_ldm(components: Components) -> dict[str, torch.Tensor]:
     converted: dict[str, torch.Tensor] = {}
     for spec, encoder in zip(components.model_family.text_encoders, components.text_encoders, strict=True):
-        converted.update(text_encoder_to_ldm(spec, encoder.state_dict()))
+        if encoder is not None:
+            converted.update(text_encoder_to_ldm(spec, encoder.state_dict()))
     return converted
 
 
 def model_to_ldm(components: Components) -> dict[str, torch.Tensor]:
-    """UNet, VAE and text encoder weights under their original keys (no extras)."""
+    """Denoiser, VAE and text encoder weights under their original keys (no extras)."""
     family = components.model_family
-    return {**unet_to_ldm(components.unet.state_dict(), family.unet_table(components.unet.config)),
+    denoiser = components.denoiser
+    return {**family.denoiser_to_original(denoiser.state_dict(), denoiser.config),
             **vae_to_ldm(components.vae.state_dict(), family.vae_table(components.vae.config)),
             **text_encoders_to_ldm(components)}
 

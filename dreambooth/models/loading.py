@@ -23,16 +23,17 @@ from ..atomic import write_json
 from ..errors import ModelError
 from ..families import EMA_UNET_PREFIX, ModelFamily, architecture_of, folder_family, get_family
 from ..families import resolve_family as resolve_file_family
+from ..families.tables import UNET_PREFIX
 from ..store import ModelDir, ModelStore
 from .components import Components, load_components, save_components
-from .convert import UNET_PREFIX, match_model_keys, normalise_clip_l_keys, text_encoder_from_ldm, unet_to_ldm
+from .convert import match_model_keys, normalise_clip_l_keys, text_encoder_from_ldm
 from .tokenizer import load_clip_tokenizer, load_tokenizer_folder
 
 log = logging.getLogger(__name__)
 
 CONFIGS_METADATA_KEY = "dreambooth_configs"
 EMA_PREFIX = "model_ema."
-PART_NAMES = {"unet": "UNet", "vae": "VAE"}
+PART_NAMES = {"unet": "UNet", "vae": "VAE", "transformer": "transformer"}
 CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 
 # --- reading files -------------------------------------------------------------------------------------
@@ -206,14 +207,16 @@ def components_from_state_dict(state: Mapping[str, torch.Tensor], family: str, p
 
     unit = get_family(family)
     state = normalise_clip_l_keys(state)
+    denoiser_name = unit.denoiser_folder
     with tempfile.TemporaryDirectory(prefix="dreambooth-configs-") as tmp:
-        config_dir = write_config_dir({k: v for k, v in configs.items() if k in ("unet", "vae")}, Path(tmp))
-        unet = _diffusers_model(getattr(diffusers, unit.unet_class), state, config_dir, "unet", dtype, source, family)
+        config_dir = write_config_dir({k: v for k, v in configs.items() if k in (denoiser_name, "vae")}, Path(tmp))
+        denoiser = _diffusers_model(getattr(diffusers, unit.denoiser_class), state, config_dir, denoiser_name, dtype,
+                                    source, family)
         vae = _diffusers_model(getattr(diffusers, unit.vae_class), state, config_dir, "vae", dtype, source, family)
     weights = _text_encoder_weights(state, unit, configs)
     encoders = [load_text_encoder(configs[spec.folder], w, spec.with_projection, dtype)
                 for spec, w in zip(unit.text_encoders, weights, strict=True)]
-    components = Components(family=family, unet=unet, vae=vae, text_encoders=encoders, tokenizers=unit.tokenizers(),
+    components = Components(family=family, denoiser=denoiser, vae=vae, text_encoders=encoders, tokenizers=unit.tokenizers(),
                             noise_scheduler=unit.make_noise_scheduler(prediction_type), prediction_type=prediction_type)
     held = set(model_to_ldm(components))
     components.extras = {key: value for key, value in state.items() if key not in held}
@@ -227,7 +230,7 @@ def load_checkpoint(path: str | Path, family: str | None = None, prediction_type
     state, metadata = read_checkpoint(path)
     family, prediction = resolve_family(path, state, metadata, family, prediction_type)
     configs = embedded_configs(metadata) or shipped_configs(family)
-    state = with_ema_unet(state, family, configs["unet"], path)
+    state = with_ema_unet(state, family, configs[get_family(family).denoiser_folder], path)
     return components_from_state_dict(state, family, prediction, configs, dtype, f"Checkpoint {path}")
 
 
@@ -247,8 +250,8 @@ def ldm_unet_keys(family: str, unet_config: Mapping[str, Any]) -> list[str]:
 
     unit = get_family(family)
     with init_empty_weights():
-        unet = getattr(diffusers, unit.unet_class).from_config(dict(unet_config))
-    return list(unet_to_ldm(unet.state_dict(), unit.unet_table(unet.config)))
+        denoiser = getattr(diffusers, unit.denoiser_class).from_config(dict(unet_config))
+    return list(unit.denoiser_to_original(denoiser.state_dict(), denoiser.config))
 
 
 def with_ema_unet(state: Mapping[str, torch.Tensor], family: str, unet_config: Mapping[str, Any],
@@ -298,8 +301,9 @@ def load_diffusers_folder(folder: str | Path, family: str | None = None, predict
                     str(folder / spec.folder), torch_dtype=dtype, local_files_only=True)
                 for spec in detected.text_encoders]
     load = {part: getattr(diffusers, cls).from_pretrained(str(folder / part), torch_dtype=dtype, local_files_only=True)
-            for part, cls in (("unet", detected.unet_class), ("vae", detected.vae_class))}
-    return Components(family=detected.name, unet=load["unet"], vae=load["vae"], text_encoders=encoders,
+            for part, cls in ((detected.denoiser_folder, detected.denoiser_class), ("vae", detected.vae_class))}
+    return Components(family=detected.name, denoiser=load[detected.denoiser_folder], vae=load["vae"],
+                      text_encoders=encoders,
                       tokenizers=_folder_tokenizers(folder, detected),
                       noise_scheduler=detected.make_noise_scheduler(prediction), prediction_type=prediction)
 

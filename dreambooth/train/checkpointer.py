@@ -121,7 +121,7 @@ class Checkpointer:
         """The weights to sample or save: EMA's when configured, schedule-free's averaged sequence."""
         s = self.session
         set_training_mode(s.optimizer, False)
-        modes = [(m, m.training) for m in (s.components.unet, *s.components.text_encoders)]
+        modes = [(m, m.training) for m in (s.components.denoiser, *s.components.present_text_encoders())]
         for module, _ in modes:
             module.eval()
         use_ema = s.ema is not None and s.config.ema_for_output

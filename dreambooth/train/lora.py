@@ -33,11 +33,13 @@ from ..atomic import save_safetensors
 from ..config.schema import TrainingConfig, base_checkpoint_name
 from ..errors import ConfigError, ModelError, TrainingError
 from ..families import get_family
+from ..families.base import DENOISER_PART
 from ..families.tables import HF_LAYER_PREFIX, hf_text_name
 from . import lora_keys
+from .runtime import text_parts
 
 ADAPTER = "default"
-PART_NAMES = ("unet", "text_encoder", "text_encoder_2")
+PART_NAMES = (DENOISER_PART, "text_encoder", "text_encoder_2")
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # Fraction of the LoRA's change that may be lost to rounding before the export warns.
 PRECISION_WARNING_FRACTION = 0.5
@@ -55,10 +57,16 @@ class PrecisionWarning(UserWarning):
 # --- injection -----------------------------------------------------------------------------------------
 
 def model_parts(components: Any) -> dict[str, Any]:
-    """The trainable models of `components` by part name (unet, text_encoder, text_encoder_2)."""
-    parts = {"unet": components.unet}
-    parts.update(zip(PART_NAMES[1:], components.text_encoders, strict=False))
-    return parts
+    """The models of `components` LoRA may adapt, by part name: the denoiser ('unet', whatever its class) and
+    each trainable text encoder ('text_encoder', 'text_encoder_2'; SD3's T5 is never adapted)."""
+    return {DENOISER_PART: components.denoiser, **dict(text_parts(components, trainable_only=True))}
+
+
+def denoiser_target_names(components: Any, with_conv: bool) -> list[str]:
+    """The denoiser's LoRA targets: the family's, or for a UNet its attention blocks (and LoCon convs)."""
+    denoiser = components.denoiser
+    targets = components.model_family.denoiser_lora_targets(denoiser, with_conv)
+    return unet_target_names(denoiser, with_conv) if targets is None else targets
 
 
 def unet_target_names(unet: Any, with_conv: bool) -> list[str]:
@@ -114,22 +122,22 @@ def add_lora(components: Any, config: TrainingConfig) -> dict[str, list[torch.nn
     from peft import inject_adapter_in_model
 
     _check_lora_settings(config)
-    for module in (components.unet, components.vae, *components.text_encoders):
-        if module is not None:
-            module.requires_grad_(False)
+    for module in components.modules():
+        module.requires_grad_(False)
     params: dict[str, list[torch.nn.Parameter]] = {}
     for part, model in model_parts(components).items():
         params[part] = []
         if _part_is_trained(part, config):
-            with_conv = part == "unet" and config.lora_conv_rank > 0
-            targets = unet_target_names(model, with_conv) if part == "unet" else text_encoder_target_names(model)
+            with_conv = part == DENOISER_PART and config.lora_conv_rank > 0
+            targets = denoiser_target_names(components, with_conv) if part == DENOISER_PART \
+                else text_encoder_target_names(model)
             inject_adapter_in_model(peft_config(config, targets, with_conv), model, adapter_name=ADAPTER)
             params[part] = _unfreeze_adapter(model)
     return params
 
 
 def _part_is_trained(part: str, config: TrainingConfig) -> bool:
-    return config.train_unet if part == "unet" else config.train_text_encoder
+    return config.train_unet if part == DENOISER_PART else config.train_text_encoder
 
 
 def _unfreeze_adapter(model: torch.nn.Module) -> list[torch.nn.Parameter]:
@@ -218,17 +226,28 @@ def _module_tensors(key: str, module: Any) -> dict[str, torch.Tensor]:
             f"{key}.alpha": torch.tensor(alpha, dtype=torch.float32)}
 
 
+def denoiser_keys(components: Any, names: list[str]) -> dict[str, str]:
+    """The exported key of each adapted denoiser module: the family's, or kohya's UNet keys."""
+    denoiser = components.denoiser
+    keys = components.model_family.denoiser_lora_keys(names, denoiser)
+    if keys is not None:
+        return keys
+    ldm_names = lora_keys.unet_ldm_names(denoiser, components.family)
+    return {name: lora_keys.unet_key(components.family, name, ldm_names[name]) for name in names}
+
+
 def host_tensors(components: Any) -> dict[str, torch.Tensor]:
     """All adapters as fp32 tensors under the host's key names."""
     tensors: dict[str, torch.Tensor] = {}
-    for index, (part, model) in enumerate(model_parts(components).items()):
-        ldm_names = lora_keys.unet_ldm_names(model, components.family) if part == "unet" else {}
-        for name, module in lora_modules(model):
-            if part == "unet":
-                key = lora_keys.unet_key(components.family, name, ldm_names[name])
-            else:
-                key = lora_keys.te_key(components.family, index - 1, name)
-            tensors.update(_module_tensors(key, module))
+    encoder_index = {spec.folder: index for index, spec in enumerate(components.model_family.text_encoders)}
+    for part, model in model_parts(components).items():
+        modules = dict(lora_modules(model))
+        if part == DENOISER_PART:
+            keys = denoiser_keys(components, list(modules))
+        else:
+            keys = {name: lora_keys.te_key(components.family, encoder_index[part], name) for name in modules}
+        for name, module in modules.items():
+            tensors.update(_module_tensors(keys[name], module))
     return tensors
 
 
@@ -240,7 +259,7 @@ def _delta(tensors: dict[str, torch.Tensor], base: str) -> torch.Tensor:
 
 
 def _part_of_key(key: str) -> str:
-    return "unet" if key.startswith("lora_unet_") else key.split("_text_model", 1)[0]
+    return key.split("_text_model", 1)[0] if "_text_model" in key else DENOISER_PART
 
 
 def lost_fraction(tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> float:
@@ -449,7 +468,7 @@ def apply_host_lora(components: Any, path: Path, weight: float = 1.0) -> list[st
     if any(True for model in model_parts(components).values() for _ in lora_modules(model)):
         raise ModelError("apply_host_lora needs plain components; these carry peft LoRA layers (merge_lora them "
                          "or load fresh ones).")
-    mapping = lora_keys.host_layer_mapping(components.family, components.unet, list(components.text_encoders))
+    mapping = lora_keys.host_layer_mapping(components.family, components.denoiser, list(components.text_encoders))
     groups, unmatched = _group_by_host_module(load_file(str(path)), mapping, lora_keys.host_is_sd2(mapping))
     with torch.no_grad():
         unmatched += _apply_groups(groups, mapping, weight)

@@ -10,7 +10,16 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from dreambooth.config import io
-from dreambooth.config.schema import MAX_EPOCHS, MAX_STEPS, Concept, TrainingConfig, field_type, validate
+from dreambooth.config.schema import (
+    DDPM_ONLY_SETTINGS,
+    FLOW_SETTINGS,
+    MAX_EPOCHS,
+    MAX_STEPS,
+    Concept,
+    TrainingConfig,
+    field_type,
+    validate,
+)
 from dreambooth.config.schema import settings as schema_settings
 from dreambooth.errors import ConfigError
 
@@ -37,6 +46,17 @@ def _resolution_safe(config: TrainingConfig) -> TrainingConfig:
     # Resolutions must also be multiples of 8: a cross-field rule the per-field metadata cannot express.
     config.resolution -= config.resolution % 8
     config.extra_resolutions = ""
+    return _objective_safe(config)
+
+
+def _objective_safe(config: TrainingConfig) -> TrainingConfig:
+    # Another cross-field rule: settings of the other objective (DDPM or flow matching) stay off.
+    if config.prediction_type == "flow_matching":
+        for name, off in DDPM_ONLY_SETTINGS.items():
+            setattr(config, name, off)
+    else:
+        for name in FLOW_SETTINGS:
+            setattr(config, name, TrainingConfig.__dataclass_fields__[name].default)
     return config
 
 

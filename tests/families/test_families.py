@@ -119,7 +119,7 @@ def test_working_folder_keeps_family_and_text_encoders(tmp_path: Path) -> None:
 @pytest.mark.parametrize("name", FAMILY_NAMES)
 def test_lora_keys_and_checkpoint_name_the_same_unet_modules(name: str) -> None:
     """Every LoRA target's key resolves (by the host's rules) to the module the checkpoint stores it under."""
-    unet = tiny(name).unet
+    unet = tiny(name).denoiser
     checkpoint = exported(name)
     stored = underscored_modules(checkpoint, UNET_PREFIX)
     mapping = lora_keys.host_layer_mapping(name, unet, list(tiny(name).text_encoders))
@@ -141,7 +141,7 @@ def _text_root(prefix: str) -> str:
 def test_lora_keys_and_checkpoint_name_the_same_text_modules(name: str) -> None:
     components = tiny(name)
     checkpoint = exported(name)
-    mapping = lora_keys.host_layer_mapping(name, components.unet, list(components.text_encoders))
+    mapping = lora_keys.host_layer_mapping(name, components.denoiser, list(components.text_encoders))
     is_sd2 = lora_keys.host_is_sd2(mapping)
     for index, (spec, encoder) in enumerate(zip(get_family(name).text_encoders, components.text_encoders,
                                                 strict=True)):
@@ -176,7 +176,7 @@ def test_text_conditioning_drives_the_family_unet(name: str) -> None:
         encoded = family.encode_text(components.text_encoders, components.tokenizers, captions, config,
                                      torch.device("cpu"), lambda message: None)
         added = family.added_conditioning(encoded, batch_items(2), torch.device("cpu"), encoded.hidden.dtype)
-        unet = components.unet
+        unet = components.denoiser
         assert encoded.hidden.shape == (2, 77, unet.config.cross_attention_dim)
         latents = torch.zeros(2, 4, 8, 8)
         out = unet(latents, torch.tensor([10, 10]), encoded.hidden, added_cond_kwargs=added).sample

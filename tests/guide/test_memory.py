@@ -152,7 +152,7 @@ def test_the_estimate_uses_the_parameter_counts_of_the_model_really_trained(tmp_
     components = tiny_components("sd1")
     save_components(components, tmp_path / "working")
     counts = model_params(tmp_path / "working")
-    assert counts["unet"] == sum(p.numel() for p in components.unet.parameters())
+    assert counts["unet"] == sum(p.numel() for p in components.denoiser.parameters())
     # The file's count: parameters plus saved buffers (transformers 4.30 saves the 77 position ids).
     assert counts["te"] == sum(t.numel() for t in components.text_encoders[0].state_dict().values())
     config = TrainingConfig(model_family="sd1", method="dreambooth", optimizer="adamw")

@@ -16,7 +16,7 @@ from dreambooth.train import lora_keys
 
 def respell(tensors: dict[str, torch.Tensor], table: object, style: str) -> dict[str, torch.Tensor]:
     """Our file in another trainer's spelling: 'peft' (diffusers lora_A/B), 'comfy', 'ldm' (kohya ldm names)."""
-    unet = fresh(table.family).unet
+    unet = fresh(table.family).denoiser
     ldm_names = lora_keys.unet_ldm_names(unet)
     out: dict[str, torch.Tensor] = {}
     for key, value in tensors.items():

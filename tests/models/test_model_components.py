@@ -13,7 +13,7 @@ FAMILIES = ("sd1", "sd2", "sd2v", "sdxl")
 
 
 def _modules(components: components_module.Components) -> list[torch.nn.Module]:
-    return [components.unet, components.vae, *components.text_encoders]
+    return [components.denoiser, components.vae, *components.text_encoders]
 
 
 def _assert_same_weights(first: components_module.Components, second: components_module.Components) -> None:
@@ -41,7 +41,7 @@ def test_tiny_structure(family: str) -> None:
     expected = "v_prediction" if family == "sd2v" else "epsilon"
     assert components.prediction_type == components.noise_scheduler.config.prediction_type == expected
     if family == "sdxl":
-        assert components.unet.config.addition_embed_type == "text_time"
+        assert components.denoiser.config.addition_embed_type == "text_time"
         assert components.tokenizers[1].pad_token == "!"
     with torch.no_grad():
         latents = components.vae.encode(torch.zeros(1, 3, 64, 64)).latent_dist.mean
@@ -51,7 +51,7 @@ def test_tiny_structure(family: str) -> None:
 def test_tiny_is_deterministic_per_seed() -> None:
     _assert_same_weights(tiny_components("sd1", seed=3), tiny_components("sd1", seed=3))
     other = tiny_components("sd1", seed=4)
-    assert not torch.equal(tiny_components("sd1", seed=3).unet.conv_in.weight, other.unet.conv_in.weight)
+    assert not torch.equal(tiny_components("sd1", seed=3).denoiser.conv_in.weight, other.denoiser.conv_in.weight)
 
 
 @pytest.mark.parametrize("family", ["sd1", "sdxl"])
@@ -112,7 +112,7 @@ def test_pipeline_samples(family: str, scheduler: str) -> None:
 
 
 def test_unknown_sampler_is_refused() -> None:
-    from dreambooth.errors import ModelError
+    from dreambooth.errors import ConfigError
 
-    with pytest.raises(ModelError, match="Sampler"):
+    with pytest.raises(ConfigError, match="'sample_scheduler': 'plms2'"):
         build_pipeline(tiny_components("sd1"), "plms2")

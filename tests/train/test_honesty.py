@@ -126,7 +126,7 @@ class _Watcher(TrainObserver):
 
 
 def _runtime_facts(session: Any) -> dict[str, Any]:
-    unet = session.components.unet
+    unet = session.components.denoiser
     return {"tf32": torch.backends.cuda.matmul.allow_tf32,
             "checkpointing": bool(getattr(unet, "is_gradient_checkpointing", False)),
             "frozen_dtype": str(next(session.components.vae.parameters()).dtype),
@@ -273,7 +273,7 @@ class Runner:
         pristine = self._components(self.family_of[Path(working).resolve()])
         # Tokenizers are read-only and slow to copy: share them.
         components = copy.deepcopy(pristine, memo={id(t): t for t in pristine.tokenizers})
-        parts = {"unet": components.unet, "vae": components.vae,
+        parts = {"unet": components.denoiser, "vae": components.vae,
                  **dict(zip(("text_encoder", "text_encoder_2"), components.text_encoders, strict=False))}
         for name, module in parts.items():
             module.to((part_dtypes or {}).get(name, dtype))
