@@ -16,7 +16,7 @@ from pathlib import PureWindowsPath
 from typing import Any
 
 from ..errors import ConfigError
-from ..families import FAMILY_NAMES
+from ..families import FAMILY_NAMES, get_family
 
 SCHEMA_VERSION = 3
 PREDICTION_TYPES = ("epsilon", "v_prediction", "flow_matching")
@@ -506,6 +506,13 @@ class TrainingConfig:
                                 "(s - 1) t), the resolution-dependent shift of the paper; SD3 and SD 3.5 sample "
                                 "with 3.0. Typical: 3.0 at 1024 px; 1.0 leaves t unchanged (smaller images).",
                                 "Flow matching", min=0.1, max=20.0)
+    flow_resolution_shift: bool = setting(False, "Resolution-dependent shift", "Shift the noise levels by the "
+                                          "image's size as Flux dev samples (FluxPipeline): s = e^mu with mu rising "
+                                          "linearly from 0.5 at 256 image tokens (512 px) to 1.15 at 4096 (1024 px), "
+                                          "instead of one 'flow_shift' for every bucket. On is typical for Flux dev "
+                                          "(its default); turn it off to train with a fixed 'flow_shift' (e.g. "
+                                          "3.16, another trainer's recipe). Only for models that sample this way.",
+                                          "Flow matching")
     flow_loss_weighting: str = setting("none", "Loss weighting", "Per-sample weight of the velocity loss by "
                                        "noise level: none (typical; the timestep sampling already weights), "
                                        "sigma_sqrt (1/t^2) or cosmap, the weightings compared in "
@@ -750,6 +757,7 @@ def validate(config: TrainingConfig) -> TrainingConfig:
             setattr(concept, f.name, value)
     _check_resolutions(config)
     _check_objective_settings(config)
+    get_family(config.model_family).check_config(config)
     return config
 
 
@@ -758,7 +766,7 @@ def validate(config: TrainingConfig) -> TrainingConfig:
 DDPM_ONLY_SETTINGS: dict[str, Any] = {"min_snr_gamma": 0.0, "offset_noise": 0.0, "pyramid_noise_iterations": 0,
                                       "zero_terminal_snr": False}
 FLOW_SETTINGS = ("flow_timestep_sampling", "flow_logit_mean", "flow_logit_std", "flow_mode_scale", "flow_shift",
-                 "flow_loss_weighting")
+                 "flow_resolution_shift", "flow_loss_weighting")
 
 
 def _check_objective_settings(config: TrainingConfig) -> None:
@@ -767,6 +775,7 @@ def _check_objective_settings(config: TrainingConfig) -> None:
             if getattr(config, name) != off:
                 raise ConfigError(f"Setting '{name}' does not apply to flow-matching models ({config.model_family}): "
                                   f"it acts on the DDPM noise schedule of SD 1.x, 2.x and XL; set it to {off}.")
+        _check_resolution_shift(config)
         return
     defaults = {f.name: f.default for f in dataclasses.fields(TrainingConfig)}
     for name in FLOW_SETTINGS:
@@ -774,6 +783,20 @@ def _check_objective_settings(config: TrainingConfig) -> None:
             raise ConfigError(f"Setting '{name}' applies only to flow-matching models (SD3, SD 3.5, Flux); this "
                               f"{config.model_family} model trains with {config.prediction_type}: set it back to "
                               f"{defaults[name]}.")
+
+
+def _check_resolution_shift(config: TrainingConfig) -> None:
+    if not config.flow_resolution_shift:
+        return
+    family = get_family(config.model_family)
+    if not family.scheduler_config().get("use_dynamic_shifting", False):
+        raise ConfigError(f"Setting 'flow_resolution_shift' applies to models that sample with a size-dependent "
+                          f"shift (Flux dev); {family.label} samples with a fixed one: turn it off and use "
+                          "'flow_shift'.")
+    default = next(f.default for f in dataclasses.fields(TrainingConfig) if f.name == "flow_shift")
+    if config.flow_shift != default:
+        raise ConfigError(f"Settings 'flow_shift' ({config.flow_shift}) and 'flow_resolution_shift' both set the "
+                          f"shift; set 'flow_shift' back to {default} or turn 'flow_resolution_shift' off.")
 
 
 def _check_resolutions(config: TrainingConfig) -> None:

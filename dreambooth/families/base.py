@@ -96,6 +96,7 @@ class ModelFamily:
     vae_class: str = "AutoencoderKL"
     scheduler_class: str = "DDPMScheduler"        # the training noise schedule's diffusers class
     sample_schedulers: tuple[str, ...] = ("ddim", "euler", "euler_a", "dpmpp_2m")  # 'sample_scheduler' choices
+    quantized_presets: bool = False  # presets may store the frozen base in 8 or 4 bits ('base_quantization')
 
     # --- detection ---------------------------------------------------------------------------------------
 
@@ -173,6 +174,19 @@ class ModelFamily:
         return denoiser(noisy_latents, timesteps, encoder_hidden_states=encoded.hidden,
                         added_cond_kwargs=added).sample
 
+    def flow_shift(self, config: Any, latent_shape: tuple[int, ...], scheduler_config: Mapping[str, Any]) -> float:
+        """The flow-matching timestep shift for latents of this shape (C, H, W): 'flow_shift' unless the family
+        shifts by resolution (Flux dev)."""
+        return float(config.flow_shift)
+
+    def memory_facts(self) -> dict[str, Any] | None:
+        """What the memory estimate needs of the real model (guide/memory.FamilyFacts' fields), counted from
+        the shipped configs; None: the estimate's own tables (SD 1.x, 2.x, XL)."""
+        return None
+
+    def check_config(self, config: Any) -> None:
+        """Refuse settings this family cannot train with (a ConfigError naming the setting); none by default."""
+
     def normalise_latents(self, latents: torch.Tensor, vae_config: Any) -> torch.Tensor:
         """VAE latents -> what the denoiser sees: (latents - shift_factor) * scaling_factor, as the pipelines
         invert it (SD3's and Flux's VAEs have a shift; SD1/SD2/SDXL's none, and subtracting 0 is exact)."""
@@ -230,6 +244,11 @@ class ModelFamily:
     def denoiser_lora_keys(self, module_names: list[str], denoiser: Any) -> dict[str, str] | None:
         """The exported LoRA key (before `.lora_down.weight`) of each adapted denoiser module; None: the
         UNet families' kohya keys (train/lora_keys.unet_key)."""
+        return None
+
+    def denoiser_lora_slots(self, denoiser: Any) -> Mapping[str, tables.Slot] | None:
+        """Where hosts keep each adapted denoiser module when their layout fuses modules diffusers keeps apart
+        (Flux's q/k/v): module -> Slot whose `original` is the exported LoRA key; None: one key per module."""
         return None
 
     def denoiser_lora_targets(self, denoiser: Any, with_conv: bool) -> list[str] | None:

@@ -9,6 +9,7 @@ ComfyUI and diffusers load (`flux_names`), from the files Forge users keep (`mod
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
@@ -17,6 +18,7 @@ from ..errors import ConfigError
 from . import flux_names
 from .base import CONFIG_DIR, ModelFamily, TextEncoder
 from .sd1 import TINY_CLIP, TINY_VAE
+from .tables import Slot
 
 if TYPE_CHECKING:
     import torch
@@ -67,7 +69,7 @@ class Flux(ModelFamily):
         return {key: value for key, value in config.items() if not key.startswith("_")}
 
     def config_defaults(self, prediction_type: str | None = None) -> dict[str, Any]:
-        defaults = {**super().config_defaults(prediction_type), "method": "lora", "flow_loss_weighting": "none"}
+        defaults = {**super().config_defaults(prediction_type), "method": "lora"}
         if self.guidance:
             return {**defaults, "flow_resolution_shift": True}
         return {**defaults, "flow_shift": 1.0}
@@ -85,6 +87,11 @@ class Flux(ModelFamily):
 
             return resolution_shift(latent_shape[-2], latent_shape[-1], scheduler_config)
         return float(config.flow_shift)
+
+    def memory_facts(self) -> dict[str, Any] | None:
+        from .flux_model import memory_facts
+
+        return memory_facts(self.name, self.t5_tokens)
 
     # --- text conditioning ---------------------------------------------------------------------------------
 
@@ -137,12 +144,10 @@ class Flux(ModelFamily):
                               "it to 0.")
         return flux_names.lora_target_names(denoiser)
 
-    def denoiser_lora_slots(self, denoiser: Any) -> Mapping[str, Any] | None:
-        """Where each adapted layer lives in the original layout (fused q/k/v and MLP input)."""
-        return flux_names.module_table(denoiser.config)
-
-    def lora_key_of(self, original: str) -> str:
-        return flux_names.lora_key(original)
+    def denoiser_lora_slots(self, denoiser: Any) -> Mapping[str, Slot] | None:
+        """kohya's keys name the original layers: an adapter on to_q lands in the rows of the fused qkv."""
+        return {name: dataclasses.replace(slot, original=flux_names.lora_key(slot.original))
+                for name, slot in flux_names.module_table(denoiser.config).items()}
 
     def lora_markers(self) -> dict[str, str]:
         """What kohya's sd-scripts write for a Flux LoRA (model browsers and Forge read the base model here)."""
@@ -170,7 +175,7 @@ _COMMON: dict[str, Any] = {
     "text_encoders": (CLIP_L, T5_XXL), "pipeline_class": "FluxPipeline", "lora_base_model_version": "flux1",
     "pipeline_options": {}, "index_options": {}, "schedule_tables": False,
     "denoiser_class": "FluxTransformer2DModel", "denoiser_folder": "transformer",
-    "scheduler_class": "FlowMatchEulerDiscreteScheduler", "sample_schedulers": ("euler",)}
+    "scheduler_class": "FlowMatchEulerDiscreteScheduler", "sample_schedulers": ("euler",), "quantized_presets": True}
 FLUX_DEV = Flux(name="flux-dev", label="Flux.1 dev", **_COMMON)
 FLUX_SCHNELL = Flux(name="flux-schnell", label="Flux.1 schnell", **_COMMON)
 FAMILIES = (FLUX_DEV, FLUX_SCHNELL)

@@ -14,6 +14,7 @@ the resolution-dependent shift, guidance, and the preview sampler.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -56,18 +57,20 @@ def image_ids(height: int, width: int, device: torch.device, dtype: torch.dtype)
 
 
 def pack(latents: torch.Tensor) -> torch.Tensor:
-    from diffusers import FluxPipeline
+    """(B, C, H, W) latents -> (B, H/2 x W/2, 4C) tokens: each 2x2 patch one token, channels first within it.
 
+    The layout of FluxPipeline._pack_latents; written here because the pipeline's unpacking helper changed what
+    its size arguments mean after diffusers 0.31."""
     batch, channels, height, width = latents.shape
-    return FluxPipeline._pack_latents(latents, batch, channels, height, width)
+    patches = latents.view(batch, channels, height // 2, 2, width // 2, 2).permute(0, 2, 4, 1, 3, 5)
+    return patches.reshape(batch, (height // 2) * (width // 2), channels * 4)
 
 
 def unpack(tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """Packed tokens back to (B, C, height, width) latents (diffusers' unpacking takes pixel sizes)."""
-    from diffusers import FluxPipeline
-
-    scale = 8
-    return FluxPipeline._unpack_latents(tokens, height * scale, width * scale, scale)
+    """The inverse of `pack` for (height, width) latents."""
+    batch, _, features = tokens.shape
+    patches = tokens.view(batch, height // 2, width // 2, features // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
+    return patches.reshape(batch, features // 4, height, width)
 
 
 def transformer_output(transformer: Any, noisy: torch.Tensor, sigmas: torch.Tensor, encoded: EncodedText,
@@ -91,6 +94,51 @@ def resolution_shift(latent_height: int, latent_width: int, scheduler_config: Ma
     mu = calculate_shift(tokens, scheduler_config["base_image_seq_len"], scheduler_config["max_image_seq_len"],
                          scheduler_config["base_shift"], scheduler_config["max_shift"])
     return math.exp(mu)
+
+
+# Activations an autograd pass keeps per token, in multiples of the width, without checkpointing: a double-stream
+# block per stream (modulated norm 2, q/k/v 3, attention 1, projection 1, MLP in 1, hidden 4 before and after
+# the GELU 8 ... about 14 with the LoRA inputs), a single-stream block (norm 1, fused q/k/v/MLP 7, GELU 4, joined
+# 5, attention 1: about 18). Checkpointing keeps each block's input (1) and one block's full set.
+DOUBLE_BLOCK_ACTIVATIONS = 14
+SINGLE_BLOCK_ACTIVATIONS = 18
+
+
+@functools.cache
+def memory_facts(family: str, t5_tokens: int) -> dict[str, Any]:
+    """guide/memory.FamilyFacts of the released model, counted on meta tensors from the shipped configs; the
+    activations for one 1024 px sample (4096 image tokens and the T5 tokens) at 2 bytes per value."""
+    import diffusers
+    import transformers
+    from accelerate import init_empty_weights
+
+    from . import flux_names, get_family
+
+    configs = get_family(family).shipped_configs()
+    with init_empty_weights():
+        transformer = diffusers.FluxTransformer2DModel.from_config(configs["transformer"])
+        vae = diffusers.AutoencoderKL.from_config(configs["vae"])
+        clip = transformers.CLIPTextModel(transformers.CLIPTextConfig.from_dict(configs["text_encoder"]))
+        t5 = transformers.T5EncoderModel(transformers.T5Config.from_dict(configs["text_encoder_2"]))
+    width, tokens = flux_names.inner_dim(transformer.config), 4096 + t5_tokens
+    doubles, singles = transformer.config.num_layers, transformer.config.num_single_layers
+    per_token = doubles * DOUBLE_BLOCK_ACTIVATIONS + singles * SINGLE_BLOCK_ACTIVATIONS
+    kept = doubles + singles + SINGLE_BLOCK_ACTIVATIONS
+    return {"params": {"unet": _count(transformer), "te": _count(clip), "te2": _count(t5), "vae": _count(vae)},
+            "lora_denoiser": _lora_width(transformer, flux_names.lora_target_names(transformer)),
+            "lora_text": _lora_width(clip, [name for name, module in clip.named_modules()
+                                            if isinstance(module, torch.nn.Linear) and ".layers." in name]),
+            "activation_bytes": 2.0 * width * tokens * per_token, "resolution": 1024,
+            "checkpointing_factor": kept / per_token}
+
+
+def _count(model: torch.nn.Module) -> int:
+    return sum(param.numel() for param in model.parameters())
+
+
+def _lora_width(model: torch.nn.Module, names: list[str]) -> int:
+    """LoRA parameters per unit of rank: in + out features of each adapted linear layer."""
+    return sum(model.get_submodule(name).in_features + model.get_submodule(name).out_features for name in names)
 
 
 class FluxSampler:

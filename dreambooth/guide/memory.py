@@ -15,8 +15,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..config.schema import TrainingConfig, caches_text_outputs
+from ..families import get_family
 
 GIB = 1024 ** 3
+# Bytes per weight of a quantized frozen base ('base_quantization'): NF4 packs two weights per byte plus an fp8
+# scale per 64 weights and an fp32 scale per 256 of those (double quantization); int8 keeps an fp32 scale per
+# row; fp8 one byte. "none": the compute dtype's.
+QUANTIZED_BYTES = {"nf4": 0.5 + 1 / 64 + 4 / (64 * 256), "int8": 1.0 + 4 / 3072, "fp8": 1.0}
 
 # Parameter counts of the real architectures (diffusers models, counted with sum(p.numel())).
 PARAMS: dict[str, dict[str, int]] = {
@@ -91,9 +96,11 @@ class MemoryEstimate:
         return rows + [f"{'total':<16} {self.total / GIB:6.2f} GiB"]
 
 
-# Where each part's weights lie in a diffusers folder (working/), for counting the real model's parameters.
+# Where each part's weights lie in a diffusers folder (working/), for counting the real model's parameters
+# (the denoiser is a UNet, or a transformer for Flux).
 WEIGHT_FILES = {"unet": "unet/diffusion_pytorch_model.safetensors", "te": "text_encoder/model.safetensors",
                 "te2": "text_encoder_2/model.safetensors", "vae": "vae/diffusion_pytorch_model.safetensors"}
+TRANSFORMER_FILE = "transformer/diffusion_pytorch_model.safetensors"
 
 
 def family_of(config: TrainingConfig, family: str | None) -> str:
@@ -122,11 +129,16 @@ def _product(shape: list[int]) -> int:
 def model_params(folder: Path | None) -> dict[str, int] | None:
     """Parameter counts per part of the diffusers model in `folder` (a model's working/), or None when it
     has no readable UNet (then the estimate uses the real architecture's counts)."""
-    if folder is None or not (Path(folder) / WEIGHT_FILES["unet"]).is_file():
+    if folder is None:
+        return None
+    files = dict(WEIGHT_FILES)
+    if (Path(folder) / TRANSFORMER_FILE).is_file():
+        files["unet"] = TRANSFORMER_FILE
+    if not (Path(folder) / files["unet"]).is_file():
         return None
     counts = {}
     try:
-        for part, relative in WEIGHT_FILES.items():
+        for part, relative in files.items():
             if (Path(folder) / relative).is_file():
                 counts[part] = safetensors_params(Path(folder) / relative)
     except (OSError, ValueError, KeyError, struct.error):
@@ -150,44 +162,75 @@ def lora_params_per_rank(family: str, text_encoder: bool) -> int:
     return unet + te
 
 
+@dataclass(frozen=True)
+class FamilyFacts:
+    """What the estimate needs of a family's real model: parameter counts ('unet' for the denoiser, 'te', 'te2',
+    'vae'), LoRA parameters per unit of rank (denoiser; text encoders), activations of one sample at the native
+    resolution in 16-bit compute without checkpointing, and the share checkpointing keeps."""
+
+    params: Mapping[str, int]
+    lora_denoiser: int
+    lora_text: int
+    activation_bytes: float
+    resolution: int
+    checkpointing_factor: float = CHECKPOINTING_FACTOR
+
+
+def family_facts(family: str) -> FamilyFacts:
+    """A family unit's own facts (counted from its shipped configs), else the tables above."""
+    own = get_family(family).memory_facts()
+    if own is not None:
+        return FamilyFacts(**own)
+    denoiser = lora_params_per_rank(family, False)
+    return FamilyFacts(PARAMS[family], denoiser, lora_params_per_rank(family, True) - denoiser,
+                       ACTIVATIONS_PER_SAMPLE[family], NATIVE_RESOLUTION[family])
+
+
+def native_resolution(family: str) -> int:
+    return family_facts(family).resolution
+
+
 def _text_encoder_params(params: Mapping[str, int]) -> int:
     return params.get("te", 0) + params.get("te2", 0)
 
 
-def _scale(params: Mapping[str, int], family: str) -> float:
+def _scale(params: Mapping[str, int], facts: FamilyFacts) -> float:
     """How the model compares with the real architecture (1.0 for it; tiny test models are far smaller)."""
-    return params["unet"] / PARAMS[family]["unet"]
+    return params["unet"] / facts.params["unet"]
 
 
-def _trainable_params(config: TrainingConfig, family: str, params: Mapping[str, int]) -> int:
+def _trainable_params(config: TrainingConfig, facts: FamilyFacts, params: Mapping[str, int]) -> int:
     train_te = config.train_text_encoder
     if config.method == "lora":
-        per_rank = lora_params_per_rank(family, train_te) * _scale(params, family)
+        per_rank = (facts.lora_denoiser + (facts.lora_text if train_te else 0)) * _scale(params, facts)
         return int(config.lora_rank * per_rank * (2 if config.use_dora else 1))
     trainable = params["unet"] if config.train_unet else 0
     return trainable + (_text_encoder_params(params) if train_te else 0)
 
 
-def _frozen_on_device(config: TrainingConfig, family: str, params: Mapping[str, int]) -> int:
-    """Parameters held on the device in compute precision without being trained."""
-    frozen = 0
+def _frozen_bytes(config: TrainingConfig, params: Mapping[str, int]) -> float:
+    """Bytes of the weights held on the device without being trained: in the compute dtype, the denoiser of a
+    LoRA on a quantized base in its storage ('base_quantization')."""
+    compute = COMPUTE_BYTES[config.mixed_precision]
+    frozen = 0.0
     if config.method == "lora" or not config.train_unet:
-        frozen += params["unet"]
+        quantized = config.method == "lora" and config.base_quantization != "none"
+        frozen += params["unet"] * (QUANTIZED_BYTES[config.base_quantization] if quantized else compute)
     te_needed = not caches_text_outputs(config) or config.train_text_encoder
     if te_needed and (config.method == "lora" or not config.train_text_encoder):
-        frozen += _text_encoder_params(params)
+        frozen += _text_encoder_params(params) * compute
     if config.cache_latents == "off":
-        frozen += params.get("vae", 0)
+        frozen += params.get("vae", 0) * compute
     return frozen
 
 
-def _activations(config: TrainingConfig, family: str, checkpointing: bool, scale: float = 1.0) -> int:
-    area = (config.resolution / NATIVE_RESOLUTION[family]) ** 2
-    per_sample = ACTIVATIONS_PER_SAMPLE[family] * area * scale
+def _activations(config: TrainingConfig, facts: FamilyFacts, checkpointing: bool, scale: float = 1.0) -> int:
+    area = (config.resolution / facts.resolution) ** 2
+    per_sample = facts.activation_bytes * area * scale
     if config.train_text_encoder:
         per_sample *= 1 + TEXT_ENCODER_ACTIVATION_FRACTION
     scale = COMPUTE_BYTES[config.mixed_precision] / 2
-    factor = CHECKPOINTING_FACTOR if checkpointing else 1.0
+    factor = facts.checkpointing_factor if checkpointing else 1.0
     return int(per_sample * config.train_batch_size * scale * factor)
 
 
@@ -196,20 +239,19 @@ def estimate_memory(config: TrainingConfig, family: str | None = None,
     """Bytes the config needs on one device (defaults to the config's model family).
 
     `params` are the parameter counts of the model really trained (see `model_params`); without them the
-    real architecture's are used. Activations scale with the UNet's size relative to the real one.
+    real architecture's are used. Activations scale with the denoiser's size relative to the real one.
     """
-    family = family_of(config, family)
-    params = params if params and params.get("unet") else PARAMS[family]
-    scale = _scale(params, family)
-    trainable = _trainable_params(config, family, params)
-    frozen = _frozen_on_device(config, family, params)
+    facts = family_facts(family_of(config, family))
+    params = params if params and params.get("unet") else facts.params
+    scale = _scale(params, facts)
+    trainable = _trainable_params(config, facts, params)
     ema = trainable * MASTER_BYTES if config.use_ema else 0
-    weights = trainable * MASTER_BYTES + frozen * COMPUTE_BYTES[config.mixed_precision] + ema
+    weights = int(trainable * MASTER_BYTES + _frozen_bytes(config, params) + ema)
     state = int(trainable * OPTIMIZER_STATE_BYTES.get(config.optimizer, 8.0))
     checkpointing = config.gradient_checkpointing
     return MemoryEstimate(weights=weights, gradients=trainable * MASTER_BYTES, optimizer=state,
-                          activations=_activations(config, family, checkpointing, scale), overhead=RUNTIME_OVERHEAD,
-                          activations_other_checkpointing=_activations(config, family, not checkpointing, scale),
+                          activations=_activations(config, facts, checkpointing, scale), overhead=RUNTIME_OVERHEAD,
+                          activations_other_checkpointing=_activations(config, facts, not checkpointing, scale),
                           trainable_params=trainable)
 
 

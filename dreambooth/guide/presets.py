@@ -9,11 +9,14 @@ cannot (SDXL below 12 GB; `preset_notes` says so).  The CPU preset favours speed
 from __future__ import annotations
 
 import copy
+import dataclasses
+from types import SimpleNamespace
 from typing import Any
 
 from ..config.schema import FAMILIES, TrainingConfig, text_cache_blockers
 from ..errors import ConfigError
-from .memory import GIB, NATIVE_RESOLUTION, estimate_memory
+from ..families import get_family
+from .memory import GIB, estimate_memory, native_resolution
 
 MEMORY_CLASSES_GB = (6, 8, 12, 16, 24, 48)
 FIT_MARGIN = 0.9  # leave 10 % for fragmentation and the samples rendered during training
@@ -33,6 +36,11 @@ TIERS: tuple[dict[str, Any], ...] = (
     {**_LORA, "optimizer": "adamw_8bit", "gradient_checkpointing": True, "train_text_encoder": True},
     {**_LORA, "optimizer": "adamw_8bit", "gradient_checkpointing": True, "train_text_encoder": False,
      "cache_text_encoder_outputs": "auto"},
+    # A quantized frozen base (bitsandbytes, as the 8-bit optimizers), for families whose presets use it (Flux).
+    {**_LORA, "optimizer": "adamw_8bit", "gradient_checkpointing": True, "train_text_encoder": False,
+     "cache_text_encoder_outputs": "auto", "base_quantization": "int8"},
+    {**_LORA, "optimizer": "adamw_8bit", "gradient_checkpointing": True, "train_text_encoder": False,
+     "cache_text_encoder_outputs": "auto", "base_quantization": "nf4"},
 )
 
 def _batch_sizes(memory_gb: int) -> tuple[int, ...]:
@@ -64,15 +72,31 @@ def _precision(memory_gb: int) -> str:
 
 
 def _fits(preset: dict[str, Any], family: str, budget: float) -> bool:
-    config = TrainingConfig(model_family=family, resolution=NATIVE_RESOLUTION[family])
+    config = TrainingConfig(model_family=family, resolution=native_resolution(family))
     for name, value in preset.items():
         setattr(config, name, value)
     return estimate_memory(config, family).total <= budget
 
 
+def family_tiers(family: str) -> list[dict[str, Any]]:
+    """The ladder's tiers the family can train with: those its unit accepts, quantized ones only where its presets
+    use them."""
+    unit = get_family(family)
+    tiers = []
+    for tier in TIERS:
+        if "base_quantization" in tier and not unit.quantized_presets:
+            continue
+        try:
+            unit.check_config(SimpleNamespace(**{**dataclasses.asdict(TrainingConfig()), **tier}))
+        except ConfigError:
+            continue
+        tiers.append(tier)
+    return tiers
+
+
 def _ladder(family: str, memory_gb: int) -> dict[str, Any] | None:
     budget = memory_gb * GIB * FIT_MARGIN
-    for tier in TIERS:
+    for tier in family_tiers(family):
         for batch in _batch_sizes(memory_gb):
             preset = {**tier, "mixed_precision": _precision(memory_gb), "train_batch_size": batch}
             preset.setdefault("cache_text_encoder_outputs", "auto")
@@ -90,7 +114,7 @@ def preset_for(family: str, memory_gb: float | None) -> dict[str, Any]:
         return dict(CPU_PRESET)
     found = _ladder(family, size)
     if found is None:
-        bottom = {**TIERS[-1], "mixed_precision": _precision(size), "train_batch_size": 1}
+        bottom = {**family_tiers(family)[-1], "mixed_precision": _precision(size), "train_batch_size": 1}
         return bottom
     return found
 
@@ -109,10 +133,16 @@ def preset_notes(family: str, memory_gb: float | None) -> list[str]:
     if size is None:
         notes.append("CPU: a bf16 LoRA with frozen, cached text encoder; expect hours, not minutes.")
     elif not preset_fits(family, memory_gb):
-        notes.append(f"{family} does not fit {size} GB even as an 8-bit LoRA with checkpointing at "
-                     f"{NATIVE_RESOLUTION[family]} px: lower 'resolution' or use a larger GPU.")
-    if preset.get("method") == "lora":
+        bottom = family_tiers(family)[-1]
+        kind = f"a LoRA on a {bottom['base_quantization']} base" if "base_quantization" in bottom else "an 8-bit LoRA"
+        notes.append(f"{family} does not fit {size} GB even as {kind} with checkpointing at "
+                     f"{native_resolution(family)} px: lower 'resolution' or use a larger GPU.")
+    full_weights = any(tier["method"] != "lora" for tier in family_tiers(family))
+    if preset.get("method") == "lora" and full_weights:
         notes.append("Full-weight DreamBooth does not fit this memory: the preset trains a LoRA instead.")
+    if preset.get("base_quantization", "none") != "none":
+        notes.append(f"The frozen base is stored in {preset['base_quantization']} (bitsandbytes): the LoRA trains on "
+                     "slightly rounded weights; a GPU with more memory can train on the full ones.")
     return notes
 
 

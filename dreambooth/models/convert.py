@@ -30,6 +30,9 @@ from ..families.tables import (
 CLIP_L_PREFIXES = tuple(dict.fromkeys(encoder.ldm_prefix for family in all_families()
                                       for encoder in family.text_encoders if encoder.layout == "clip_l"))
 
+# T5's encoder embedding is the shared one (tied): files store it once, as `shared.weight`.
+T5_TIED_EMBEDDING = "encoder.embed_tokens.weight"
+
 # --- UNet and VAE ---------------------------------------------------------------------------------------
 
 
@@ -98,6 +101,8 @@ def text_encoder_to_ldm(encoder: TextEncoder, state_dict: Mapping[str, torch.Ten
     """One text encoder's weights under its family's original keys."""
     if encoder.layout == "clip_l":
         return clip_l_to_ldm(state_dict, encoder.ldm_prefix)
+    if encoder.layout == "t5":  # transformers' names under the prefix; the token embedding once, as `shared`
+        return {encoder.ldm_prefix + key: value for key, value in state_dict.items() if key != T5_TIED_EMBEDDING}
     return open_clip_to_ldm(state_dict, encoder.ldm_prefix)
 
 

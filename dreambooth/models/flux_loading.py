@@ -16,7 +16,7 @@ from ..errors import ModelError
 from ..families import get_family
 from . import flux_files
 from .components import Components
-from .convert import ldm_to_clip_l, match_model_keys
+from .convert import T5_TIED_EMBEDDING, ldm_to_clip_l, match_model_keys
 from .loading import CONFIGS_METADATA_KEY, read_safetensors
 from .tokenizer import load_t5_tokenizer, missing_t5_tokenizer, t5_search_dirs
 
@@ -86,7 +86,7 @@ def t5(state: dict[str, torch.Tensor], config: Mapping[str, Any], source: Path) 
 
     model = _build(T5EncoderModel, T5Config.from_dict(dict(config)))
     # The released T5 files keep the token embedding once, as `shared.weight`; the encoder's copy is tied to it.
-    return _loaded(model, state, "T5-XXL text encoder", source, tied=("encoder.embed_tokens.weight",))
+    return _loaded(model, state, "T5-XXL text encoder", source, tied=(T5_TIED_EMBEDDING,))
 
 
 def t5_tokenizer(source: Path, family: Any) -> Any:
@@ -121,3 +121,26 @@ def _clip_tokenizer(unit: Any) -> Any:
     from .tokenizer import load_clip_tokenizer
 
     return load_clip_tokenizer(unit.text_encoders[0].pad_token)
+
+
+def load_flux_folder(folder: Path, family: str | None = None) -> Components:
+    """Components of a Flux diffusers folder (black-forest-labs' releases, or our working folder), in bf16."""
+    import diffusers
+    import transformers
+
+    transformer_config = json.loads((folder / "transformer" / "config.json").read_text())
+    unit = get_family("flux-dev" if transformer_config.get("guidance_embeds") else "flux-schnell")
+    if family is not None and family != unit.name:
+        raise ModelError(f"Diffusers folder {folder} is a {unit.name} model, not {family}; choose the detected family.")
+    dtype = torch.bfloat16
+    load = {"local_files_only": True, "torch_dtype": dtype}
+    encoders = [transformers.CLIPTextModel.from_pretrained(str(folder / "text_encoder"), **load),
+                transformers.T5EncoderModel.from_pretrained(str(folder / "text_encoder_2"), **load)]
+    t5_tokenizer_found = load_t5_tokenizer(folder, unit.text_encoders[1])
+    if t5_tokenizer_found is None:
+        raise ModelError(missing_t5_tokenizer(t5_search_dirs(folder, unit.text_encoders[1].tokenizer_folder)))
+    return Components(family=unit.name,
+                      denoiser=diffusers.FluxTransformer2DModel.from_pretrained(str(folder / "transformer"), **load),
+                      vae=diffusers.AutoencoderKL.from_pretrained(str(folder / "vae"), **load),
+                      text_encoders=encoders, tokenizers=[_clip_tokenizer(unit), t5_tokenizer_found],
+                      noise_scheduler=unit.make_noise_scheduler(), prediction_type=unit.prediction_type)

@@ -27,6 +27,7 @@ from ..families.tables import UNET_PREFIX
 from ..store import ModelDir, ModelStore
 from .components import Components, load_components, save_components
 from .convert import match_model_keys, normalise_clip_l_keys, text_encoder_from_ldm
+from .flux_files import file_roles as flux_file_roles
 from .tokenizer import load_clip_tokenizer, load_tokenizer_folder
 
 log = logging.getLogger(__name__)
@@ -293,6 +294,10 @@ def load_diffusers_folder(folder: str | Path, family: str | None = None, predict
     if (folder / "family.json").is_file():
         return load_components(folder, dtype)
     index = json.loads((folder / "model_index.json").read_text())
+    if index.get("_class_name") == "FluxPipeline":
+        from .flux_loading import load_flux_folder
+
+        return load_flux_folder(folder, family)
     text_config = json.loads((folder / "text_encoder" / "config.json").read_text())
     scheduler = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
     detected, prediction = folder_family(index, text_config, scheduler.get("prediction_type"), family,
@@ -309,9 +314,14 @@ def load_diffusers_folder(folder: str | Path, family: str | None = None, predict
 
 
 def load_source(source: str | Path, family: str | None = None, prediction_type: str | None = None,
-                dtype: torch.dtype = torch.float32) -> Components:
-    """Components from a checkpoint file or a diffusers folder."""
+                dtype: torch.dtype = torch.float32, models_dir: Path | None = None) -> Components:
+    """Components from a checkpoint file or a diffusers folder (`models_dir`: the host's models folder, where a
+    Flux transformer file's text encoders and VAE may lie)."""
     source = Path(source)
+    if source.suffix.lower() == ".safetensors" and "transformer" in flux_file_roles(source):
+        from .flux_loading import load_flux_file
+
+        return load_flux_file(source, models_dir, family)
     if source.is_dir():
         if not (source / "model_index.json").is_file():
             raise ModelError(f"Folder {source} is not a diffusers model (no model_index.json); "
@@ -336,7 +346,7 @@ def create_model(store: ModelStore, name: str, source: str | Path, family: str |
         raise ModelError(f"Model {name!r} already exists in {model.root.parent}; delete it or choose another name.")
     if family is not None:
         get_family(family)
-    components = load_source(source, family, prediction_type)
+    components = load_source(source, family, prediction_type, models_dir=store.layout.models_dir)
     save_components(components, model.working)
     config = TrainingConfig(model_name=name, base_checkpoint=str(source),
                             **components.model_family.config_defaults(components.prediction_type))

@@ -75,7 +75,8 @@ def tiny_components(family: str, seed: int = 0) -> Components:
     scheduler = unit.make_noise_scheduler()
     return Components(family=family, denoiser=denoiser, vae=vae, text_encoders=encoders,
                       tokenizers=unit.tiny_tokenizers(),
-                      noise_scheduler=scheduler, prediction_type=scheduler.config.prediction_type, extras=extras)
+                      noise_scheduler=scheduler, prediction_type=scheduler.config.get("prediction_type", unit.prediction_type),
+                      extras=extras)
 
 
 # A tiny T5 tokenizer for tests and demos, trained on the fly: no package ships T5's SentencePiece model.
@@ -100,3 +101,17 @@ def tiny_t5_tokenizer_dir(folder: Path) -> Path | None:
             tmp.with_suffix(".model").replace(tmp)
             tmp.with_suffix(".vocab").unlink(missing_ok=True)
     return folder
+
+
+def tiny_t5_tokenizer() -> Any:
+    """The tiny T5 tokenizer (built once into the temp folder), for tiny models whose T5 is not optional."""
+    import tempfile
+
+    from ..errors import ModelError
+    from .tokenizer import read_t5_tokenizer
+
+    folder = tiny_t5_tokenizer_dir(Path(tempfile.gettempdir()) / "dreambooth-tiny-t5")
+    if folder is None:
+        raise ModelError("Tiny models with a T5 encoder (Flux) need the sentencepiece package to build their "
+                         "tokenizer; install it (pip install sentencepiece).")
+    return read_t5_tokenizer(folder)

@@ -17,7 +17,6 @@ plain components, which is how the tests prove the files load as trained.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import hashlib
 import json
@@ -34,8 +33,8 @@ from ..config.schema import TrainingConfig, base_checkpoint_name
 from ..errors import ConfigError, ModelError, TrainingError
 from ..families import get_family
 from ..families.base import DENOISER_PART
-from ..families.tables import HF_LAYER_PREFIX, hf_text_name
-from . import lora_keys
+from ..families.tables import HF_LAYER_PREFIX, Slot, hf_text_name
+from . import lora_fuse, lora_keys
 from .runtime import text_parts
 
 ADAPTER = "default"
@@ -210,20 +209,10 @@ def merge_lora(components: Any) -> None:
 
 # --- export --------------------------------------------------------------------------------------------
 
-def _dora_difference(module: Any) -> torch.Tensor:
-    """W_merged - W of a DoRA layer, merged by peft itself on a copy of the layer."""
-    merged = copy.deepcopy(module)
-    merged.merge(adapter_names=[ADAPTER])
-    return (merged.get_base_layer().weight - module.get_base_layer().weight).detach().float()
-
-
 def _module_tensors(key: str, module: Any) -> dict[str, torch.Tensor]:
-    if module.use_dora.get(ADAPTER, False):
-        return {f"{key}.diff": _dora_difference(module)}
-    down = module.lora_A[ADAPTER].weight.detach().float()
-    alpha = module.scaling[ADAPTER] * down.shape[0]  # the host applies alpha / rank
-    return {f"{key}.lora_down.weight": down, f"{key}.lora_up.weight": module.lora_B[ADAPTER].weight.detach().float(),
-            f"{key}.alpha": torch.tensor(alpha, dtype=torch.float32)}
+    """One adapter under its own key: lora_down/up and alpha = scaling x rank (the host applies alpha / rank);
+    DoRA as its exact weight difference."""
+    return lora_fuse.host_tensors({key: lora_fuse.layer_factors(module, ADAPTER)}, {key: Slot(key)}, str)
 
 
 def denoiser_keys(components: Any, names: list[str]) -> dict[str, str]:
@@ -242,6 +231,11 @@ def host_tensors(components: Any) -> dict[str, torch.Tensor]:
     encoder_index = {spec.folder: index for index, spec in enumerate(components.model_family.text_encoders)}
     for part, model in model_parts(components).items():
         modules = dict(lora_modules(model))
+        slots = components.model_family.denoiser_lora_slots(model) if part == DENOISER_PART else None
+        if slots is not None:  # the host fuses layers: one LoRA per fused layer (train/lora_fuse.py)
+            factors = {name: lora_fuse.layer_factors(module, ADAPTER) for name, module in modules.items()}
+            tensors.update(lora_fuse.host_tensors(factors, slots, str))
+            continue
         if part == DENOISER_PART:
             keys = denoiser_keys(components, list(modules))
         else:

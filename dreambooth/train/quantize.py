@@ -21,9 +21,6 @@ import torch
 from ..errors import ConfigError
 
 FP8_STORAGE = torch.float8_e4m3fn
-# Bits per weight of each storage, for the memory estimate: NF4 packs two weights per byte plus one fp8
-# scale per 64 weights (double quantization) and an fp32 scale per 256 of those.
-BYTES_PER_WEIGHT = {"none": None, "nf4": 0.5 + 1 / 64 + 4 / (64 * 256), "int8": 1.0 + 4 / 3072, "fp8": 1.0}
 
 
 def check_quantization(config: Any) -> None:

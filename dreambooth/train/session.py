@@ -266,7 +266,7 @@ def _load_models(config: TrainingConfig, model_dir: ModelDir, ranks: Ranks, warn
     check_identity(config, components, model_dir.working)
     start_lora = read_start_lora(config, components, lora_dir, warn)  # keys resolve on the unwrapped layers
     check_quantization(config)
-    quantize_base(components.unet, config.base_quantization, runtime.compute_dtype(config), ranks.device)
+    quantize_base(components.denoiser, config.base_quantization, runtime.compute_dtype(config), ranks.device)
     trainable = runtime.trainable_parameters(components, config)
     if start_lora is not None:
         apply_start_lora(components, start_lora, warn)

@@ -13,6 +13,7 @@ from dreambooth.guide.memory import (
     PARAMS,
     ItSlowdownMonitor,
     estimate_memory,
+    native_resolution,
     lora_params_per_rank,
     warn_if_exceeds,
 )
@@ -77,15 +78,20 @@ def test_warn_if_exceeds() -> None:
     assert warn_if_exceeds(estimate, None) is None
 
 
+# The smallest memory class each large family's preset fits at its native resolution.
+SMALLEST_FIT_GB = {"sdxl": 12, "flux-dev": 12, "flux-schnell": 12}
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("memory_gb", MEMORY_CLASSES_GB)
 def test_preset_fits_its_memory_class(family: str, memory_gb: int) -> None:
     preset = preset_for(family, memory_gb)
-    config = apply_preset(TrainingConfig(model_family=family, resolution={"sdxl": 1024, "sd2v": 768}.get(family, 512)),
+    config = apply_preset(TrainingConfig(model_family=family, resolution=native_resolution(family)),
                           preset)
     need = estimate_memory(config, family).total
-    if family == "sdxl" and memory_gb < 12:
-        # Even an 8-bit LoRA of SDXL's 2.6B-parameter UNet does not fit: the notes must say so.
+    if family in SMALLEST_FIT_GB and memory_gb < SMALLEST_FIT_GB[family]:
+        # Even an 8-bit LoRA of SDXL's 2.6B-parameter UNet, or a LoRA on Flux's 12B transformer stored in 4 bits,
+        # does not fit: the notes must say so.
         assert need > memory_gb * GIB * 0.9 and "does not fit" in " ".join(preset_notes(family, memory_gb))
     else:
         assert need <= memory_gb * GIB
