@@ -96,6 +96,8 @@ class ModelFamily:
     vae_class: str = "AutoencoderKL"
     scheduler_class: str = "DDPMScheduler"        # the training noise schedule's diffusers class
     sample_schedulers: tuple[str, ...] = ("ddim", "euler", "euler_a", "dpmpp_2m")  # 'sample_scheduler' choices
+    # Text encoders that only encode (never train) and leave the device once the run's captions are cached.
+    offloaded_text_encoders: tuple[str, ...] = ()
     quantized_presets: bool = False  # presets may store the frozen base in 8 or 4 bits ('base_quantization')
 
     # --- detection ---------------------------------------------------------------------------------------

@@ -116,12 +116,11 @@ class Flux(ModelFamily):
 
         from .flux_model import FluxSampler
 
-        clip, t5 = components.text_encoders
-        tokenizer, tokenizer_2 = components.tokenizers
+        # The sampler encodes the prompts itself (as training does), so the pipeline holds no text encoder: its
+        # device is the transformer's even when T5 waits in CPU memory.
         pipeline = diffusers.FluxPipeline(transformer=components.denoiser, vae=components.vae, scheduler=scheduler,
-                                          text_encoder=clip, tokenizer=tokenizer, text_encoder_2=t5,
-                                          tokenizer_2=tokenizer_2)
-        return FluxSampler(pipeline, self.t5_tokens)
+                                          text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None)
+        return FluxSampler(pipeline, list(components.text_encoders), list(components.tokenizers), self.t5_tokens)
 
     def sampling_scheduler(self, name: str, noise_scheduler_config: Mapping[str, Any], prediction_type: str) -> Any:
         import diffusers
@@ -175,7 +174,8 @@ _COMMON: dict[str, Any] = {
     "text_encoders": (CLIP_L, T5_XXL), "pipeline_class": "FluxPipeline", "lora_base_model_version": "flux1",
     "pipeline_options": {}, "index_options": {}, "schedule_tables": False,
     "denoiser_class": "FluxTransformer2DModel", "denoiser_folder": "transformer",
-    "scheduler_class": "FlowMatchEulerDiscreteScheduler", "sample_schedulers": ("euler",), "quantized_presets": True}
+    "scheduler_class": "FlowMatchEulerDiscreteScheduler", "sample_schedulers": ("euler",), "quantized_presets": True,
+    "offloaded_text_encoders": ("text_encoder_2",)}
 FLUX_DEV = Flux(name="flux-dev", label="Flux.1 dev", **_COMMON)
 FLUX_SCHNELL = Flux(name="flux-schnell", label="Flux.1 schnell", **_COMMON)
 FAMILIES = (FLUX_DEV, FLUX_SCHNELL)

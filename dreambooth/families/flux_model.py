@@ -30,19 +30,25 @@ CLIP_TOKENS = 77
 TRAIN_GUIDANCE = 3.5
 
 
-def clip_pooled(encoder: Any, tokenizer: Any, captions: list[str], device: torch.device) -> torch.Tensor:
+def _device_of(model: Any) -> torch.device:
+    return next(model.parameters()).device
+
+
+def clip_pooled(encoder: Any, tokenizer: Any, captions: list[str]) -> torch.Tensor:
     """CLIP-L's pooled output of each caption (cut to 77 tokens), as FluxPipeline computes it."""
     ids = tokenizer(captions, padding="max_length", max_length=CLIP_TOKENS, truncation=True,
-                    return_tensors="pt").input_ids.to(device)
+                    return_tensors="pt").input_ids.to(_device_of(encoder))
     return encoder(ids, output_hidden_states=False).pooler_output
 
 
 def encode_captions(encoders: list[Any], tokenizers: list[Any], captions: list[str], t5_tokens: int,
                     device: torch.device, warn: Callable[[str], None]) -> EncodedText:
+    """T5's tokens and CLIP-L's pooled output on `device`; each encoder runs where it is (T5 may have left the
+    device once the captions were cached)."""
     from .t5_text import encode_t5
 
-    hidden = encode_t5(encoders[1], tokenizers[1], captions, t5_tokens, device, warn)
-    return EncodedText(hidden, clip_pooled(encoders[0], tokenizers[0], captions, device))
+    hidden = encode_t5(encoders[1], tokenizers[1], captions, t5_tokens, _device_of(encoders[1]), warn)
+    return EncodedText(hidden.to(device), clip_pooled(encoders[0], tokenizers[0], captions).to(device))
 
 
 def image_ids(height: int, width: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
@@ -142,11 +148,14 @@ def _lora_width(model: torch.nn.Module, names: list[str]) -> int:
 
 
 class FluxSampler:
-    """FluxPipeline behind the preview renderer's call: no negative prompt (Flux.1 is guidance-distilled), the
-    model's T5 length, and guidance only where the transformer has a guidance input (dev)."""
+    """FluxPipeline behind the preview renderer's call. The captions are encoded as in training (each encoder where
+    it is) and handed over as embeddings; no negative prompt (Flux.1 is guidance-distilled); guidance goes to the
+    transformer only where it has a guidance input (dev)."""
 
-    def __init__(self, pipeline: Any, t5_tokens: int):
+    def __init__(self, pipeline: Any, encoders: list[Any], tokenizers: list[Any], t5_tokens: int):
         self.pipeline = pipeline
+        self.encoders = encoders
+        self.tokenizers = tokenizers
         self.t5_tokens = t5_tokens
 
     def set_progress_bar_config(self, **options: Any) -> None:
@@ -157,5 +166,9 @@ class FluxSampler:
             raise ConfigError(f"Sample negative prompt {negative_prompt!r}: Flux.1 samples without negative prompts "
                               "(its guidance is distilled into the model); clear 'sample_negative_prompt' or the "
                               "--n flag of 'sample_prompts'.")
-        return self.pipeline(prompt=prompt, guidance_scale=guidance_scale, max_sequence_length=self.t5_tokens,
+        transformer = self.pipeline.transformer
+        encoded = encode_captions(self.encoders, self.tokenizers, [prompt], self.t5_tokens,
+                                  _device_of(transformer), lambda message: None)
+        return self.pipeline(prompt_embeds=encoded.hidden.to(transformer.dtype),
+                             pooled_prompt_embeds=encoded.pooled.to(transformer.dtype), guidance_scale=guidance_scale,
                              **options)

@@ -202,6 +202,25 @@ def encode_text(session: Session, captions: list[str]) -> EncodedText:
         return _encode(session, captions)
 
 
+def offload_cached_encoders(session: Session) -> list[str]:
+    """With cached captions, the text encoders a family needs only to encode them (Flux's 9.5 GB T5-XXL) wait in
+    CPU memory once every caption of the run is encoded; previews encode their prompts there. Returns the parts
+    moved."""
+    names = session.family.offloaded_text_encoders
+    if session.text_cache is None or not names:
+        return []
+    plan = session.plan
+    for caption in sorted({record.caption for record in (*plan.instance, *plan.class_images, *plan.validation)}):
+        _cached_text(session, [caption])
+    moved = [(name, encoder) for name, encoder in runtime.text_parts(session.components) if name in names]
+    for _, encoder in moved:
+        encoder.to("cpu")
+    if moved and session.device.type != "cpu":
+        session.callbacks.on_status("Captions encoded once; " + ", ".join(name for name, _ in moved)
+                                    + " moved to CPU memory")
+    return [name for name, _ in moved]
+
+
 def _cached_text(session: Session, captions: list[str]) -> EncodedText:
     cache = session.text_cache
     assert cache is not None

@@ -34,6 +34,7 @@ from .data.class_images import base_checkpoint_path
 from .data.concepts import prior_active
 from .events import TrainCallbacks, TrainCommands, TrainObserver
 from .loop import TrainLoop
+from .objectives import offload_cached_encoders
 from .session import Session, Warnings, build_session, resolve_seed
 
 
@@ -98,6 +99,7 @@ class Trainer:
     def _setup(self, config: TrainingConfig, model_dir: ModelDir) -> tuple[Session, State]:
         session = build_session(config, model_dir, self.host, self.callbacks, self.resume, warn=self.warn,
                                 observers=self.observers, heap_reuse=self.heap_reuse)
+        offload_cached_encoders(session)
         self.session = session
         state = State()
         if session.resume_from is not None:
