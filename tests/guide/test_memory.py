@@ -13,8 +13,8 @@ from dreambooth.guide.memory import (
     PARAMS,
     ItSlowdownMonitor,
     estimate_memory,
-    native_resolution,
     lora_params_per_rank,
+    native_resolution,
     warn_if_exceeds,
 )
 from dreambooth.guide.presets import (
