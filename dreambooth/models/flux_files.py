@@ -134,11 +134,6 @@ def _prefix_of(key: str) -> tuple[str | None, str]:
     return None, ""
 
 
-def is_flux_file(keys: Iterable[str]) -> bool:
-    """Whether a single file's keys hold a Flux transformer (original or diffusers names, any prefix)."""
-    return any(key.endswith(flux_marker) for key in keys for flux_marker in ROLE_MARKERS["transformer"])
-
-
 # --- the transformer ----------------------------------------------------------------------------------------
 
 def released_transformer_config() -> dict[str, Any]:

@@ -20,9 +20,6 @@ from .convert import T5_TIED_EMBEDDING, ldm_to_clip_l, match_model_keys
 from .loading import CONFIGS_METADATA_KEY, read_safetensors
 from .tokenizer import load_t5_tokenizer, missing_t5_tokenizer, t5_search_dirs
 
-# Folders of the model's parts in a diffusers folder and in the shipped configs, by role.
-PART_FOLDERS = {"transformer": "transformer", "vae": "vae", "clip_l": "text_encoder", "t5xxl": "text_encoder_2"}
-
 
 def read_parts(files: flux_files.FluxFiles) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, Any]]:
     """(role -> its weights in full-precision dtypes, configs embedded in our own files), each file read once."""

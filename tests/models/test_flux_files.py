@@ -225,5 +225,5 @@ def test_companions_found_in_the_host_folders(tmp_path: Path) -> None:
                            "vae": models / "VAE" / "ae.safetensors"}
     chosen = flux_files.find_flux_files(source, models, {"t5xxl": models / "text_encoder" / "t5xxl_fp8_e4m3fn.safetensors"})
     assert chosen.parts["t5xxl"].name == "t5xxl_fp8_e4m3fn.safetensors"
-    assert flux_files.is_flux_file(load_file(str(source)))
-    assert not flux_files.is_flux_file(MARKER_FILES["vae"])
+    assert flux_files.file_roles(source) == {"transformer"}
+    assert flux_files.file_roles(models / "VAE" / "other.safetensors") == set()
