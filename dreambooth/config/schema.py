@@ -186,7 +186,8 @@ class TrainingConfig:
                                    "created; change it only to correct the record.", "Model",
                                    max_length=PATH_MAX_LENGTH)
     model_family: str = setting("sd1", "Model family", "Architecture: sd1 (SD 1.x), sd2 (SD 2.x 512, "
-                                "epsilon), sd2v (SD 2.x 768 v-prediction) or sdxl. Detected when the model "
+                                "epsilon), sd2v (SD 2.x 768 v-prediction), sdxl, flux-dev or flux-schnell (Flux.1, "
+                                "trained as a LoRA). Detected when the model "
                                 "is created; change it only if detection chose wrong, since it decides the "
                                 "resolution, text encoders and export format.", "Model",
                                 choices=FAMILIES)
@@ -800,12 +801,18 @@ def _check_resolution_shift(config: TrainingConfig) -> None:
 
 
 def _check_resolutions(config: TrainingConfig) -> None:
+    family = get_family(config.model_family)
+    multiple = family.pixel_multiple  # 8 (the VAE's downscale); Flux 16 (its 2x2 latent patches)
     for resolution in training_resolutions(config):
         if not 64 <= resolution <= 4096:
             raise ConfigError(f"Setting 'resolution'/'extra_resolutions': {resolution} is outside 64-4096 pixels.")
-        if resolution % 8:
-            raise ConfigError(f"Setting 'resolution'/'extra_resolutions': {resolution} is not a multiple of 8; "
-                              "use e.g. 512, 768 or 1024.")
+        if resolution % multiple:
+            raise ConfigError(f"Setting 'resolution'/'extra_resolutions': {resolution} is not a multiple of "
+                              f"{multiple}{'' if multiple == 8 else ', which ' + family.label + ' needs'}; use e.g. "
+                              "512, 768 or 1024.")
+    if multiple > 8 and config.enable_bucketing and config.bucket_step % multiple:
+        raise ConfigError(f"Setting 'bucket_step': {config.bucket_step} is not a multiple of {multiple}, which "
+                          f"{family.label} needs; use e.g. 64.")
 
 
 def training_resolutions(config: TrainingConfig) -> list[int]:

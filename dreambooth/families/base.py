@@ -98,7 +98,8 @@ class ModelFamily:
     sample_schedulers: tuple[str, ...] = ("ddim", "euler", "euler_a", "dpmpp_2m")  # 'sample_scheduler' choices
     # Text encoders that only encode (never train) and leave the device once the run's captions are cached.
     offloaded_text_encoders: tuple[str, ...] = ()
-    quantized_presets: bool = False  # presets may store the frozen base in 8 or 4 bits ('base_quantization')
+    quantized_presets: bool = False
+    pixel_multiple: int = 8  # image sides must be multiples of this (VAE downscale x patch size)  # presets may store the frozen base in 8 or 4 bits ('base_quantization')
 
     # --- detection ---------------------------------------------------------------------------------------
 

@@ -174,7 +174,7 @@ _COMMON: dict[str, Any] = {
     "text_encoders": (CLIP_L, T5_XXL), "pipeline_class": "FluxPipeline", "lora_base_model_version": "flux1",
     "pipeline_options": {}, "index_options": {}, "schedule_tables": False,
     "denoiser_class": "FluxTransformer2DModel", "denoiser_folder": "transformer",
-    "scheduler_class": "FlowMatchEulerDiscreteScheduler", "sample_schedulers": ("euler",), "quantized_presets": True,
+    "scheduler_class": "FlowMatchEulerDiscreteScheduler", "sample_schedulers": ("euler",), "quantized_presets": True, "pixel_multiple": 16,
     "offloaded_text_encoders": ("text_encoder_2",)}
 FLUX_DEV = Flux(name="flux-dev", label="Flux.1 dev", **_COMMON)
 FLUX_SCHNELL = Flux(name="flux-schnell", label="Flux.1 schnell", **_COMMON)

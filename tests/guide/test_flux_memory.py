@@ -1,0 +1,66 @@
+"""Memory of a Flux.1 LoRA run, from the released model's real shapes: what a quantized base, cached captions
+(T5-XXL off the device) and checkpointing save, and presets that fit 12, 16 and 24 GB."""
+
+from __future__ import annotations
+
+import pytest
+
+from dreambooth.config.schema import TrainingConfig
+from dreambooth.families import get_family
+from dreambooth.guide.memory import GIB, estimate_memory, family_facts
+from dreambooth.guide.presets import apply_preset, preset_fits, preset_for, preset_notes
+
+pytest.importorskip("diffusers")
+
+
+def lora(**changes: object) -> TrainingConfig:
+    settings = {"model_family": "flux-dev", "prediction_type": "flow_matching", "method": "lora", "lora_rank": 16,
+                "resolution": 1024, "gradient_checkpointing": True, "train_text_encoder": False,
+                "optimizer": "adamw_8bit", **changes}
+    return TrainingConfig(**settings)  # type: ignore[arg-type]
+
+
+def test_parameter_counts_are_the_released_models() -> None:
+    dev, schnell = family_facts("flux-dev"), family_facts("flux-schnell")
+    assert 11.8e9 < dev.params["unet"] < 12.0e9  # "a 12 billion parameter rectified flow transformer"
+    assert 4.7e9 < dev.params["te2"] < 5.0e9 and 120e6 < dev.params["te"] < 125e6  # T5-XXL encoder, CLIP-L
+    config = get_family("flux-dev").shipped_configs()["transformer"]
+    width = config["num_attention_heads"] * config["attention_head_dim"]
+    guidance_embedder = 256 * width + width + width * width + width  # dev's only extra layers
+    assert dev.params["unet"] - schnell.params["unet"] == guidance_embedder
+    assert dev.resolution == 1024 and dev.checkpointing_factor < 0.1  # 57 blocks: only their inputs are kept
+
+
+def test_a_quantized_base_saves_what_its_storage_saves() -> None:
+    full, int8, nf4 = (estimate_memory(lora(base_quantization=mode)) for mode in ("none", "int8", "nf4"))
+    transformer = family_facts("flux-dev").params["unet"]
+    assert full.weights - int8.weights == pytest.approx(transformer * (2 - 1.0013), rel=1e-3)
+    assert 0.25 < (nf4.weights - full.weights + transformer * 2) / (transformer * 2) < 0.28
+    assert full.total > 24 * GIB > int8.total and nf4.total < 12 * GIB
+
+
+def test_t5_counts_only_while_captions_are_not_cached() -> None:
+    cached, encoded_each_step = estimate_memory(lora()), estimate_memory(lora(cache_text_encoder_outputs="off"))
+    text = family_facts("flux-dev").params
+    assert encoded_each_step.weights - cached.weights == (text["te"] + text["te2"]) * 2
+
+
+def test_activations_follow_the_image_area_and_checkpointing() -> None:
+    small, large = estimate_memory(lora(resolution=512)), estimate_memory(lora())
+    assert large.activations == pytest.approx(4 * small.activations, rel=1e-6)
+    assert large.activations_other_checkpointing > 10 * large.activations
+
+
+@pytest.mark.parametrize(("memory_gb", "storage"), [(12, "nf4"), (16, "nf4"), (24, "int8"), (48, None)])
+def test_presets_fit_12_16_and_24_gb(memory_gb: int, storage: str | None) -> None:
+    preset = preset_for("flux-dev", memory_gb)
+    assert preset["method"] == "lora" and preset.get("base_quantization") == storage
+    config = apply_preset(lora(), preset)
+    assert estimate_memory(config).total <= memory_gb * GIB * 0.9 and preset_fits("flux-dev", memory_gb)
+    notes = " ".join(preset_notes("flux-dev", memory_gb))
+    assert ("bitsandbytes" in notes) == (storage is not None) and "Full-weight DreamBooth" not in notes
+
+
+def test_8_gb_is_too_small_and_says_so() -> None:
+    assert not preset_fits("flux-dev", 8)
+    assert "does not fit 8 GB even as a LoRA on a nf4 base" in " ".join(preset_notes("flux-dev", 8))
