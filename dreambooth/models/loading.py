@@ -225,9 +225,14 @@ def components_from_state_dict(state: Mapping[str, torch.Tensor], family: str, p
 
 
 def load_checkpoint(path: str | Path, family: str | None = None, prediction_type: str | None = None,
-                    dtype: torch.dtype = torch.float32) -> Components:
-    """Components from an original single-file checkpoint (.safetensors or .ckpt), offline."""
+                    dtype: torch.dtype = torch.float32, models_dir: Path | None = None) -> Components:
+    """Components from an original single-file checkpoint (.safetensors or .ckpt), offline. A Flux transformer
+    file takes its text encoders and VAE from beside it or from `models_dir`'s text_encoder and VAE folders."""
     path = Path(path)
+    if path.suffix.lower() == ".safetensors" and "transformer" in flux_file_roles(path):
+        from .flux_loading import load_flux_file
+
+        return load_flux_file(path, models_dir, family)
     state, metadata = read_checkpoint(path)
     family, prediction = resolve_family(path, state, metadata, family, prediction_type)
     configs = embedded_configs(metadata) or shipped_configs(family)
@@ -318,10 +323,6 @@ def load_source(source: str | Path, family: str | None = None, prediction_type: 
     """Components from a checkpoint file or a diffusers folder (`models_dir`: the host's models folder, where a
     Flux transformer file's text encoders and VAE may lie)."""
     source = Path(source)
-    if source.suffix.lower() == ".safetensors" and "transformer" in flux_file_roles(source):
-        from .flux_loading import load_flux_file
-
-        return load_flux_file(source, models_dir, family)
     if source.is_dir():
         if not (source / "model_index.json").is_file():
             raise ModelError(f"Folder {source} is not a diffusers model (no model_index.json); "
@@ -330,7 +331,7 @@ def load_source(source: str | Path, family: str | None = None, prediction_type: 
             return load_diffusers_folder(source, family, prediction_type, dtype)
         except (OSError, ValueError, KeyError) as error:
             raise ModelError(f"Diffusers folder {source} cannot be loaded ({error}); it is incomplete.") from None
-    return load_checkpoint(source, family, prediction_type, dtype)
+    return load_checkpoint(source, family, prediction_type, dtype, models_dir)
 
 
 # --- the model store ------------------------------------------------------------------------------------

@@ -199,3 +199,21 @@ def test_regularisation_images_train_through_the_same_loop(flux_env: FluxEnv) ->
     assert trainer.run().completed
     assert True in seen.kinds and False in seen.kinds
     assert "photo of a dog" in seen.captions and "photo of sks dog" in seen.captions
+
+
+def test_low_memory_settings_train_the_same_lora(flux_env: FluxEnv) -> None:
+    """Gradient checkpointing and an NF4 base (bitsandbytes runs on the CPU too): the same adapters train; only the
+    base's rounding changes the numbers, checkpointing changes none."""
+    pytest.importorskip("bitsandbytes")
+    settings = {"max_train_steps": 2, "train_text_encoder": False}
+    flux_env.trainer(resume=False, **settings).run()
+    plain = _lora_tensors(flux_env)
+    flux_env.fresh()
+    flux_env.trainer(resume=False, gradient_checkpointing=True, **settings).run()
+    checkpointed = _lora_tensors(flux_env)
+    flux_env.fresh()
+    result = flux_env.trainer(resume=False, gradient_checkpointing=True, base_quantization="nf4", **settings).run()
+    quantized = _lora_tensors(flux_env)
+    assert result.completed and plain.keys() == checkpointed.keys() == quantized.keys()
+    assert all(torch.allclose(plain[key], checkpointed[key], atol=1e-6) for key in plain)
+    assert any(not torch.equal(plain[key], quantized[key]) for key in plain if key.endswith("lora_up.weight"))
