@@ -96,11 +96,10 @@ class MemoryEstimate:
         return rows + [f"{'total':<16} {self.total / GIB:6.2f} GiB"]
 
 
-# Where each part's weights lie in a diffusers folder (working/), for counting the real model's parameters
-# (the denoiser is a UNet, or a transformer for Flux).
-WEIGHT_FILES = {"unet": "unet/diffusion_pytorch_model.safetensors", "te": "text_encoder/model.safetensors",
-                "te2": "text_encoder_2/model.safetensors", "vae": "vae/diffusion_pytorch_model.safetensors"}
-TRANSFORMER_FILE = "transformer/diffusion_pytorch_model.safetensors"
+# Each part's folder in a diffusers folder (working/), for counting the real model's parameters: the denoiser is
+# a UNet, or a transformer (Flux); large parts are split into several files (model-00001-of-00003.safetensors).
+PART_FOLDERS = {"unet": ("unet", "transformer"), "te": ("text_encoder",), "te2": ("text_encoder_2",),
+                "vae": ("vae",)}
 
 
 def family_of(config: TrainingConfig, family: str | None) -> str:
@@ -128,22 +127,18 @@ def _product(shape: list[int]) -> int:
 
 def model_params(folder: Path | None) -> dict[str, int] | None:
     """Parameter counts per part of the diffusers model in `folder` (a model's working/), or None when it
-    has no readable UNet (then the estimate uses the real architecture's counts)."""
+    has no readable denoiser (then the estimate uses the real architecture's counts)."""
     if folder is None:
-        return None
-    files = dict(WEIGHT_FILES)
-    if (Path(folder) / TRANSFORMER_FILE).is_file():
-        files["unet"] = TRANSFORMER_FILE
-    if not (Path(folder) / files["unet"]).is_file():
         return None
     counts = {}
     try:
-        for part, relative in files.items():
-            if (Path(folder) / relative).is_file():
-                counts[part] = safetensors_params(Path(folder) / relative)
+        for part, names in PART_FOLDERS.items():
+            files = [path for name in names for path in sorted((Path(folder) / name).glob("*.safetensors"))]
+            if files:
+                counts[part] = sum(safetensors_params(path) for path in files)
     except (OSError, ValueError, KeyError, struct.error):
         return None
-    return counts
+    return counts if counts.get("unet") else None
 
 
 def lora_params_per_rank(family: str, text_encoder: bool) -> int:

@@ -185,7 +185,10 @@ def file_roles(path: Path) -> set[str]:
     roles = {role for role in ROLES if any(key.startswith(p) for key in keys for p in ROLE_PREFIXES[role])}
     bare = [key for key in keys if _prefix_of(key)[0] is None]
     role = _role_of_bare(bare) if bare else None
-    return roles | ({role} if role else set())
+    roles |= {role} if role else set()
+    if not any(key.endswith(marker) for key in keys for marker in ROLE_MARKERS["transformer"]):
+        roles.discard("transformer")  # an SD checkpoint's UNet shares the `model.diffusion_model.` prefix
+    return roles
 
 
 def companion_folders(source: Path, models_dir: Path | None) -> list[Path]:

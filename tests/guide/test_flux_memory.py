@@ -64,3 +64,24 @@ def test_presets_fit_12_16_and_24_gb(memory_gb: int, storage: str | None) -> Non
 def test_8_gb_is_too_small_and_says_so() -> None:
     assert not preset_fits("flux-dev", 8)
     assert "does not fit 8 GB even as a LoRA on a nf4 base" in " ".join(preset_notes("flux-dev", 8))
+
+
+def test_a_models_own_counts_include_split_weight_files(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A working folder's transformer and T5 are counted over all their files (diffusers splits large parts)."""
+    from safetensors.torch import load_file, save_file
+
+    from dreambooth.guide.memory import model_params
+    from dreambooth.models.components import save_components
+    from dreambooth.models.tiny import tiny_components
+
+    components = tiny_components("flux-dev")
+    working = save_components(components, tmp_path / "working")
+    whole = model_params(working)
+    assert whole is not None and whole["unet"] == sum(p.numel() for p in components.denoiser.parameters())
+    single = working / "transformer" / "diffusion_pytorch_model.safetensors"
+    tensors = load_file(str(single))
+    names = sorted(tensors)
+    save_file({k: tensors[k] for k in names[::2]}, str(single.with_name("diffusion_pytorch_model-00001-of-00002.safetensors")))
+    save_file({k: tensors[k] for k in names[1::2]}, str(single.with_name("diffusion_pytorch_model-00002-of-00002.safetensors")))
+    single.unlink()
+    assert model_params(working) == whole

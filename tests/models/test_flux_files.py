@@ -226,4 +226,7 @@ def test_companions_found_in_the_host_folders(tmp_path: Path) -> None:
     chosen = flux_files.find_flux_files(source, models, {"t5xxl": models / "text_encoder" / "t5xxl_fp8_e4m3fn.safetensors"})
     assert chosen.parts["t5xxl"].name == "t5xxl_fp8_e4m3fn.safetensors"
     assert flux_files.file_roles(source) == {"transformer"}
+    sd_unet = {"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(1), "first_stage_model.x": torch.zeros(1)}
+    save_file(sd_unet, str(models / "Stable-diffusion" / "sd.safetensors"))
+    assert "transformer" not in flux_files.file_roles(models / "Stable-diffusion" / "sd.safetensors")
     assert flux_files.file_roles(models / "VAE" / "other.safetensors") == set()
