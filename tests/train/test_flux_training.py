@@ -152,6 +152,26 @@ def test_resume_is_bit_identical(flux_env: FluxEnv) -> None:
     final = _lora_tensors(flux_env)
     assert straight.keys() == final.keys() and any(key.startswith("lora_te1_") for key in final)
     assert all(torch.equal(straight[key], final[key]) for key in straight)
+    assert_every_key_matched_by_forge_and_comfy(flux_env, set(final))
+
+
+def assert_every_key_matched_by_forge_and_comfy(env: FluxEnv, keys: set[str]) -> None:
+    """Transformer keys by the UNet map, CLIP-L's by the CLIP map (Forge: UNet first, the rest to CLIP)."""
+    from dreambooth.families.tables import hf_text_name
+
+    components = load_components(env.model.working)
+    transformer, (clip, t5) = components.denoiser, components.text_encoders
+    original = flux_names.to_original(transformer.state_dict(), transformer.config)
+    shape = (transformer.config.num_layers, transformer.config.num_single_layers,
+             flux_names.inner_dim(transformer.config), bool(transformer.config.guidance_embeds))
+    clip_keys = [f"clip_l.transformer.{hf_text_name(name)}.weight" for name, module in clip.named_modules()
+                 if getattr(module, "weight", None) is not None]
+    t5_keys = [f"t5xxl.transformer.{key}" for key in t5.state_dict() if key.endswith(".weight")]
+    for forge in (True, False):
+        matched = rules.forge_matches(keys, rules.unet_key_map(list(original), *shape),
+                                      rules.clip_key_map(clip_keys, t5_keys, forge=forge))
+        assert sorted(keys - set(matched)) == []
+        assert all(target.startswith("clip_l.") for key, (target, _) in matched.items() if key.startswith("lora_te1_"))
 
 
 def test_cached_captions_send_t5_to_cpu_and_training_never_runs_it(flux_env: FluxEnv,
