@@ -109,6 +109,13 @@ class Env:
 
 
 @pytest.fixture
+def make_config() -> Callable[..., TrainingConfig]:
+    """`base_config` for tests that set up their own model folder (several test folders hold a conftest module,
+    so it cannot be imported by name)."""
+    return base_config
+
+
+@pytest.fixture
 def env(tmp_path: Path, tiny_working: Callable[[str], Path]) -> Env:
     torch.manual_seed(0)
     return Env(tmp_path, tiny_working("sd1"))

@@ -14,16 +14,14 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from conftest import base_config
 from safetensors import safe_open
 from safetensors.torch import load_file
-from test_trainer import Recorder
 
 from dreambooth.families import flux_names, get_family
 from dreambooth.generation import GenerationRequest
 from dreambooth.models.components import build_pipeline, load_components
 from dreambooth.store import Layout, ModelStore
-from dreambooth.train.events import TrainCommands
+from dreambooth.train.events import LossRecord, Progress, TrainCallbacks, TrainCommands
 from dreambooth.train.sampling import render
 
 from fake_host import FakeHost
@@ -40,10 +38,33 @@ if not hasattr(diffusers, "FluxTransformer2DModel"):
 PROMPT = GenerationRequest("photo of sks dog", seed=3, steps=2, cfg_scale=3.5, width=64, height=64)
 
 
+class Recorder(TrainCallbacks):
+    """What a run reports; stops it (with a save) at `stop_at`."""
+
+    def __init__(self, commands: TrainCommands | None = None, stop_at: int | None = None):
+        self.commands, self.stop_at = commands, stop_at
+        self.losses: list[LossRecord] = []
+        self.saved: list[tuple[str, Path]] = []
+        self.samples: list[tuple[int, list[Path]]] = []
+
+    def on_progress(self, progress: Progress) -> None:
+        if self.commands is not None and progress.step == self.stop_at:
+            self.commands.stop(save=True)
+
+    def on_loss(self, record: LossRecord) -> None:
+        self.losses.append(record)
+
+    def on_saved(self, kind: str, path: Path) -> None:
+        self.saved.append((kind, path))
+
+    def on_sample(self, step: int, paths: list[Path], prompts: list[str]) -> None:
+        self.samples.append((step, paths))
+
+
 class FluxEnv:
     """A temporary models folder with one tiny Flux model and its own settings (LoRA, flow matching)."""
 
-    def __init__(self, root: Path, working: Path, family: str):
+    def __init__(self, root: Path, working: Path, family: str, base_config: Callable[..., Any]):
         self.layout = Layout.under(root / "models").ensure()
         self.base_working = working
         self.model = ModelStore(self.layout).model("tiny")
@@ -72,9 +93,9 @@ class FluxEnv:
 
 
 @pytest.fixture
-def flux_env(tmp_path: Path, tiny_working: Callable[[str], Path]) -> FluxEnv:
+def flux_env(tmp_path: Path, tiny_working: Callable[[str], Path], make_config: Callable[..., Any]) -> FluxEnv:
     torch.manual_seed(0)
-    return FluxEnv(tmp_path, tiny_working("flux-dev"), "flux-dev")
+    return FluxEnv(tmp_path, tiny_working("flux-dev"), "flux-dev", make_config)
 
 
 def lora_file(env: FluxEnv) -> Path:
@@ -189,8 +210,9 @@ def test_cached_captions_send_t5_to_cpu_and_training_never_runs_it(flux_env: Flu
     assert next(t5.parameters()).device.type == "cpu" and calls == []
 
 
-def test_schnell_trains_without_guidance_or_shift(tmp_path: Path, tiny_working: Callable[[str], Path]) -> None:
-    env = FluxEnv(tmp_path, tiny_working("flux-schnell"), "flux-schnell")
+def test_schnell_trains_without_guidance_or_shift(tmp_path: Path, tiny_working: Callable[[str], Path],
+                                                  make_config: Callable[..., Any]) -> None:
+    env = FluxEnv(tmp_path, tiny_working("flux-schnell"), "flux-schnell", make_config)
     assert env.config.flow_shift == 1.0 and not env.config.flow_resolution_shift
     result = env.trainer(max_train_steps=1, train_text_encoder=False).run()
     assert result.completed
