@@ -31,7 +31,7 @@ EMA_UNET_PREFIX = "model_ema.diffusion_model"
 
 # Modules of this package shared by the families (not units); clip_text and t5_text import torch, the units
 # do not.
-SHARED_MODULES = frozenset({"base", "tables", "clip_text", "t5_text"})
+SHARED_MODULES = frozenset({"base", "tables", "clip_text", "t5_text", "mmdit_table"})
 
 
 def _discover() -> dict[str, ModelFamily]:

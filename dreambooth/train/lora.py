@@ -106,6 +106,7 @@ def peft_config(config: TrainingConfig, targets: list[str], conv_targets: bool) 
 
 
 def _check_lora_settings(config: TrainingConfig) -> None:
+    get_family(config.model_family).check_lora_settings(config)
     if not (config.train_unet or config.train_text_encoder):
         raise ConfigError("Settings 'train_unet' and 'train_text_encoder' are both off: a LoRA needs at least "
                           "one of them; turn one on.")
@@ -217,12 +218,17 @@ def _dora_difference(module: Any) -> torch.Tensor:
     return (merged.get_base_layer().weight - module.get_base_layer().weight).detach().float()
 
 
-def _module_tensors(key: str, module: Any) -> dict[str, torch.Tensor]:
+def _module_tensors(key: str, module: Any, alpha_key: bool = True) -> dict[str, torch.Tensor]:
+    """The layer's file tensors: down, up and alpha (the host applies alpha / rank), or with `alpha_key` False
+    down and the up weights times the strength (loaders then apply scale 1)."""
     if module.use_dora.get(ADAPTER, False):
         return {f"{key}.diff": _dora_difference(module)}
     down = module.lora_A[ADAPTER].weight.detach().float()
-    alpha = module.scaling[ADAPTER] * down.shape[0]  # the host applies alpha / rank
-    return {f"{key}.lora_down.weight": down, f"{key}.lora_up.weight": module.lora_B[ADAPTER].weight.detach().float(),
+    up = module.lora_B[ADAPTER].weight.detach().float()
+    if not alpha_key:
+        return {f"{key}.lora_down.weight": down, f"{key}.lora_up.weight": up * module.scaling[ADAPTER]}
+    alpha = module.scaling[ADAPTER] * down.shape[0]
+    return {f"{key}.lora_down.weight": down, f"{key}.lora_up.weight": up,
             f"{key}.alpha": torch.tensor(alpha, dtype=torch.float32)}
 
 
@@ -247,7 +253,7 @@ def host_tensors(components: Any) -> dict[str, torch.Tensor]:
         else:
             keys = {name: lora_keys.te_key(components.family, encoder_index[part], name) for name in modules}
         for name, module in modules.items():
-            tensors.update(_module_tensors(keys[name], module))
+            tensors.update(_module_tensors(keys[name], module, components.model_family.lora_alpha_keys))
     return tensors
 
 

@@ -73,8 +73,10 @@ def full_trainable(components: Any, config: Any) -> dict[str, list[torch.nn.Para
     if config.train_unet:
         groups[DENOISER_PART] = list(components.denoiser.parameters())
     if config.train_text_encoder:
+        specs = {spec.folder: spec for spec in components.model_family.text_encoders}
         for name, encoder in text_parts(components, trainable_only=True):
-            groups[name] = list(encoder.parameters())
+            frozen = "text_projection.weight" if specs[name].identity_projection else None
+            groups[name] = [param for key, param in encoder.named_parameters() if key != frozen]
     return groups
 
 
