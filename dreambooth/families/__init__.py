@@ -131,6 +131,14 @@ def detect_family(keys: Iterable[str], metadata: Mapping[str, str] | None = None
     return variant(base, markers.prediction_type or base.prediction_type, markers.zero_terminal_snr)
 
 
+def _objective_fits(base: ModelFamily, prediction: str, source: str) -> str:
+    """The prediction type, unless it crosses between flow matching and the DDPM objectives (another model)."""
+    if (prediction == "flow_matching") != (base.prediction_type == "flow_matching"):
+        raise ModelError(f"{source} is a {base.label} model, which trains with {base.prediction_type}, not "
+                         f"{prediction}; leave the prediction type to detection.")
+    return prediction
+
+
 def resolve_family(keys: Iterable[str], metadata: Mapping[str, str] | None, yaml_text: str | None,
                    requested: str | None, prediction_type: str | None, source: str = "The checkpoint"
                    ) -> tuple[ModelFamily, str]:
@@ -141,7 +149,8 @@ def resolve_family(keys: Iterable[str], metadata: Mapping[str, str] | None, yaml
     if wanted is not None and wanted.architecture != base.architecture:
         raise ModelError(f"{source} is a {base.name} model, not {wanted.name}; choose the detected family.")
     markers = read_markers(keys, metadata, yaml_text)
-    prediction = markers.prediction_type or prediction_type or (wanted or base).prediction_type
+    prediction = _objective_fits(base, markers.prediction_type or prediction_type or (wanted or base).prediction_type,
+                                 source)
     return variant(base, prediction, markers.zero_terminal_snr), prediction
 
 
@@ -158,7 +167,7 @@ def folder_family(index: Mapping[str, Any], text_config: Mapping[str, Any], sche
         and wanted is not base else None
     prediction = prediction_type or (asked_variant.prediction_type if asked_variant else None) \
         or scheduler_prediction or base.prediction_type
-    return variant(base, prediction), prediction
+    return variant(base, _objective_fits(base, prediction, "The diffusers folder")), prediction
 
 
 __all__ = ["FAMILY_NAMES", "Markers", "ModelFamily", "TextEncoder", "all_families", "architecture_of",

@@ -15,11 +15,12 @@ and no `.alpha` keys: A1111 1.10 splits every SD3 LoRA key at its last two dots 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigError
-from .base import ModelFamily, TextEncoder
+from .base import CONFIG_DIR, ModelFamily, TextEncoder
 from .sd1 import TINY_CLIP, TINY_VAE
 
 if TYPE_CHECKING:
@@ -36,7 +37,10 @@ CLIP_G = TextEncoder(folder="text_encoder_2", tokenizer_folder="tokenizer_2", la
 T5_XXL = TextEncoder(folder="text_encoder_3", tokenizer_folder="tokenizer_3", layout="t5",
                      ldm_prefix="text_encoders.t5xxl.transformer.", lora_prefix="lora_te3", pad_token="<pad>",
                      optional=True, trainable=False)
-JOINT_BLOCKS = "model.diffusion_model.joint_blocks."
+ORIGINAL = "model.diffusion_model."
+JOINT_BLOCKS = ORIGINAL + "joint_blocks."
+HEAD_WIDTH = 64   # every release's attention head width (ComfyUI assumes 64 per block as well)
+DEFAULT_VARIANT = "sd3.5-medium"
 T5_WIDTH = 4096   # T5-XXL's width: the transformer's joint attention width
 T5_TOKENS = 256   # the diffusers pipeline's max_sequence_length for SD3
 SHIFT = 3.0       # the SD3/SD 3.5 schedulers' timestep shift
@@ -47,14 +51,50 @@ ATTENTION_TARGETS = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "at
                      "attn2.to_out.0")
 
 
+def transformer_config(shapes: Mapping[str, tuple[int, ...]]) -> dict[str, Any]:
+    """The SD3Transformer2DModel config of a single file, read from its transformer's key shapes: SD3 Medium,
+    SD 3.5 Medium (dual attention in its first blocks) and SD 3.5 Large differ only in what the keys show."""
+    def shape(key: str) -> tuple[int, ...]:
+        return tuple(shapes[ORIGINAL + key])
+
+    blocks = {int(key.split(".")[3]) for key in shapes if key.startswith(JOINT_BLOCKS)}
+    dual = sorted({int(key.split(".")[3]) for key in shapes if key.startswith(JOINT_BLOCKS) and ".attn2." in key})
+    has_norm = any(key.startswith(JOINT_BLOCKS) and key.endswith("attn.ln_q.weight") for key in shapes)
+    width, joint_width = shape("context_embedder.weight")
+    patch = shape("x_embedder.proj.weight")
+    qk_norm = None if not has_norm else "layer_norm" if any(key.endswith("ln_q.bias") for key in shapes) else "rms_norm"
+    return {"_class_name": "SD3Transformer2DModel", "attention_head_dim": HEAD_WIDTH,
+            "num_attention_heads": width // HEAD_WIDTH, "caption_projection_dim": width,
+            "joint_attention_dim": joint_width, "num_layers": len(blocks), "in_channels": patch[1],
+            "patch_size": patch[2], "out_channels": shape("final_layer.linear.weight")[0] // patch[2] ** 2,
+            "pooled_projection_dim": shape("y_embedder.mlp.0.weight")[1],
+            "pos_embed_max_size": math.isqrt(shape("pos_embed")[1]), "sample_size": 128,
+            "dual_attention_layers": dual, "qk_norm": qk_norm}
+
+
 class StableDiffusion3(ModelFamily):
-    # --- detection -------------------------------------------------------------------------------------
+    # --- detection and configs ---------------------------------------------------------------------------
 
     def matches_keys(self, keys: Any) -> bool:
         return any(key.startswith(JOINT_BLOCKS) for key in keys)
 
     def matches_folder(self, index: Mapping[str, Any], text_config: Mapping[str, Any]) -> bool:
         return list(index.get(self.denoiser_folder, [None, None]))[1] == self.denoiser_class
+
+    def variant_configs(self) -> dict[str, dict[str, Any]]:
+        """The shipped transformer configs of the releases: sd3-medium, sd3.5-medium, sd3.5-large."""
+        import json
+
+        folder = CONFIG_DIR / self.name / "variants"
+        return {path.parent.parent.name: json.loads(path.read_text()) for path in folder.glob("*/transformer/config.json")}
+
+    def shipped_configs(self) -> dict[str, dict[str, Any]]:
+        """VAE and text encoders of every release, with SD 3.5 Medium's transformer."""
+        return {**super().shipped_configs(), self.denoiser_folder: self.variant_configs()[DEFAULT_VARIANT]}
+
+    def configs_for(self, state: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+        shapes = {key: tuple(value.shape) for key, value in state.items() if key.startswith(ORIGINAL)}
+        return {**super().shipped_configs(), self.denoiser_folder: transformer_config(shapes)}
 
     # --- schedule and sampling ---------------------------------------------------------------------------
 

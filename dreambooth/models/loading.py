@@ -241,8 +241,8 @@ def load_checkpoint(path: str | Path, family: str | None = None, prediction_type
     path = Path(path)
     state, metadata = read_checkpoint(path)
     family, prediction = resolve_family(path, state, metadata, family, prediction_type)
-    configs = embedded_configs(metadata) or shipped_configs(family)
     unit = get_family(family)
+    configs = embedded_configs(metadata) or unit.configs_for(state)
     state = with_ema_unet(state, family, configs[unit.denoiser_folder], path)
     state = with_separate_text_encoders(state, unit, configs, text_encoder_folders(path, models_dir),
                                         f"Checkpoint {path}")
