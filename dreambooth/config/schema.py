@@ -16,7 +16,7 @@ from pathlib import PureWindowsPath
 from typing import Any
 
 from ..errors import ConfigError
-from ..families import FAMILY_NAMES
+from ..families import FAMILY_NAMES, get_family
 
 SCHEMA_VERSION = 3
 PREDICTION_TYPES = ("epsilon", "v_prediction", "flow_matching")
@@ -358,6 +358,13 @@ class TrainingConfig:
     use_dora: bool = setting(False, "DoRA", "Weight-decomposed LoRA (peft's use_dora): learns magnitude and "
                              "direction separately, often closer to full fine-tuning at the same rank. Off "
                              "is typical; turn on for hard subjects at low rank; it trains somewhat slower.", "LoRA")
+    lora_key_format: str = setting("original", "LoRA key format", "How an SD3 / SD 3.5 LoRA names its layers. "
+                                   "original: the single file's MMDiT names with q/k/v fused (A1111 1.10, Forge "
+                                   "and ComfyUI load every layer; typical); diffusers: diffusers' module names "
+                                   "(SD.Next and ComfyUI; A1111 1.10 applies only the image attention of those). "
+                                   "SD.Next sets diffusers for the models it creates. SD 1.x/2.x/XL LoRAs always "
+                                   "use kohya's keys, which every host reads.", "LoRA",
+                                   choices=("original", "diffusers"))
     lora_init_file: str = setting("", "Start from LoRA", "A LoRA file whose weights the new LoRA starts "
                                   "from instead of a fresh random start, e.g. to continue training it: our "
                                   "own export or another trainer's (kohya/A1111, diffusers/peft, OneTrainer, "
@@ -743,6 +750,7 @@ def validate(config: TrainingConfig) -> TrainingConfig:
             setattr(concept, f.name, value)
     _check_resolutions(config)
     _check_objective_settings(config)
+    _check_family_settings(config)
     return config
 
 
@@ -752,6 +760,12 @@ DDPM_ONLY_SETTINGS: dict[str, Any] = {"min_snr_gamma": 0.0, "offset_noise": 0.0,
                                       "zero_terminal_snr": False}
 FLOW_SETTINGS = ("flow_timestep_sampling", "flow_logit_mean", "flow_logit_std", "flow_mode_scale", "flow_shift",
                  "flow_loss_weighting")
+
+
+def _check_family_settings(config: TrainingConfig) -> None:
+    if config.lora_key_format != "original" and get_family(config.model_family).denoiser_folder == "unet":
+        raise ConfigError(f"Setting 'lora_key_format' applies to SD3 / SD 3.5 LoRAs; {config.model_family} LoRAs use "
+                          "kohya's keys, which every host reads: set it to original.")
 
 
 def _check_objective_settings(config: TrainingConfig) -> None:

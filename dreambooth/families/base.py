@@ -246,6 +246,12 @@ class ModelFamily:
         UNet families' kohya keys (train/lora_keys.unet_key)."""
         return None
 
+    def denoiser_lora_tensors(self, factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]], denoiser: Any,
+                              key_format: str) -> dict[str, torch.Tensor] | None:
+        """The LoRA file's tensors of the denoiser from each adapted module's (down, up x strength), in
+        'lora_key_format'; None: one key per module (denoiser_lora_keys) with down, up and alpha."""
+        return None
+
     def denoiser_lora_targets(self, denoiser: Any, with_conv: bool) -> list[str] | None:
         """Module names of the denoiser that LoRA adapts; None: the UNet's attention blocks (and LoCon convs)."""
         return None

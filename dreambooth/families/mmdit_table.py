@@ -131,15 +131,42 @@ def to_original(state_dict: Mapping[str, Any], config: Mapping[str, Any]) -> dic
     return converted
 
 
-def module_origins(config: Mapping[str, Any]) -> dict[str, tuple[str, int, int]]:
-    """diffusers module -> (original module, first row, rows) in probe rows of the original's weight: where a
-    LoRA of the module lands in the single-file model (a third of a fused q/k/v, or the whole weight)."""
+def fused_modules(config: Mapping[str, Any]) -> dict[str, list[str]]:
+    """Original module -> the diffusers modules whose whole weights it stacks, in row order (one for a renamed
+    module, q/k/v for a fused projection); modules whose rows the converter reorders are left out."""
     table = original_pieces(*architecture(config))
-    origins = {}
+    stacked: dict[str, list[str]] = {}
     for key, pieces in table.items():
-        if not key.endswith(".weight"):
+        whole = all(piece.first == 0 and piece.stop - piece.start == piece.rows for piece in pieces)
+        if key.endswith(".weight") and whole:
+            stacked[key.rpartition(".")[0]] = [piece.diffusers_key.rpartition(".")[0] for piece in pieces]
+    return stacked
+
+
+def original_lora(factors: Mapping[str, tuple[Any, Any]], denoiser: Any) -> dict[str, Any]:
+    """kohya-style tensors (`lora_unet_<original module>`) of adapted diffusers modules. A fused q/k/v gets one
+    LoRA of the summed rank: the downs stacked, the ups block-diagonal (zero where a part is not adapted), so
+    up @ down is exactly each part's change in its rows of the fused weight."""
+    import torch
+
+    tensors = {}
+    for original, parts in fused_modules(denoiser.config).items():
+        adapted = [part for part in parts if part in factors]
+        if not adapted:
             continue
-        for piece in pieces:
-            module = piece.diffusers_key.rpartition(".")[0]
-            origins[module] = (key.rpartition(".")[0], piece.start, piece.stop - piece.start)
-    return origins
+        rows = [denoiser.get_submodule(part).out_features for part in parts]
+        down = torch.cat([factors[part][0] for part in adapted], dim=0)
+        up = torch.zeros(sum(rows), down.shape[0])
+        row = rank = 0
+        for part, height in zip(parts, rows, strict=True):
+            if part in factors:
+                width = factors[part][0].shape[0]
+                up[row:row + height, rank:rank + width] = factors[part][1]
+                rank += width
+            row += height
+        key = "lora_unet_" + original.replace(".", "_")
+        tensors.update({f"{key}.lora_down.weight": down, f"{key}.lora_up.weight": up})
+    unplaced = sorted(set(factors) - {part for parts in fused_modules(denoiser.config).values() for part in parts})
+    if unplaced:
+        raise ValueError(f"LoRA layer {unplaced[0]} has no whole place in the original layout")
+    return tensors

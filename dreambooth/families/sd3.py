@@ -161,8 +161,18 @@ class StableDiffusion3(ModelFamily):
                 if isinstance(module, torch.nn.Linear) and name.startswith("transformer_blocks.")
                 and name.split(".", 2)[2] in ATTENTION_TARGETS]
 
-    def denoiser_lora_keys(self, module_names: list[str], denoiser: Any) -> dict[str, str] | None:
-        return {name: f"transformer.{name}" for name in module_names}
+    def denoiser_lora_tensors(self, factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]], denoiser: Any,
+                              key_format: str) -> dict[str, torch.Tensor] | None:
+        """original: the MMDiT's module names, q/k/v fused (what A1111 1.10, Forge and ComfyUI all map);
+        diffusers: `transformer.<diffusers module>` (SD.Next, ComfyUI). No alpha either way."""
+        from .mmdit_table import original_lora
+
+        if key_format == "original":
+            return original_lora(factors, denoiser)
+        tensors = {}
+        for name, (down, up) in factors.items():
+            tensors.update({f"transformer.{name}.lora_down.weight": down, f"transformer.{name}.lora_up.weight": up})
+        return tensors
 
     def lora_markers(self) -> dict[str, str]:
         return {"ss_base_model_version": self.lora_base_model_version, "ss_v2": "False"}

@@ -242,12 +242,25 @@ def denoiser_keys(components: Any, names: list[str]) -> dict[str, str]:
     return {name: lora_keys.unet_key(components.family, name, ldm_names[name]) for name in names}
 
 
-def host_tensors(components: Any) -> dict[str, torch.Tensor]:
-    """All adapters as fp32 tensors under the host's key names."""
+def _factors(modules: dict[str, Any]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """(down, up x strength) of each LoRA layer: the change it makes is up @ down."""
+    return {name: (module.lora_A[ADAPTER].weight.detach().float(),
+                   module.lora_B[ADAPTER].weight.detach().float() * module.scaling[ADAPTER])
+            for name, module in modules.items()}
+
+
+def host_tensors(components: Any, key_format: str = "original") -> dict[str, torch.Tensor]:
+    """All adapters as fp32 tensors under the host's key names (`key_format`: 'lora_key_format')."""
     tensors: dict[str, torch.Tensor] = {}
-    encoder_index = {spec.folder: index for index, spec in enumerate(components.model_family.text_encoders)}
+    family = components.model_family
+    encoder_index = {spec.folder: index for index, spec in enumerate(family.text_encoders)}
     for part, model in model_parts(components).items():
         modules = dict(lora_modules(model))
+        fused = family.denoiser_lora_tensors(_factors(modules), components.denoiser, key_format) \
+            if part == DENOISER_PART and modules else None
+        if fused is not None:
+            tensors.update(fused)
+            continue
         if part == DENOISER_PART:
             keys = denoiser_keys(components, list(modules))
         else:
@@ -365,7 +378,7 @@ def export_lora(components: Any, config: TrainingConfig, out_path: Path, metadat
     ss_tag_frequency as JSON, ...); ss_output_name always gets a content hash appended to stay unique.
     """
     out_path = Path(out_path)
-    tensors = host_tensors(components)
+    tensors = host_tensors(components, config.lora_key_format)
     if not tensors:
         raise ModelError(f"{out_path}: the model carries no LoRA layers to export; call add_lora first.")
     tensors = cast_for_save(tensors, config.save_precision)

@@ -62,11 +62,19 @@ def test_lora_trains_adapters_only_and_writes_loader_keys(sd3_env: Any) -> None:
     tensors = load_file(str(result.saved[0]))
     assert all(key.count(".") >= 2 for key in tensors)  # A1111 1.10 splits SD3 LoRA keys at the last two dots
     assert not any(key.endswith(".alpha") for key in tensors)
-    assert any(key.startswith("transformer.transformer_blocks.0.attn2.to_q.") for key in tensors)
+    assert {"lora_unet_joint_blocks_0_x_block_attn2_qkv.lora_down.weight",
+            "lora_unet_joint_blocks_1_context_block_attn_qkv.lora_up.weight"} <= set(tensors)
     assert any(key.startswith("lora_te1_text_model_encoder_layers_") for key in tensors)
     assert not any(key.startswith("lora_te3") for key in tensors)  # T5 never trains
     after = transformer_weights(sd3_env)
     assert all(torch.equal(before[key], after[key]) for key in before)
+
+
+def test_lora_in_diffusers_names_for_sdnext(sd3_env: Any) -> None:
+    result = sd3_env.trainer(method="lora", lora_rank=4, train_text_encoder=False, lora_key_format="diffusers").run()
+    tensors = load_file(str(result.saved[0]))
+    assert "transformer.transformer_blocks.0.attn2.to_q.lora_down.weight" in tensors
+    assert all(key.startswith("transformer.transformer_blocks.") for key in tensors)
 
 
 def test_finetune_trains_clip_but_not_t5_or_clip_l_projection(sd3_env: Any) -> None:
