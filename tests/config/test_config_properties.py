@@ -21,8 +21,8 @@ from dreambooth.config.schema import (
     validate,
 )
 from dreambooth.config.schema import settings as schema_settings
-from dreambooth.families import get_family
 from dreambooth.errors import ConfigError
+from dreambooth.families import get_family
 
 
 def valid_value(f: dataclasses.Field, cls: type) -> st.SearchStrategy[Any]:

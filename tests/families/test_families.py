@@ -35,7 +35,6 @@ from dreambooth.train import lora, lora_keys
 from dreambooth.train.data.batching import BatchItem
 from dreambooth.train.data.scan import ImageRecord
 
-
 # Families whose denoiser is a UNet (the kohya/ldm LoRA and checkpoint tables); transformer families have their
 # own tests (tests/families/test_sd3.py).
 UNET_FAMILIES = [name for name in FAMILY_NAMES if get_family(name).denoiser_folder == "unet"]
