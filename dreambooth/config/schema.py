@@ -361,8 +361,8 @@ class TrainingConfig:
     lora_key_format: str = setting("original", "LoRA key format", "How an SD3 / SD 3.5 LoRA names its layers. "
                                    "original: the single file's MMDiT names with q/k/v fused (A1111 1.10, Forge "
                                    "and ComfyUI load every layer; typical); diffusers: diffusers' module names "
-                                   "(SD.Next and ComfyUI; A1111 1.10 applies only the image attention of those). "
-                                   "SD.Next sets diffusers for the models it creates. SD 1.x/2.x/XL LoRAs always "
+                                   "(SD.Next and ComfyUI; A1111 1.10 applies only the image attention of those): "
+                                   "choose it when you render in SD.Next. SD 1.x/2.x/XL LoRAs always "
                                    "use kohya's keys, which every host reads.", "LoRA",
                                    choices=("original", "diffusers"))
     lora_init_file: str = setting("", "Start from LoRA", "A LoRA file whose weights the new LoRA starts "

@@ -184,12 +184,14 @@ class StableDiffusion3(ModelFamily):
         width ComfyUI assumes, 64 per block), T5-XXL's width where the text meets the transformer."""
         transformer = {"sample_size": 8, "patch_size": 2, "in_channels": 16, "out_channels": 16, "num_layers": 2,
                        "attention_head_dim": 64, "num_attention_heads": 2, "joint_attention_dim": T5_WIDTH,
-                       "caption_projection_dim": 128, "pooled_projection_dim": 64, "pos_embed_max_size": 32,
+                       "caption_projection_dim": 128, "pooled_projection_dim": 80, "pos_embed_max_size": 32,
                        "dual_attention_layers": [0], "qk_norm": "rms_norm"}
         vae = {**TINY_VAE, "latent_channels": 16, "scaling_factor": 1.5305, "shift_factor": 0.0609,
                "use_quant_conv": False, "use_post_quant_conv": False}
         clip_l = {**TINY_CLIP, "num_hidden_layers": 2, "hidden_act": "quick_gelu"}
-        clip_g = {**TINY_CLIP, "num_hidden_layers": 3, "hidden_act": "gelu"}
+        # CLIP-G wider than CLIP-L, as in the real models: separate files are told apart by their width.
+        clip_g = {**TINY_CLIP, "num_hidden_layers": 3, "hidden_act": "gelu", "hidden_size": 48, "intermediate_size": 96,
+                  "projection_dim": 48}
         t5 = {"vocab_size": 160, "d_model": T5_WIDTH, "d_kv": 8, "d_ff": 16, "num_layers": 1, "num_heads": 2,
               "relative_attention_num_buckets": 8, "relative_attention_max_distance": 16,
               "feed_forward_proj": "gated-gelu", "is_encoder_decoder": False, "use_cache": False,
