@@ -9,6 +9,7 @@ import functools
 from typing import Any
 
 import pytest
+import sd3_loader_rules as rules
 import torch
 
 from dreambooth.config.schema import TrainingConfig
@@ -16,8 +17,6 @@ from dreambooth.families.sd3 import SD3
 from dreambooth.models.export import model_to_ldm
 from dreambooth.models.tiny import tiny_components
 from dreambooth.train import lora
-
-import sd3_loader_rules as rules
 
 VARIANTS = ("sd3-medium", "sd3.5-medium", "sd3.5-large")
 
