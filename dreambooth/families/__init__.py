@@ -1,11 +1,11 @@
 """Model families: one unit per family behind one interface (`base.ModelFamily`), and their registry.
 
-Each module of this package that defines `FAMILIES` is a family unit (sd1, sd2 with sd2v, sdxl);
+Each module of this package that defines `FAMILIES` is a family unit (sd1, sd2 with sd2v, sdxl, sd3);
 adding a family means adding its module (and its tests). Public API:
 
 - ``FAMILY_NAMES`` - registered family names, in registry order (the config schema's choices).
 - ``get_family(name)`` - the family; a ModelError names the choices for an unknown one.
-- ``architecture_of(keys)`` - the base family of a single file's keys ('sd1', 'sd2', 'sdxl').
+- ``architecture_of(keys)`` - the base family of a single file's keys ('sd1', 'sd2', 'sdxl', 'sd3').
 - ``read_markers(keys, metadata, yaml_text)`` - what a file tells about its variant (prediction type,
   zero-terminal SNR) through the markers hosts read: `v_pred`/`ztsnr` keys, metadata, a yaml beside it.
 - ``detect_family(keys, metadata=None, yaml_text=None)`` - the family of a single file.

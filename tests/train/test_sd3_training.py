@@ -136,3 +136,11 @@ def test_settings_sd3_cannot_honour_are_refused(sd3_env: Any, setting: str, valu
     sd3_env.config.concepts[0].n_samples = 1
     with pytest.raises(ConfigError, match=reason):
         sd3_env.trainer(**overrides).run()
+
+
+def test_t5_loads_in_the_compute_dtype_even_when_text_encoders_train(sd3_env: Any) -> None:
+    from dreambooth.train import runtime
+
+    dtypes = runtime.load_dtypes(sd3_env.configured(method="finetune", mixed_precision="bf16"))
+    assert dtypes["text_encoder"] == dtypes["text_encoder_2"] == torch.float32
+    assert dtypes["text_encoder_3"] == torch.bfloat16
