@@ -359,6 +359,15 @@ class TrainingConfig:
     use_dora: bool = setting(False, "DoRA", "Weight-decomposed LoRA (peft's use_dora): learns magnitude and "
                              "direction separately, often closer to full fine-tuning at the same rank. Off "
                              "is typical; turn on for hard subjects at low rank; it trains somewhat slower.", "LoRA")
+    lora_key_format: str = setting("original", "LoRA key format", "How an SD3 / SD 3.5 or Flux LoRA names its layers. "
+                                   "original: the single file's names with q/k/v fused (SD3: the MMDiT's, which "
+                                   "A1111 1.10, Forge and ComfyUI load every layer of; Flux: kohya's "
+                                   "lora_unet_double_blocks_... keys, which Forge, ComfyUI and diffusers read; "
+                                   "typical); diffusers: diffusers' module names (SD.Next and ComfyUI; A1111 1.10 "
+                                   "applies only the image attention of SD3's): choose it when you render in "
+                                   "SD.Next. SD 1.x/2.x/XL LoRAs always use kohya's keys, which every host reads.",
+                                   "LoRA",
+                                   choices=("original", "diffusers"))
     lora_init_file: str = setting("", "Start from LoRA", "A LoRA file whose weights the new LoRA starts "
                                   "from instead of a fresh random start, e.g. to continue training it: our "
                                   "own export or another trainer's (kohya/A1111, diffusers/peft, OneTrainer, "
@@ -759,6 +768,7 @@ def validate(config: TrainingConfig) -> TrainingConfig:
     _check_resolutions(config)
     _check_objective_settings(config)
     get_family(config.model_family).check_config(config)
+    _check_family_settings(config)
     return config
 
 
@@ -768,6 +778,12 @@ DDPM_ONLY_SETTINGS: dict[str, Any] = {"min_snr_gamma": 0.0, "offset_noise": 0.0,
                                       "zero_terminal_snr": False}
 FLOW_SETTINGS = ("flow_timestep_sampling", "flow_logit_mean", "flow_logit_std", "flow_mode_scale", "flow_shift",
                  "flow_resolution_shift", "flow_loss_weighting")
+
+
+def _check_family_settings(config: TrainingConfig) -> None:
+    if config.lora_key_format != "original" and get_family(config.model_family).denoiser_folder == "unet":
+        raise ConfigError(f"Setting 'lora_key_format' applies to SD3 / SD 3.5 and Flux LoRAs; {config.model_family} LoRAs use "
+                          "kohya's keys, which every host reads: set it to original.")
 
 
 def _check_objective_settings(config: TrainingConfig) -> None:

@@ -45,6 +45,8 @@ class TextEncoder:
     optional: the model works without it (SD3's T5: zeros stand in for its output, as the reference
     pipeline does); Components hold None for an absent optional encoder.
     trainable: whether 'train_text_encoder' trains it (T5-XXL's 4.7 B parameters never train here).
+    identity_projection: the single file has no text projection and the diffusers model an identity one (SD3's
+    CLIP-L, whose hosts use the unprojected pooled output): it is filled in on import, kept frozen, not exported.
     """
 
     folder: str            # diffusers subfolder and config name: 'text_encoder', 'text_encoder_2'
@@ -56,6 +58,7 @@ class TextEncoder:
     with_projection: bool = False  # CLIPTextModelWithProjection (SDXL's second: pooled output)
     optional: bool = False
     trainable: bool = True
+    identity_projection: bool = False
 
     @property
     def host_prefix(self) -> str:
@@ -88,6 +91,7 @@ class ModelFamily:
     pipeline_options: Mapping[str, Any] = field(default_factory=lambda: dict(SD_PIPELINE_OPTIONS))
     index_options: Mapping[str, Any] = field(default_factory=lambda: dict(SD_INDEX_OPTIONS))
     lora_unet_ldm_names: bool = False  # kohya's SDXL format: UNet LoRA keys by original names
+    lora_alpha_keys: bool = True  # LoRA files carry `.alpha`; False: the strength is folded into the up weights
     zero_terminal_snr: bool = False
     schedule_tables: bool = True  # the file carries ldm's schedule buffers (SD1/SD2 files do, SDXL's do not)
     v_yaml: str | None = None  # config (under resources/configs/) written beside a v-prediction export
@@ -109,7 +113,9 @@ class ModelFamily:
 
     def matches_folder(self, index: Mapping[str, Any], text_config: Mapping[str, Any]) -> bool:
         """Whether a diffusers folder (model_index.json, first text encoder's config) is of this architecture."""
-        count = sum(1 for encoder in ("text_encoder", "text_encoder_2") if encoder in index)
+        if list(index.get(self.denoiser_folder, [None, None]))[1] != self.denoiser_class:
+            return False
+        count = sum(1 for encoder in ("text_encoder", "text_encoder_2", "text_encoder_3") if encoder in index)
         first = "clip_l" if text_config.get("hidden_act") == "quick_gelu" else "open_clip"
         return count == len(self.text_encoders) and self.text_encoders[0].layout == first
 
@@ -127,6 +133,11 @@ class ModelFamily:
         names = (self.denoiser_folder, "vae", *(encoder.folder for encoder in self.text_encoders))
         return {name: json.loads((folder / name / "config.json").read_text()) for name in names
                 if (folder / name / "config.json").is_file()}
+
+    def configs_for(self, state: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+        """The component configs of a single file with these tensors (the shipped ones; a family whose releases
+        differ in size reads them from the tensors' shapes)."""
+        return self.shipped_configs()
 
     def scheduler_config(self, prediction_type: str | None = None) -> dict[str, Any]:
         return {**DDPM_SCHEDULE, "prediction_type": prediction_type or self.prediction_type}
@@ -244,6 +255,9 @@ class ModelFamily:
         """The denoiser's weights under their single-file keys (`model.diffusion_model.…`)."""
         return tables.convert_by_table(state_dict, self.unet_table(config), tables.UNET_PREFIX, "UNet")
 
+    def check_lora_settings(self, config: Any) -> None:
+        """Refuse LoRA settings the family's files cannot carry (ConfigError naming the setting); none here."""
+
     def denoiser_lora_keys(self, module_names: list[str], denoiser: Any) -> dict[str, str] | None:
         """The exported LoRA key (before `.lora_down.weight`) of each adapted denoiser module; None: the
         UNet families' kohya keys (train/lora_keys.unet_key)."""
@@ -251,7 +265,15 @@ class ModelFamily:
 
     def denoiser_lora_slots(self, denoiser: Any) -> Mapping[str, tables.Slot] | None:
         """Where hosts keep each adapted denoiser module when their layout fuses modules diffusers keeps apart
-        (Flux's q/k/v): module -> Slot whose `original` is the exported LoRA key; None: one key per module."""
+        (Flux's q/k/v), for 'lora_key_format' original: module -> Slot whose `original` is the exported LoRA key;
+        the writer then writes one block-diagonal LoRA per fused layer (train/lora_fuse.py, DoRA included).
+        None: denoiser_lora_tensors, else one key per module."""
+        return None
+
+    def denoiser_lora_tensors(self, factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]], denoiser: Any,
+                              key_format: str) -> dict[str, torch.Tensor] | None:
+        """The LoRA file's tensors of the denoiser from each adapted module's (down, up x strength), in
+        'lora_key_format'; None: one key per module (denoiser_lora_keys) with down, up and alpha."""
         return None
 
     def denoiser_lora_targets(self, denoiser: Any, with_conv: bool) -> list[str] | None:

@@ -47,12 +47,16 @@ class Flux(ModelFamily):
     # --- detection ---------------------------------------------------------------------------------------
 
     def matches_keys(self, keys: Any) -> bool:
-        marker = "guidance_in.in_layer.weight"
-        has_guidance = any(key.endswith(marker) or key.endswith("guidance_embedder.linear_1.weight") for key in keys)
+        """A Flux transformer's keys (either layout, any prefix); dev's have the guidance embedding."""
+        keys = list(keys)
+        if not any(key.endswith(flux_names.FLUX_MARKERS) for key in keys):
+            return False
+        has_guidance = any(key.endswith(flux_names.GUIDANCE_MARKERS) for key in keys)
         return has_guidance == self.guidance
 
     def matches_folder(self, index: Mapping[str, Any], text_config: Mapping[str, Any]) -> bool:
-        return index.get("_class_name") == self.pipeline_class
+        """Flux folders are read by models/flux_loading (the variant is in the transformer's config)."""
+        return False
 
     @property
     def guidance(self) -> bool:
@@ -148,6 +152,18 @@ class Flux(ModelFamily):
         return {name: dataclasses.replace(slot, original=flux_names.lora_key(slot.original))
                 for name, slot in flux_names.module_table(denoiser.config).items()}
 
+    def denoiser_lora_tensors(self, factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]], denoiser: Any,
+                              key_format: str) -> dict[str, torch.Tensor] | None:
+        """'lora_key_format' diffusers: `transformer.<diffusers module>.lora_A/lora_B` with the strength in B (the
+        peft names diffusers writes; Forge and ComfyUI map them onto the fused layers' rows). original: None, the
+        fused kohya keys of denoiser_lora_slots."""
+        if key_format != "diffusers":
+            return None
+        tensors: dict[str, torch.Tensor] = {}
+        for name, (down, up) in factors.items():
+            tensors.update({f"transformer.{name}.lora_A.weight": down, f"transformer.{name}.lora_B.weight": up})
+        return tensors
+
     def lora_markers(self) -> dict[str, str]:
         """What kohya's sd-scripts write for a Flux LoRA (model browsers and Forge read the base model here)."""
         return {"ss_base_model_version": self.lora_base_model_version, "ss_network_module": "networks.lora_flux",
@@ -170,12 +186,13 @@ class Flux(ModelFamily):
 
 
 _COMMON: dict[str, Any] = {
-    "architecture": "flux", "prediction_type": "flow_matching", "resolution": 1024,
+    "prediction_type": "flow_matching", "resolution": 1024,
     "text_encoders": (CLIP_L, T5_XXL), "pipeline_class": "FluxPipeline", "lora_base_model_version": "flux1",
     "pipeline_options": {}, "index_options": {}, "schedule_tables": False,
     "denoiser_class": "FluxTransformer2DModel", "denoiser_folder": "transformer",
     "scheduler_class": "FlowMatchEulerDiscreteScheduler", "sample_schedulers": ("euler",), "quantized_presets": True, "pixel_multiple": 16,
     "offloaded_text_encoders": ("text_encoder_2",)}
-FLUX_DEV = Flux(name="flux-dev", label="Flux.1 dev", **_COMMON)
-FLUX_SCHNELL = Flux(name="flux-schnell", label="Flux.1 schnell", **_COMMON)
+# Each variant is its own architecture: their files differ (dev's guidance embedding), and detection tells them apart.
+FLUX_DEV = Flux(name="flux-dev", architecture="flux-dev", label="Flux.1 dev", **_COMMON)
+FLUX_SCHNELL = Flux(name="flux-schnell", architecture="flux-schnell", label="Flux.1 schnell", **_COMMON)
 FAMILIES = (FLUX_DEV, FLUX_SCHNELL)

@@ -20,6 +20,9 @@ from .tables import Slot
 if TYPE_CHECKING:
     import torch
 
+# Keys only a Flux transformer has (original or diffusers layout), and those only dev's guidance embedding has.
+FLUX_MARKERS = ("double_blocks.0.img_attn.norm.key_norm.scale", "single_transformer_blocks.0.proj_mlp.weight")
+GUIDANCE_MARKERS = ("guidance_in.in_layer.weight", "guidance_embedder.linear_1.weight")
 MLP_RATIO = 4  # Flux.1's MLP width over its hidden width (diffusers' FluxSingleTransformerBlock default)
 # The width every released Flux.1 model has; diffusers' single-file converter assumes it.
 RELEASED_INNER_DIM = 3072

@@ -29,7 +29,12 @@ PARAMS: dict[str, dict[str, int]] = {
     "sd2": {"unet": 865_910_724, "te": 340_387_840, "vae": 83_653_863},
     "sd2v": {"unet": 865_910_724, "te": 340_387_840, "vae": 83_653_863},
     "sdxl": {"unet": 2_567_463_684, "te": 123_060_480, "te2": 694_659_840, "vae": 83_653_863},
+    # SD 3.5 Medium (the transformer under 'unet'); T5-XXL (4.76 B, never trained) is not counted yet.
+    "sd3": {"unet": 2_243_171_520, "te": 123_650_304, "te2": 694_659_840, "vae": 83_819_683},
 }
+# LoRA parameters per rank of a transformer's adapted layers (counted on the real config): SD 3.5 Medium's
+# attention projections (families/sd3.ATTENTION_TARGETS).
+DENOISER_LORA_PER_RANK = {"sd3": 746_496}
 
 # Transformer layout per family for LoRA sizes: (channels, transformer blocks at that width) of the UNet,
 # the cross-attention width, and (layers, width, MLP width) of each text encoder.
@@ -51,13 +56,15 @@ TEXT_ENCODERS: dict[str, tuple[tuple[int, int, int], ...]] = {
     "sd2": ((23, 1024, 4096),),
     "sd2v": ((23, 1024, 4096),),
     "sdxl": ((12, 768, 3072), (32, 1280, 5120)),
+    "sd3": ((12, 768, 3072), (32, 1280, 5120)),
 }
 
 # Activation memory of one sample at the family's native resolution in 16-bit compute, without
 # checkpointing (SDPA attention).  Calibrated on published numbers: SD1.5 LoRA at 512 fits 6 GB only with
 # checkpointing; SDXL LoRA at 1024 needs ~24 GB without it and ~12 GB with it.
-ACTIVATIONS_PER_SAMPLE = {"sd1": 3.0 * GIB, "sd2": 3.2 * GIB, "sd2v": 3.2 * GIB, "sdxl": 10.0 * GIB}
-NATIVE_RESOLUTION = {"sd1": 512, "sd2": 512, "sd2v": 768, "sdxl": 1024}
+ACTIVATIONS_PER_SAMPLE = {"sd1": 3.0 * GIB, "sd2": 3.2 * GIB, "sd2v": 3.2 * GIB, "sdxl": 10.0 * GIB,
+                          "sd3": 8.0 * GIB}  # SD3: not calibrated yet (4096 image tokens + 333 text tokens)
+NATIVE_RESOLUTION = {"sd1": 512, "sd2": 512, "sd2v": 768, "sdxl": 1024, "sd3": 1024}
 CHECKPOINTING_FACTOR = 0.2  # only the block inputs are kept; the rest is recomputed in backward
 TEXT_ENCODER_ACTIVATION_FRACTION = 0.05  # 77 tokens: small next to the UNet's
 RUNTIME_OVERHEAD = int(0.75 * GIB)  # CUDA context, allocator slack, the batch itself
@@ -148,9 +155,12 @@ def lora_params_per_rank(family: str, text_encoder: bool) -> int:
     text width D (2D + 2C), feed-forward GEGLU C->8C and 4C->C (14C); each transformer also has
     proj_in/proj_out (4C).  Text-encoder layer: q,k,v,out (8W) and fc1/fc2 (2(W + M)).
     """
-    cross = CROSS_ATTENTION_WIDTH[family]
-    unet = sum(n * (28 * c + 2 * cross) for c, n in UNET_BLOCKS[family])
-    unet += sum(n * 4 * c for c, n in UNET_TRANSFORMER_MODELS[family])
+    if family in DENOISER_LORA_PER_RANK:
+        unet = DENOISER_LORA_PER_RANK[family]
+    else:
+        cross = CROSS_ATTENTION_WIDTH[family]
+        unet = sum(n * (28 * c + 2 * cross) for c, n in UNET_BLOCKS[family])
+        unet += sum(n * 4 * c for c, n in UNET_TRANSFORMER_MODELS[family])
     if not text_encoder:
         return unet
     te = sum(layers * (8 * width + 2 * (width + mlp)) for layers, width, mlp in TEXT_ENCODERS[family])

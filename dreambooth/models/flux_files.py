@@ -39,7 +39,7 @@ ROLE_PREFIXES = {"transformer": ("model.diffusion_model.",), "vae": ("vae.", "fi
                  "clip_l": ("text_encoders.clip_l.transformer.", "text_encoders.clip_l."),
                  "t5xxl": ("text_encoders.t5xxl.transformer.", "text_encoders.t5xxl.")}
 # A key only that part has, in a file holding the part alone (no prefix).
-ROLE_MARKERS = {"transformer": ("double_blocks.0.img_attn.norm.key_norm.scale", "transformer_blocks.0.attn.norm_q.weight"),
+ROLE_MARKERS = {"transformer": flux_names.FLUX_MARKERS,
                 "vae": ("decoder.conv_in.weight",),
                 "clip_l": ("text_model.encoder.layers.0.layer_norm1.bias", "encoder.layers.0.layer_norm1.bias"),
                 "t5xxl": ("encoder.block.0.layer.0.SelfAttention.k.weight",)}

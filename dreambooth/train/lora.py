@@ -33,7 +33,7 @@ from ..config.schema import TrainingConfig, base_checkpoint_name
 from ..errors import ConfigError, ModelError, TrainingError
 from ..families import get_family
 from ..families.base import DENOISER_PART
-from ..families.tables import HF_LAYER_PREFIX, Slot, hf_text_name
+from ..families.tables import HF_LAYER_PREFIX, hf_text_name
 from . import lora_fuse, lora_keys
 from .runtime import text_parts
 
@@ -105,6 +105,7 @@ def peft_config(config: TrainingConfig, targets: list[str], conv_targets: bool) 
 
 
 def _check_lora_settings(config: TrainingConfig) -> None:
+    get_family(config.model_family).check_lora_settings(config)
     if not (config.train_unet or config.train_text_encoder):
         raise ConfigError("Settings 'train_unet' and 'train_text_encoder' are both off: a LoRA needs at least "
                           "one of them; turn one on.")
@@ -209,10 +210,25 @@ def merge_lora(components: Any) -> None:
 
 # --- export --------------------------------------------------------------------------------------------
 
-def _module_tensors(key: str, module: Any) -> dict[str, torch.Tensor]:
-    """One adapter under its own key: lora_down/up and alpha = scaling x rank (the host applies alpha / rank);
-    DoRA as its exact weight difference."""
-    return lora_fuse.host_tensors({key: lora_fuse.layer_factors(module, ADAPTER)}, {key: Slot(key)}, str)
+def _dora_difference(module: Any) -> torch.Tensor:
+    """W_merged - W of a DoRA layer, merged by peft itself on a copy of the layer."""
+    difference = lora_fuse.layer_factors(module, ADAPTER).diff
+    assert difference is not None
+    return difference
+
+
+def _module_tensors(key: str, module: Any, alpha_key: bool = True) -> dict[str, torch.Tensor]:
+    """The layer's file tensors: down, up and alpha (the host applies alpha / rank), or with `alpha_key` False
+    down and the up weights times the strength (loaders then apply scale 1)."""
+    if module.use_dora.get(ADAPTER, False):
+        return {f"{key}.diff": _dora_difference(module)}
+    down = module.lora_A[ADAPTER].weight.detach().float()
+    up = module.lora_B[ADAPTER].weight.detach().float()
+    if not alpha_key:
+        return {f"{key}.lora_down.weight": down, f"{key}.lora_up.weight": up * module.scaling[ADAPTER]}
+    alpha = module.scaling[ADAPTER] * down.shape[0]
+    return {f"{key}.lora_down.weight": down, f"{key}.lora_up.weight": up,
+            f"{key}.alpha": torch.tensor(alpha, dtype=torch.float32)}
 
 
 def denoiser_keys(components: Any, names: list[str]) -> dict[str, str]:
@@ -225,23 +241,36 @@ def denoiser_keys(components: Any, names: list[str]) -> dict[str, str]:
     return {name: lora_keys.unet_key(components.family, name, ldm_names[name]) for name in names}
 
 
-def host_tensors(components: Any) -> dict[str, torch.Tensor]:
-    """All adapters as fp32 tensors under the host's key names."""
+def _factors(modules: dict[str, Any]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """(down, up x strength) of each LoRA layer: the change it makes is up @ down."""
+    return {name: (module.lora_A[ADAPTER].weight.detach().float(),
+                   module.lora_B[ADAPTER].weight.detach().float() * module.scaling[ADAPTER])
+            for name, module in modules.items()}
+
+
+def host_tensors(components: Any, key_format: str = "original") -> dict[str, torch.Tensor]:
+    """All adapters as fp32 tensors under the host's key names (`key_format`: 'lora_key_format')."""
     tensors: dict[str, torch.Tensor] = {}
-    encoder_index = {spec.folder: index for index, spec in enumerate(components.model_family.text_encoders)}
+    family = components.model_family
+    encoder_index = {spec.folder: index for index, spec in enumerate(family.text_encoders)}
     for part, model in model_parts(components).items():
         modules = dict(lora_modules(model))
-        slots = components.model_family.denoiser_lora_slots(model) if part == DENOISER_PART else None
+        slots = family.denoiser_lora_slots(model) if part == DENOISER_PART and key_format == "original" else None
+        fused = None
         if slots is not None:  # the host fuses layers: one LoRA per fused layer (train/lora_fuse.py)
-            factors = {name: lora_fuse.layer_factors(module, ADAPTER) for name, module in modules.items()}
-            tensors.update(lora_fuse.host_tensors(factors, slots, str))
+            fused = lora_fuse.host_tensors({name: lora_fuse.layer_factors(module, ADAPTER)
+                                            for name, module in modules.items()}, slots, str)
+        elif part == DENOISER_PART and modules:
+            fused = family.denoiser_lora_tensors(_factors(modules), components.denoiser, key_format)
+        if fused is not None:
+            tensors.update(fused)
             continue
         if part == DENOISER_PART:
             keys = denoiser_keys(components, list(modules))
         else:
             keys = {name: lora_keys.te_key(components.family, encoder_index[part], name) for name in modules}
         for name, module in modules.items():
-            tensors.update(_module_tensors(keys[name], module))
+            tensors.update(_module_tensors(keys[name], module, components.model_family.lora_alpha_keys))
     return tensors
 
 
@@ -353,7 +382,7 @@ def export_lora(components: Any, config: TrainingConfig, out_path: Path, metadat
     ss_tag_frequency as JSON, ...); ss_output_name always gets a content hash appended to stay unique.
     """
     out_path = Path(out_path)
-    tensors = host_tensors(components)
+    tensors = host_tensors(components, config.lora_key_format)
     if not tensors:
         raise ModelError(f"{out_path}: the model carries no LoRA layers to export; call add_lora first.")
     tensors = cast_for_save(tensors, config.save_precision)

@@ -70,6 +70,8 @@ def _family_safe(config: TrainingConfig) -> TrainingConfig:
 
 def _objective_safe(config: TrainingConfig) -> TrainingConfig:
     # Another cross-field rule: settings of the other objective (DDPM or flow matching) stay off.
+    if get_family(config.model_family).denoiser_folder == "unet":
+        config.lora_key_format = "original"
     if config.prediction_type == "flow_matching":
         for name, off in DDPM_ONLY_SETTINGS.items():
             setattr(config, name, off)

@@ -113,7 +113,7 @@ def test_cpu_preset_and_memory_classes() -> None:
     assert memory_class(None) is None
     assert memory_class(10) == 8 and memory_class(80) == 48 and memory_class(4) == 6 and memory_class(7.8) == 8
     with pytest.raises(ConfigError):
-        preset_for("sd3", 8)
+        preset_for("sd9", 8)
 
 
 def test_apply_preset_keeps_text_encoder_cache_valid() -> None:

@@ -125,3 +125,13 @@ def env(tmp_path: Path, tiny_working: Callable[[str], Path]) -> Env:
 def sdxl_env(tmp_path: Path, tiny_working: Callable[[str], Path]) -> Env:
     torch.manual_seed(0)
     return Env(tmp_path, tiny_working("sdxl"), family="sdxl")
+
+
+@pytest.fixture
+def sd3_env(tmp_path: Path, tiny_working: Callable[[str], Path]) -> Env:
+    torch.manual_seed(0)
+    environment = Env(tmp_path, tiny_working("sd3"), family="sd3")
+    environment.config.prediction_type = "flow_matching"
+    environment.config.sample_scheduler = "euler"
+    environment.model.save_config(environment.config)
+    return environment

@@ -342,6 +342,8 @@ def _nan_losses(steps: frozenset[int]) -> Any:
 
 # --- the baselines and the cases -----------------------------------------------------------------------------
 
+SD3_BASE: dict[str, Any] = {"model_family": "sd3", "prediction_type": "flow_matching", "sample_scheduler": "euler",
+                            "train_text_encoder": False, "_weights": "sd3"}
 # Minimal variants of the default baseline for settings that only act in a special setup.
 BASES: dict[str, dict[str, Any]] = {
     "default": {},
@@ -388,6 +390,10 @@ BASES: dict[str, dict[str, Any]] = {
     "samples": {"concepts.0.n_samples": 1, "sample_every_n_steps": 2},
     "generate": {"concepts.0.class_data_dir": "", "concepts.0.num_class_images": 1, "max_train_steps": 1},
     "nan": {"nan_policy": "skip", "max_nan_skips": 1, "_nan": frozenset({1})},
+    # SD3 (flow matching, tiny model with T5), text encoders frozen so captions are encoded once
+    "sd3": SD3_BASE,
+    "sd3_mode": {**SD3_BASE, "flow_timestep_sampling": "mode"},
+    "sd3_lora": {**SD3_BASE, "method": "lora", "lora_rank": 4, "lora_alpha": 4.0, "save_on_end": True},
 }
 
 
@@ -453,6 +459,7 @@ CASES = [
     Case("lora_conv_rank", 2, "weights", "lora"),
     Case("lora_conv_alpha", 8.0, "weights", "locon"),
     Case("use_dora", True, "weights", "lora"),
+    Case("lora_key_format", "diffusers", "files", "sd3_lora"),
     Case("lora_init_file", "{data}/start.safetensors", "weights", "lora"),
     # Data
     Case("resolution", 128, "batches"),
@@ -490,6 +497,13 @@ CASES = [
     Case("pyramid_noise_discount", 0.8, "losses", "pyramid"),
     Case("zero_terminal_snr", True, "losses"),
     Case("input_perturbation", 0.1, "losses"),
+    # Flow matching (SD3)
+    Case("flow_timestep_sampling", "uniform", "losses", "sd3"),
+    Case("flow_logit_mean", 1.0, "losses", "sd3"),
+    Case("flow_logit_std", 0.5, "losses", "sd3"),
+    Case("flow_mode_scale", 0.5, "losses", "sd3_mode"),
+    Case("flow_shift", 1.0, "losses", "sd3"),
+    Case("flow_loss_weighting", "cosmap", "losses", "sd3"),
     # Precision and memory
     Case("mixed_precision", "bf16", "losses"),
     Case("allow_tf32", False, "runtime"),
