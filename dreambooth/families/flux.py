@@ -85,6 +85,12 @@ class Flux(ModelFamily):
             raise ConfigError(f"Setting 'method': {config.method} is not available for {self.label}; Flux trains "
                               "as a LoRA here: set 'method' to lora.")
 
+    def check_lora_settings(self, config: Any) -> None:
+        if config.use_dora and config.lora_key_format == "diffusers":
+            raise ConfigError("Setting 'use_dora' with 'lora_key_format' diffusers: a Flux DoRA is written as exact "
+                              "weight differences on the fused layers, which only the original format holds; set "
+                              "'lora_key_format' to original.")
+
     def flow_shift(self, config: Any, latent_shape: tuple[int, ...], scheduler_config: Mapping[str, Any]) -> float:
         if getattr(config, "flow_resolution_shift", False):
             from .flux_model import resolution_shift

@@ -79,7 +79,7 @@ def test_warn_if_exceeds() -> None:
 
 
 # The smallest memory class each large family's preset fits at its native resolution.
-SMALLEST_FIT_GB = {"sdxl": 12, "flux-dev": 12, "flux-schnell": 12}
+SMALLEST_FIT_GB = {"sdxl": 12, "sd3": 8, "flux-dev": 12, "flux-schnell": 12}
 
 
 @pytest.mark.parametrize("family", FAMILIES)
