@@ -36,5 +36,4 @@ _.should_exit  # uvicorn.Server's stop flag, read by uvicorn's serving loop
 _.known_incumbent_keys  # every incumbent field the importer knows: tests check docs/INCUMBENT_FIELDS.md lists them
 _._body  # starlette's cache of a request body: set after a bounded read so fastapi reads the body again
 _.module_names  # ModelFamily.denoiser_lora_keys argument: the UNet families' default ignores it, transformer families read it
-_.encode_t5  # T5 caption encoding shared by the transformer families (SD3, Flux units)
-_.tiny_t5_tokenizer_dir  # the tiny T5 tokenizer of the transformer families' tiny models and tests
+_.embed_tokens  # T5 encoder stack attribute assigned to tie it to the shared embedding (transformers reads it)

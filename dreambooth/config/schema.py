@@ -16,7 +16,7 @@ from pathlib import PureWindowsPath
 from typing import Any
 
 from ..errors import ConfigError
-from ..families import FAMILY_NAMES, all_families
+from ..families import FAMILY_NAMES, all_families, get_family
 
 SCHEMA_VERSION = 3
 PREDICTION_TYPES = ("epsilon", "v_prediction", "flow_matching")
@@ -359,6 +359,15 @@ class TrainingConfig:
     use_dora: bool = setting(False, "DoRA", "Weight-decomposed LoRA (peft's use_dora): learns magnitude and "
                              "direction separately, often closer to full fine-tuning at the same rank. Off "
                              "is typical; turn on for hard subjects at low rank; it trains somewhat slower.", "LoRA")
+    lora_key_format: str = setting("original", "LoRA key format", "How an SD3 / SD 3.5 or Flux LoRA names its layers. "
+                                   "original: the single file's names with q/k/v fused (SD3: the MMDiT's, which "
+                                   "A1111 1.10, Forge and ComfyUI load every layer of; Flux: kohya's "
+                                   "lora_unet_double_blocks_... keys, which Forge, ComfyUI and diffusers read; "
+                                   "typical); diffusers: diffusers' module names (SD.Next and ComfyUI; A1111 1.10 "
+                                   "applies only the image attention of SD3's): choose it when you render in "
+                                   "SD.Next. SD 1.x/2.x/XL LoRAs always use kohya's keys, which every host reads.",
+                                   "LoRA",
+                                   choices=("original", "diffusers"))
     lora_init_file: str = setting("", "Start from LoRA", "A LoRA file whose weights the new LoRA starts "
                                   "from instead of a fresh random start, e.g. to continue training it: our "
                                   "own export or another trainer's (kohya/A1111, diffusers/peft, OneTrainer, "
@@ -511,6 +520,13 @@ class TrainingConfig:
                                 "(s - 1) t), the resolution-dependent shift of the paper; SD3 and SD 3.5 sample "
                                 "with 3.0. Typical: 3.0 at 1024 px; lower it towards 1.0 (t unchanged) for smaller images.",
                                 "Flow matching", min=0.1, max=20.0)
+    flow_resolution_shift: bool = setting(False, "Resolution-dependent shift", "Shift the noise levels by the "
+                                          "image's size as Flux dev samples (FluxPipeline): s = e^mu with mu rising "
+                                          "linearly from 0.5 at 256 image tokens (512 px) to 1.15 at 4096 (1024 px), "
+                                          "instead of one 'flow_shift' for every bucket. On is typical for Flux dev "
+                                          "(its default); turn it off to train with a fixed 'flow_shift' (e.g. "
+                                          "3.16, another trainer's recipe). Only for models that sample this way.",
+                                          "Flow matching")
     flow_loss_weighting: str = setting("none", "Loss weighting", "Per-sample weight of the velocity loss by "
                                        "noise level: none (typical; the timestep sampling already weights), "
                                        "sigma_sqrt (1/t^2) or cosmap, the weightings compared in "
@@ -530,6 +546,13 @@ class TrainingConfig:
                                            "backward pass: much less memory (activations fall to about 20%), "
                                            "about 20% slower. Off is typical when memory allows; turn on for "
                                            "large batches, high resolutions or small GPUs.", "Precision and memory")
+    base_quantization: str = setting("none", "Quantized base (LoRA)", "Store the frozen denoiser's linear "
+                                     "layers in fewer bits while a LoRA trains on top (QLoRA): nf4 (4-bit, "
+                                     "bitsandbytes) keeps about a quarter of the bf16 memory, int8 (bitsandbytes) "
+                                     "and fp8 (e4m3 storage, diffusers 0.32+) about half. The frozen weights are "
+                                     "rounded, so training changes slightly; working/ keeps the full weights. "
+                                     "Typical: none where the model fits; choose nf4 when it does not (Flux dev on 12-16 GB).",
+                                     "Precision and memory", choices=("none", "nf4", "int8", "fp8"))
     cache_latents: str = setting("memory", "Cache latents", "Encode each image once with the VAE instead of "
                                  "every step: in memory (typical) or on disk (reused across runs); off "
                                  "re-encodes every step. Saves time and VAE memory; turn off for random "
@@ -749,6 +772,8 @@ def validate(config: TrainingConfig) -> TrainingConfig:
             setattr(concept, f.name, value)
     _check_resolutions(config)
     _check_objective_settings(config)
+    get_family(config.model_family).check_config(config)
+    _check_family_settings(config)
     return config
 
 
@@ -757,7 +782,13 @@ def validate(config: TrainingConfig) -> TrainingConfig:
 DDPM_ONLY_SETTINGS: dict[str, Any] = {"min_snr_gamma": 0.0, "offset_noise": 0.0, "pyramid_noise_iterations": 0,
                                       "zero_terminal_snr": False}
 FLOW_SETTINGS = ("flow_timestep_sampling", "flow_logit_mean", "flow_logit_std", "flow_mode_scale", "flow_shift",
-                 "flow_loss_weighting")
+                 "flow_resolution_shift", "flow_loss_weighting")
+
+
+def _check_family_settings(config: TrainingConfig) -> None:
+    if config.lora_key_format != "original" and get_family(config.model_family).denoiser_folder == "unet":
+        raise ConfigError(f"Setting 'lora_key_format' applies to SD3 / SD 3.5 and Flux LoRAs; {config.model_family} LoRAs use "
+                          "kohya's keys, which every host reads: set it to original.")
 
 
 def _check_objective_settings(config: TrainingConfig) -> None:
@@ -766,6 +797,7 @@ def _check_objective_settings(config: TrainingConfig) -> None:
             if getattr(config, name) != off:
                 raise ConfigError(f"Setting '{name}' does not apply to flow-matching models ({config.model_family}): "
                                   f"it acts on the DDPM noise schedule of SD 1.x, 2.x and XL; set it to {off}.")
+        _check_resolution_shift(config)
         return
     defaults = {f.name: f.default for f in dataclasses.fields(TrainingConfig)}
     for name in FLOW_SETTINGS:
@@ -775,13 +807,33 @@ def _check_objective_settings(config: TrainingConfig) -> None:
                               f"{defaults[name]}.")
 
 
+def _check_resolution_shift(config: TrainingConfig) -> None:
+    if not config.flow_resolution_shift:
+        return
+    family = get_family(config.model_family)
+    if not family.scheduler_config().get("use_dynamic_shifting", False):
+        raise ConfigError(f"Setting 'flow_resolution_shift' applies to models that sample with a size-dependent "
+                          f"shift (Flux dev); {family.label} samples with a fixed one: turn it off and use "
+                          "'flow_shift'.")
+    default = next(f.default for f in dataclasses.fields(TrainingConfig) if f.name == "flow_shift")
+    if config.flow_shift != default:
+        raise ConfigError(f"Settings 'flow_shift' ({config.flow_shift}) and 'flow_resolution_shift' both set the "
+                          f"shift; set 'flow_shift' back to {default} or turn 'flow_resolution_shift' off.")
+
+
 def _check_resolutions(config: TrainingConfig) -> None:
+    family = get_family(config.model_family)
+    multiple = family.pixel_multiple  # 8 (the VAE's downscale); Flux 16 (its 2x2 latent patches)
     for resolution in training_resolutions(config):
         if not 64 <= resolution <= 4096:
             raise ConfigError(f"Setting 'resolution'/'extra_resolutions': {resolution} is outside 64-4096 pixels.")
-        if resolution % 8:
-            raise ConfigError(f"Setting 'resolution'/'extra_resolutions': {resolution} is not a multiple of 8; "
-                              "use e.g. 512, 768 or 1024.")
+        if resolution % multiple:
+            raise ConfigError(f"Setting 'resolution'/'extra_resolutions': {resolution} is not a multiple of "
+                              f"{multiple}{'' if multiple == 8 else ', which ' + family.label + ' needs'}; use e.g. "
+                              "512, 768 or 1024.")
+    if multiple > 8 and config.enable_bucketing and config.bucket_step % multiple:
+        raise ConfigError(f"Setting 'bucket_step': {config.bucket_step} is not a multiple of {multiple}, which "
+                          f"{family.label} needs; use e.g. 64.")
 
 
 def training_resolutions(config: TrainingConfig) -> list[int]:

@@ -1,11 +1,12 @@
 """Model families: one unit per family behind one interface (`base.ModelFamily`), and their registry.
 
-Each module of this package that defines `FAMILIES` is a family unit (sd1, sd2 with sd2v, sdxl with sdxlv);
+Each module of this package that defines `FAMILIES` is a family unit (sd1, sd2 with sd2v, sdxl with sdxlv, sd3,
+flux with flux-dev and flux-schnell);
 adding a family means adding its module (and its tests). Public API:
 
 - ``FAMILY_NAMES`` - registered family names, in registry order (the config schema's choices).
 - ``get_family(name)`` - the family; a ModelError names the choices for an unknown one.
-- ``architecture_of(keys)`` - the base family of a single file's keys ('sd1', 'sd2', 'sdxl').
+- ``architecture_of(keys)`` - the base family of a single file's keys ('sd1', 'sd2', 'sdxl', 'sd3').
 - ``read_markers(keys, metadata, yaml_text)`` - what a file tells about its variant (prediction type,
   zero-terminal SNR) through the markers hosts read: `v_pred`/`ztsnr` keys, metadata, a yaml beside it.
 - ``detect_family(keys, metadata=None, yaml_text=None)`` - the family of a single file.
@@ -31,9 +32,10 @@ from .tables import UNET_PREFIX, VAE_PREFIX
 
 EMA_UNET_PREFIX = "model_ema.diffusion_model"
 
-# Modules of this package shared by the families (not units); clip_text and t5_text import torch, the units
-# do not.
-SHARED_MODULES = frozenset({"base", "tables", "clip_text", "t5_text", "sizes"})
+# Modules of this package shared by the families (not units); clip_text, t5_text and flux_model import torch,
+# the units do not.
+SHARED_MODULES = frozenset({"base", "tables", "clip_text", "t5_text", "sizes", "mmdit_table", "flux_names",
+                            "flux_model"})
 
 
 def _discover() -> dict[str, ModelFamily]:
@@ -163,6 +165,14 @@ def detect_family(keys: Iterable[str], metadata: Mapping[str, str] | None = None
     return variant(base, markers.prediction_type or base.prediction_type, markers.zero_terminal_snr)
 
 
+def _objective_fits(base: ModelFamily, prediction: str, source: str) -> str:
+    """The prediction type, unless it crosses between flow matching and the DDPM objectives (another model)."""
+    if (prediction == "flow_matching") != (base.prediction_type == "flow_matching"):
+        raise ModelError(f"{source} is a {base.label} model, which trains with {base.prediction_type}, not "
+                         f"{prediction}; leave the prediction type to detection.")
+    return prediction
+
+
 def resolve_family(keys: Iterable[str], metadata: Mapping[str, str] | None, yaml_text: str | None,
                    requested: str | None, prediction_type: str | None, source: str = "The checkpoint"
                    ) -> tuple[ModelFamily, str]:
@@ -173,7 +183,8 @@ def resolve_family(keys: Iterable[str], metadata: Mapping[str, str] | None, yaml
     if wanted is not None and wanted.architecture != base.architecture:
         raise ModelError(f"{source} is a {base.name} model, not {wanted.name}; choose the detected family.")
     markers = read_markers(keys, metadata, yaml_text)
-    prediction = markers.prediction_type or prediction_type or (wanted or base).prediction_type
+    prediction = _objective_fits(base, markers.prediction_type or prediction_type or (wanted or base).prediction_type,
+                                 source)
     return variant(base, prediction, markers.zero_terminal_snr), prediction
 
 
@@ -198,7 +209,7 @@ def folder_family(index: Mapping[str, Any], text_config: Mapping[str, Any], sche
         and wanted is not base else None
     prediction = prediction_type or (asked_variant.prediction_type if asked_variant else None) \
         or scheduler_prediction or base.prediction_type
-    return variant(base, prediction), prediction
+    return variant(base, _objective_fits(base, prediction, "The diffusers folder")), prediction
 
 
 __all__ = ["FAMILY_NAMES", "Markers", "ModelFamily", "TextEncoder", "all_families", "architecture_of",

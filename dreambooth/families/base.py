@@ -51,6 +51,8 @@ class TextEncoder:
     optional: the model works without it (SD3's T5: zeros stand in for its output, as the reference
     pipeline does); Components hold None for an absent optional encoder.
     trainable: whether 'train_text_encoder' trains it (T5-XXL's 4.7 B parameters never train here).
+    identity_projection: the single file has no text projection and the diffusers model an identity one (SD3's
+    CLIP-L, whose hosts use the unprojected pooled output): it is filled in on import, kept frozen, not exported.
     """
 
     folder: str            # diffusers subfolder and config name: 'text_encoder', 'text_encoder_2'
@@ -62,6 +64,7 @@ class TextEncoder:
     with_projection: bool = False  # CLIPTextModelWithProjection (SDXL's second: pooled output)
     optional: bool = False
     trainable: bool = True
+    identity_projection: bool = False
 
     @property
     def host_prefix(self) -> str:
@@ -99,6 +102,7 @@ class ModelFamily:
     pipeline_options: Mapping[str, Any] = field(default_factory=lambda: dict(SD_PIPELINE_OPTIONS))
     index_options: Mapping[str, Any] = field(default_factory=lambda: dict(SD_INDEX_OPTIONS))
     lora_unet_ldm_names: bool = False  # kohya's SDXL format: UNet LoRA keys by original names
+    lora_alpha_keys: bool = True  # LoRA files carry `.alpha`; False: the strength is folded into the up weights
     zero_terminal_snr: bool = False
     schedule_tables: bool = True  # the file carries ldm's schedule buffers (SD1/SD2 files do, SDXL's do not)
     v_yaml: str | None = None  # config (under resources/configs/) written beside a v-prediction export
@@ -114,6 +118,9 @@ class ModelFamily:
     # Activation memory of one training sample at `resolution` in 16-bit compute without gradient
     # checkpointing (SDPA attention), in GiB: calibrated on published numbers, see guide/memory.py.
     activation_gib: float = 3.0
+    # Share of those activations gradient checkpointing keeps (None: the guide's general share).
+    checkpointing_factor: float | None = None
+    quantized_presets: bool = False  # presets may store the frozen base in 8 or 4 bits ('base_quantization')
 
     # --- detection ---------------------------------------------------------------------------------------
 
@@ -123,7 +130,9 @@ class ModelFamily:
 
     def matches_folder(self, index: Mapping[str, Any], text_config: Mapping[str, Any]) -> bool:
         """Whether a diffusers folder (model_index.json, first text encoder's config) is of this architecture."""
-        count = sum(1 for encoder in ("text_encoder", "text_encoder_2") if encoder in index)
+        if list(index.get(self.denoiser_folder, [None, None]))[1] != self.denoiser_class:
+            return False
+        count = sum(1 for encoder in ("text_encoder", "text_encoder_2", "text_encoder_3") if encoder in index)
         first = "clip_l" if text_config.get("hidden_act") == "quick_gelu" else "open_clip"
         return count == len(self.text_encoders) and self.text_encoders[0].layout == first
 
@@ -144,6 +153,11 @@ class ModelFamily:
         folder = CONFIG_DIR / (self.config_folder or self.name)
         return {name: json.loads((folder / name / "config.json").read_text()) for name in self.component_folders()
                 if (folder / name / "config.json").is_file()}
+
+    def configs_for(self, state: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+        """The component configs of a single file with these tensors (the shipped ones; a family whose releases
+        differ in size reads them from the tensors' shapes)."""
+        return self.shipped_configs()
 
     def build_component(self, part: str, config: Mapping[str, Any]) -> torch.nn.Module:
         """One component (a `component_folders` name) with fresh weights from its config."""
@@ -241,6 +255,14 @@ class ModelFamily:
         return denoiser(noisy_latents, timesteps, encoder_hidden_states=encoded.hidden,
                         added_cond_kwargs=added).sample
 
+    def flow_shift(self, config: Any, latent_shape: tuple[int, ...], scheduler_config: Mapping[str, Any]) -> float:
+        """The flow-matching timestep shift for latents of this shape (C, H, W): 'flow_shift' unless the family
+        shifts by resolution (Flux dev)."""
+        return float(config.flow_shift)
+
+    def check_config(self, config: Any) -> None:
+        """Refuse settings this family cannot train with (a ConfigError naming the setting); none by default."""
+
     def normalise_latents(self, latents: torch.Tensor, vae_config: Any) -> torch.Tensor:
         """VAE latents -> what the denoiser sees: (latents - shift_factor) * scaling_factor, as the pipelines
         invert it (SD3's and Flux's VAEs have a shift; SD1/SD2/SDXL's none, and subtracting 0 is exact)."""
@@ -299,9 +321,25 @@ class ModelFamily:
         """The denoiser's weights under their single-file keys (`model.diffusion_model.…`)."""
         return tables.convert_by_table(state_dict, self.unet_table(config), tables.UNET_PREFIX, "UNet")
 
+    def check_lora_settings(self, config: Any) -> None:
+        """Refuse LoRA settings the family's files cannot carry (ConfigError naming the setting); none here."""
+
     def denoiser_lora_keys(self, module_names: list[str], denoiser: Any) -> dict[str, str] | None:
         """The exported LoRA key (before `.lora_down.weight`) of each adapted denoiser module; None: the
         UNet families' kohya keys (train/lora_keys.unet_key)."""
+        return None
+
+    def denoiser_lora_slots(self, denoiser: Any) -> Mapping[str, tables.Slot] | None:
+        """Where hosts keep each adapted denoiser module when their layout fuses modules diffusers keeps apart
+        (Flux's q/k/v), for 'lora_key_format' original: module -> Slot whose `original` is the exported LoRA key;
+        the writer then writes one block-diagonal LoRA per fused layer (train/lora_fuse.py, DoRA included).
+        None: denoiser_lora_tensors, else one key per module."""
+        return None
+
+    def denoiser_lora_tensors(self, factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]], denoiser: Any,
+                              key_format: str) -> dict[str, torch.Tensor] | None:
+        """The LoRA file's tensors of the denoiser from each adapted module's (down, up x strength), in
+        'lora_key_format'; None: one key per module (denoiser_lora_keys) with down, up and alpha."""
         return None
 
     def vae_table(self, config: Mapping[str, Any]) -> tables.BlockTable:

@@ -13,10 +13,24 @@ torch: the registry and the config schema import these modules.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
+
+
+
+@dataclass(frozen=True)
+class Slot:
+    """Where a diffusers weight (or layer) lives in an original layout that fuses layers diffusers keeps apart
+    (Flux's q/k/v): rows `start:start+rows` of `original` (rows None: all of them)."""
+
+    original: str
+    start: int = 0
+    rows: int | None = None
+    swap_halves: bool = False  # the original stores the two halves in the other order (AdaLN shift/scale)
+
 
 # A block entry: diffusers module prefix -> (original prefix, renames inside the block).
 BlockTable = dict[str, tuple[str, Mapping[str, str]]]

@@ -23,6 +23,10 @@ from ..families import ModelFamily, get_family
 
 GIB = 1024 ** 3
 MEMORY_CLASSES_GB = (6, 8, 12, 16, 24, 48)
+# Bytes per weight of a quantized frozen base ('base_quantization'): NF4 packs two weights per byte plus an fp8
+# scale per 64 weights and an fp32 scale per 256 of those (double quantization); int8 keeps an fp32 scale per
+# row; fp8 one byte. "none": the compute dtype's.
+QUANTIZED_BYTES = {"nf4": 0.5 + 1 / 64 + 4 / (64 * 256), "int8": 1.0 + 4 / 3072, "fp8": 1.0}
 FIT_MARGIN = 0.9  # leave 10 % of a card for fragmentation and the samples rendered during training
 
 # Encoding the batch's pixels with the VAE each step (latents not cached): a rough allowance for its
@@ -137,17 +141,20 @@ def _trainable_params(config: TrainingConfig, unit: ModelFamily, params: Mapping
     return trainable + (_text_encoder_params(unit, params) if train_te else 0)
 
 
-def _frozen_on_device(config: TrainingConfig, unit: ModelFamily, params: Mapping[str, int]) -> tuple[int, int]:
-    """(parameters held on the device in compute precision, VAE parameters) without being trained.
+def _frozen_on_device(config: TrainingConfig, unit: ModelFamily, params: Mapping[str, int]) -> tuple[float, int]:
+    """(bytes of the weights held on the device without being trained, VAE parameters).
 
-    Frozen text encoders count unless their outputs are cached (then they wait on the CPU); the VAE stays
-    on the device, fp32 under fp16 (it overflows)."""
-    frozen = 0
+    Frozen text encoders count unless their outputs are cached (then they wait on the CPU); a LoRA's frozen
+    denoiser on a quantized base counts in its storage ('base_quantization'); the VAE stays on the device,
+    fp32 under fp16 (it overflows)."""
+    compute = COMPUTE_BYTES[config.mixed_precision]
+    frozen = 0.0
     if config.method == "lora" or not config.train_unet:
-        frozen += params[unit.denoiser_folder]
+        quantized = config.method == "lora" and config.base_quantization != "none"
+        frozen += params[unit.denoiser_folder] * (QUANTIZED_BYTES[config.base_quantization] if quantized else compute)
     frozen_text = config.method == "lora" or not config.train_text_encoder
     if frozen_text and not caches_text_outputs(config):
-        frozen += _text_encoder_params(unit, params)
+        frozen += _text_encoder_params(unit, params) * compute
     return frozen, params.get("vae", 0)
 
 
@@ -159,7 +166,7 @@ def _activations(config: TrainingConfig, unit: ModelFamily, checkpointing: bool,
     if config.cache_latents == "off":
         per_sample *= 1 + VAE_ENCODE_FRACTION
     precision = COMPUTE_BYTES[config.mixed_precision] / 2
-    factor = CHECKPOINTING_FACTOR if checkpointing else 1.0
+    factor = (unit.checkpointing_factor or CHECKPOINTING_FACTOR) if checkpointing else 1.0
     return int(per_sample * config.train_batch_size * precision * factor)
 
 
@@ -179,7 +186,7 @@ def estimate_memory(config: TrainingConfig, family: str | None = None,
     compute = COMPUTE_BYTES[config.mixed_precision]
     ema = trainable * MASTER_BYTES if config.use_ema else 0
     vae_bytes = vae * (4 if config.mixed_precision == "fp16" else compute)
-    weights = trainable * MASTER_BYTES + frozen * compute + vae_bytes + ema
+    weights = int(trainable * MASTER_BYTES + frozen + vae_bytes + ema)
     state = int(trainable * OPTIMIZER_STATE_BYTES.get(config.optimizer, 8.0))
     checkpointing = config.gradient_checkpointing
     return MemoryEstimate(weights=weights, gradients=trainable * MASTER_BYTES, optimizer=state,

@@ -10,6 +10,8 @@ family's native resolution and sizes come from its family unit, so a new family 
 from __future__ import annotations
 
 import copy
+import dataclasses
+from types import SimpleNamespace
 from typing import Any
 
 from ..config.schema import FAMILIES, TrainingConfig, text_cache_blockers
@@ -35,6 +37,11 @@ TIERS: tuple[dict[str, Any], ...] = (
     {**_LORA, "optimizer": "adamw_8bit", "gradient_checkpointing": True, "train_text_encoder": True},
     {**_LORA, "optimizer": "adamw_8bit", "gradient_checkpointing": True, "train_text_encoder": False,
      "cache_text_encoder_outputs": "auto"},
+    # A quantized frozen base (bitsandbytes, as the 8-bit optimizers), for families whose presets use it (Flux).
+    {**_LORA, "optimizer": "adamw_8bit", "gradient_checkpointing": True, "train_text_encoder": False,
+     "cache_text_encoder_outputs": "auto", "base_quantization": "int8"},
+    {**_LORA, "optimizer": "adamw_8bit", "gradient_checkpointing": True, "train_text_encoder": False,
+     "cache_text_encoder_outputs": "auto", "base_quantization": "nf4"},
 )
 
 def _batch_sizes(memory_gb: int) -> tuple[int, ...]:
@@ -72,9 +79,25 @@ def _fits(preset: dict[str, Any], family: str, budget: float) -> bool:
     return estimate_memory(config, family).total <= budget
 
 
+def family_tiers(family: str) -> list[dict[str, Any]]:
+    """The ladder's tiers the family can train with: those its unit accepts, quantized ones only where its presets
+    use them."""
+    unit = get_family(family)
+    tiers = []
+    for tier in TIERS:
+        if "base_quantization" in tier and not unit.quantized_presets:
+            continue
+        try:
+            unit.check_config(SimpleNamespace(**{**dataclasses.asdict(TrainingConfig()), **tier}))
+        except ConfigError:
+            continue
+        tiers.append(tier)
+    return tiers
+
+
 def _ladder(family: str, memory_gb: int) -> dict[str, Any] | None:
     budget = memory_gb * GIB * FIT_MARGIN
-    for tier in TIERS:
+    for tier in family_tiers(family):
         for batch in _batch_sizes(memory_gb):
             preset = {**tier, "mixed_precision": _precision(memory_gb), "train_batch_size": batch}
             preset.setdefault("cache_text_encoder_outputs", "auto")
@@ -92,7 +115,7 @@ def preset_for(family: str, memory_gb: float | None) -> dict[str, Any]:
         return dict(CPU_PRESET)
     found = _ladder(family, size)
     if found is None:
-        bottom = {**TIERS[-1], "mixed_precision": _precision(size), "train_batch_size": 1}
+        bottom = {**family_tiers(family)[-1], "mixed_precision": _precision(size), "train_batch_size": 1}
         return bottom
     return found
 
@@ -111,10 +134,16 @@ def preset_notes(family: str, memory_gb: float | None) -> list[str]:
     if size is None:
         notes.append("CPU: a bf16 LoRA with frozen, cached text encoder; expect hours, not minutes.")
     elif not preset_fits(family, memory_gb):
-        notes.append(f"{family} does not fit {size} GB even as an 8-bit LoRA with checkpointing at "
+        bottom = family_tiers(family)[-1]
+        kind = f"a LoRA on a {bottom['base_quantization']} base" if "base_quantization" in bottom else "an 8-bit LoRA"
+        notes.append(f"{family} does not fit {size} GB even as {kind} with checkpointing at "
                      f"{get_family(family).resolution} px: lower 'resolution' or use a larger GPU.")
-    if preset.get("method") == "lora":
+    full_weights = any(tier["method"] != "lora" for tier in family_tiers(family))
+    if preset.get("method") == "lora" and full_weights:
         notes.append("Full-weight DreamBooth does not fit this memory: the preset trains a LoRA instead.")
+    if preset.get("base_quantization", "none") != "none":
+        notes.append(f"The frozen base is stored in {preset['base_quantization']} (bitsandbytes): the LoRA trains on "
+                     "slightly rounded weights; a GPU with more memory can train on the full ones.")
     return [*notes, "What fits: " + "; ".join(preset_overview(family)) + "."]
 
 
@@ -122,6 +151,8 @@ def describe(preset: dict[str, Any]) -> str:
     """A preset in a few words: method, optimizer, what saves memory."""
     method = "LoRA" if preset["method"] == "lora" else "full DreamBooth"
     parts = [f"{method} with {preset['optimizer']}"]
+    if preset.get("base_quantization", "none") != "none":
+        parts.append(f"{preset['base_quantization']} base")
     if preset.get("gradient_checkpointing"):
         parts.append("gradient checkpointing")
     parts.append("text encoder trained" if preset.get("train_text_encoder") else "text encoder frozen and cached")

@@ -159,6 +159,10 @@ def _te_aliases(family: str, encoders: list[Any]) -> tuple[dict[str, str], dict[
 
 def key_table(family: str, unet: Any, text_encoders: list[Any]) -> KeyTable:
     """The table of a model's layers (plain diffusers/transformers modules; meta tensors are fine)."""
+    unit = get_family(family)
+    if unit.denoiser_folder != "unet":
+        raise ModelError(f"The LoRA tools (extract, resize, merge, start from a LoRA) read SD 1.x, 2.x and XL LoRAs; "
+                         f"{unit.label} LoRAs are not supported by them yet.")
     unet_aliases, unet_targets = _unet_aliases(family, unet)
     te_aliases, te_targets = _te_aliases(family, list(text_encoders))
     aliases = {**unet_aliases, **te_aliases}

@@ -167,7 +167,7 @@ def read_family(working: Path) -> dict[str, str]:
     return json.loads(path.read_text())
 
 
-def _load_text_encoders(working: Path, family: ModelFamily, index: dict[str, Any],
+def load_text_encoders(working: Path, family: ModelFamily, index: dict[str, Any],
                         dtypes: dict[str, torch.dtype]) -> list[Any]:
     import transformers
 
@@ -214,7 +214,7 @@ def load_components(working_dir: str | Path, dtype: torch.dtype = torch.float32,
     family = get_family(info["family"])
     dtypes = {part: dtype for part in (DENOISER_PART, "vae", *(spec.folder for spec in family.text_encoders))}
     dtypes |= part_dtypes or {}
-    encoders = _load_text_encoders(working, family, index, dtypes)
+    encoders = load_text_encoders(working, family, index, dtypes)
     extras_path = working / EXTRAS_FILE
     denoiser_class = getattr(diffusers, family.denoiser_class)
     return Components(

@@ -59,8 +59,10 @@ def perturb_degenerate(module: torch.nn.Module, generator: torch.Generator, scal
                 parameter.copy_(flat[0] + scale * noise)
 
 
-def tiny_components(family: str, seed: int = 0) -> Components:
-    """A tiny random model of `family` (any registered family), deterministic for a seed."""
+def tiny_components(family: str, seed: int = 0, optional_encoders: bool = True) -> Components:
+    """A tiny random model of `family` (any registered family), deterministic for a seed. Optional text encoders
+    (SD3's T5) are left out without `optional_encoders` or without a tiny tokenizer for them; the other weights
+    are the same either way."""
     configs = tiny_configs(family)
     generator = torch.Generator().manual_seed(seed)
     with torch.random.fork_rng(devices=[]):
@@ -73,9 +75,13 @@ def tiny_components(family: str, seed: int = 0) -> Components:
     unit = get_family(family)
     extras = unit.tiny_extras(configs, generator)
     scheduler = unit.make_noise_scheduler()
-    return Components(family=family, denoiser=denoiser, vae=vae, text_encoders=encoders,
-                      tokenizers=unit.tiny_tokenizers(),
-                      noise_scheduler=scheduler, prediction_type=scheduler.config.prediction_type, extras=extras)
+    tokenizers = unit.tiny_tokenizers()
+    kept = [not spec.optional or (optional_encoders and tokenizer is not None)
+            for spec, tokenizer in zip(unit.text_encoders, tokenizers, strict=True)]
+    return Components(family=family, denoiser=denoiser, vae=vae,
+                      text_encoders=[encoder if keep else None for encoder, keep in zip(encoders, kept, strict=True)],
+                      tokenizers=[tokenizer if keep else None for tokenizer, keep in zip(tokenizers, kept, strict=True)],
+                      noise_scheduler=scheduler, prediction_type=unit.prediction_type, extras=extras)
 
 
 # A tiny T5 tokenizer for tests and demos, trained on the fly: no package ships T5's SentencePiece model.
@@ -100,3 +106,17 @@ def tiny_t5_tokenizer_dir(folder: Path) -> Path | None:
             tmp.with_suffix(".model").replace(tmp)
             tmp.with_suffix(".vocab").unlink(missing_ok=True)
     return folder
+
+
+def tiny_t5_tokenizer() -> Any:
+    """The tiny T5 tokenizer (built once into the temp folder), for tiny models whose T5 is not optional."""
+    import tempfile
+
+    from ..errors import ModelError
+    from .tokenizer import read_t5_tokenizer
+
+    folder = tiny_t5_tokenizer_dir(Path(tempfile.gettempdir()) / "dreambooth-tiny-t5")
+    if folder is None:
+        raise ModelError("Tiny models with a T5 encoder (Flux) need the sentencepiece package to build their "
+                         "tokenizer; install it (pip install sentencepiece).")
+    return read_t5_tokenizer(folder)

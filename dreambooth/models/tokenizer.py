@@ -128,8 +128,8 @@ def t5_tokenizer_dir(folders: list[Path]) -> Path | None:
 def missing_t5_tokenizer(folders: list[Path]) -> str:
     places = ", ".join(str(folder) for folder in folders) or "nowhere (no model folder and no host folder)"
     return (f"T5's tokenizer is missing: none of {places} holds tokenizer.json or spiece.model. Copy the "
-            "tokenizer_3 folder of the model's diffusers release (tokenizer.json or spiece.model) into the model "
-            "folder; tokenizers are never downloaded.")
+            "T5 tokenizer folder of the model's diffusers release (SD3: tokenizer_3, Flux: tokenizer_2; its "
+            "tokenizer.json or spiece.model) into the model folder; tokenizers are never downloaded.")
 
 
 def read_t5_tokenizer(folder: Path) -> Any:

@@ -17,7 +17,6 @@ plain components, which is how the tests prove the files load as trained.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import hashlib
 import json
@@ -36,7 +35,7 @@ from ..families import get_family
 from ..families.base import DENOISER_PART
 from ..families.sizes import text_lora_targets, unet_lora_targets
 from ..models.components import uses_zero_terminal_snr
-from . import lora_keys
+from . import lora_fuse, lora_keys
 from .runtime import text_parts
 
 ADAPTER = "default"
@@ -84,6 +83,7 @@ def peft_config(config: TrainingConfig, targets: list[str], conv_targets: bool) 
 
 
 def _check_lora_settings(config: TrainingConfig) -> None:
+    get_family(config.model_family).check_lora_settings(config)
     if not (config.train_unet or config.train_text_encoder):
         raise ConfigError("Settings 'train_unet' and 'train_text_encoder' are both off: a LoRA needs at least "
                           "one of them; turn one on.")
@@ -189,17 +189,22 @@ def merge_lora(components: Any) -> None:
 
 def _dora_difference(module: Any) -> torch.Tensor:
     """W_merged - W of a DoRA layer, merged by peft itself on a copy of the layer."""
-    merged = copy.deepcopy(module)
-    merged.merge(adapter_names=[ADAPTER])
-    return (merged.get_base_layer().weight - module.get_base_layer().weight).detach().float()
+    difference = lora_fuse.layer_factors(module, ADAPTER).diff
+    assert difference is not None
+    return difference
 
 
-def _module_tensors(key: str, module: Any) -> dict[str, torch.Tensor]:
+def _module_tensors(key: str, module: Any, alpha_key: bool = True) -> dict[str, torch.Tensor]:
+    """The layer's file tensors: down, up and alpha (the host applies alpha / rank), or with `alpha_key` False
+    down and the up weights times the strength (loaders then apply scale 1)."""
     if module.use_dora.get(ADAPTER, False):
         return {f"{key}.diff": _dora_difference(module)}
     down = module.lora_A[ADAPTER].weight.detach().float()
-    alpha = module.scaling[ADAPTER] * down.shape[0]  # the host applies alpha / rank
-    return {f"{key}.lora_down.weight": down, f"{key}.lora_up.weight": module.lora_B[ADAPTER].weight.detach().float(),
+    up = module.lora_B[ADAPTER].weight.detach().float()
+    if not alpha_key:
+        return {f"{key}.lora_down.weight": down, f"{key}.lora_up.weight": up * module.scaling[ADAPTER]}
+    alpha = module.scaling[ADAPTER] * down.shape[0]
+    return {f"{key}.lora_down.weight": down, f"{key}.lora_up.weight": up,
             f"{key}.alpha": torch.tensor(alpha, dtype=torch.float32)}
 
 
@@ -213,18 +218,36 @@ def denoiser_keys(components: Any, names: list[str]) -> dict[str, str]:
     return {name: lora_keys.unet_key(components.family, name, ldm_names[name]) for name in names}
 
 
-def host_tensors(components: Any) -> dict[str, torch.Tensor]:
-    """All adapters as fp32 tensors under the host's key names."""
+def _factors(modules: dict[str, Any]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """(down, up x strength) of each LoRA layer: the change it makes is up @ down."""
+    return {name: (module.lora_A[ADAPTER].weight.detach().float(),
+                   module.lora_B[ADAPTER].weight.detach().float() * module.scaling[ADAPTER])
+            for name, module in modules.items()}
+
+
+def host_tensors(components: Any, key_format: str = "original") -> dict[str, torch.Tensor]:
+    """All adapters as fp32 tensors under the host's key names (`key_format`: 'lora_key_format')."""
     tensors: dict[str, torch.Tensor] = {}
-    encoder_index = {spec.folder: index for index, spec in enumerate(components.model_family.text_encoders)}
+    family = components.model_family
+    encoder_index = {spec.folder: index for index, spec in enumerate(family.text_encoders)}
     for part, model in model_parts(components).items():
         modules = dict(lora_modules(model))
+        slots = family.denoiser_lora_slots(model) if part == DENOISER_PART and key_format == "original" else None
+        fused = None
+        if slots is not None:  # the host fuses layers: one LoRA per fused layer (train/lora_fuse.py)
+            fused = lora_fuse.host_tensors({name: lora_fuse.layer_factors(module, ADAPTER)
+                                            for name, module in modules.items()}, slots, str)
+        elif part == DENOISER_PART and modules:
+            fused = family.denoiser_lora_tensors(_factors(modules), components.denoiser, key_format)
+        if fused is not None:
+            tensors.update(fused)
+            continue
         if part == DENOISER_PART:
             keys = denoiser_keys(components, list(modules))
         else:
             keys = {name: lora_keys.te_key(components.family, encoder_index[part], name) for name in modules}
         for name, module in modules.items():
-            tensors.update(_module_tensors(keys[name], module))
+            tensors.update(_module_tensors(keys[name], module, components.model_family.lora_alpha_keys))
     return tensors
 
 
@@ -336,7 +359,7 @@ def export_lora(components: Any, config: TrainingConfig, out_path: Path, metadat
     ss_tag_frequency as JSON, ...); ss_output_name always gets a content hash appended to stay unique.
     """
     out_path = Path(out_path)
-    tensors = host_tensors(components)
+    tensors = host_tensors(components, config.lora_key_format)
     if not tensors:
         raise ModelError(f"{out_path}: the model carries no LoRA layers to export; call add_lora first.")
     tensors = cast_for_save(tensors, config.save_precision)

@@ -91,15 +91,16 @@ def shift_timestep(t: float, shift: float) -> float:
     return shift * t / (1.0 + (shift - 1.0) * t)
 
 
-def flow_batch_noise(latent_shape: tuple[int, ...], seeds: list[int], step: int,
-                     config: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(noise, input noise, sigmas) for a flow-matching batch, each sample from its own seed as batch_noise."""
+def flow_batch_noise(latent_shape: tuple[int, ...], seeds: list[int], step: int, config: Any,
+                     shift: float | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(noise, input noise, sigmas) for a flow-matching batch, each sample from its own seed as batch_noise;
+    `shift` is the model's for this latent size (default: 'flow_shift')."""
     noises, inputs, sigmas = [], [], []
     for seed in seeds:
         generator = sample_generator(seed, step)
         t = flow_timestep(generator, config.flow_timestep_sampling, config.flow_logit_mean, config.flow_logit_std,
                           config.flow_mode_scale)
-        sigmas.append(shift_timestep(t, config.flow_shift))
+        sigmas.append(shift_timestep(t, config.flow_shift if shift is None else shift))
         noise = sample_noise(latent_shape, generator, config.offset_noise, config.pyramid_noise_iterations,
                              config.pyramid_noise_discount)
         noises.append(noise)

@@ -102,8 +102,9 @@ class FlowMatchingObjective:
     def per_sample_losses(self, session: Session, batch: Batch) -> torch.Tensor:
         config, device = session.config, session.device
         seeds = [item.seed for item in batch.items]
-        noise, input_noise, sigmas = noises.flow_batch_noise(tuple(batch.latents.shape[1:]), seeds, batch.step,
-                                                            config)
+        shape = tuple(batch.latents.shape[1:])
+        shift = session.family.flow_shift(config, shape, session.noise_scheduler.config)
+        noise, input_noise, sigmas = noises.flow_batch_noise(shape, seeds, batch.step, config, shift)
         noise, sigmas = noise.to(device), sigmas.to(device)
         input_noise = input_noise.to(device) if batch.perturb_input else noise
         level = sigmas.view(-1, *[1] * (batch.latents.dim() - 1))

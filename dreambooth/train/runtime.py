@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from ..errors import ConfigError
+from ..families import get_family
 from ..families.base import DENOISER_PART
 
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -73,8 +74,10 @@ def full_trainable(components: Any, config: Any) -> dict[str, list[torch.nn.Para
     if config.train_unet:
         groups[DENOISER_PART] = list(components.denoiser.parameters())
     if config.train_text_encoder:
+        specs = {spec.folder: spec for spec in components.model_family.text_encoders}
         for name, encoder in text_parts(components, trainable_only=True):
-            groups[name] = list(encoder.parameters())
+            frozen = "text_projection.weight" if specs[name].identity_projection else None
+            groups[name] = [param for key, param in encoder.named_parameters() if key != frozen]
     return groups
 
 
@@ -107,19 +110,26 @@ def load_dtypes(config: Any) -> dict[str, torch.dtype]:
     compute = compute_dtype(config)
     lora = config.method == "lora"  # LoRA trains adapters only: every base weight is frozen
     text = compute if lora or not config.train_text_encoder else torch.float32
+    # An encoder that never trains (SD3's T5-XXL) loads in the compute dtype: 19 GB in fp32.
+    encoders = {spec.folder: text if spec.trainable else compute for spec in get_family(config.model_family).text_encoders}
     return {DENOISER_PART: compute if lora or not config.train_unet else torch.float32,
-            "vae": vae_dtype(compute), **dict.fromkeys(TEXT_GROUPS, text)}
+            "vae": vae_dtype(compute), **dict.fromkeys(TEXT_GROUPS, text), **encoders}
 
 
 def cast_frozen(components: Any, trainable: dict[str, list[torch.nn.Parameter]], dtype: torch.dtype,
                 device: torch.device) -> None:
     """Frozen weights in the compute dtype (half the memory, faster); trained ones stay fp32 masters."""
+    from .quantize import is_quantized
+
     trained = {id(p) for params in trainable.values() for p in params}
     for module in components.modules():
         frozen_dtype = vae_dtype(dtype) if module is components.vae else dtype
         module.to(device)
         for param in module.parameters():
-            param.data = param.data.float() if id(param) in trained else param.data.to(frozen_dtype)
+            if id(param) in trained:
+                param.data = param.data.float()
+            elif not is_quantized(param):  # a quantized base keeps its storage ('base_quantization')
+                param.data = param.data.to(frozen_dtype)
 
 
 def use_channels_last(device: torch.device) -> bool:

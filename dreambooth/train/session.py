@@ -260,10 +260,13 @@ def _load_models(config: TrainingConfig, model_dir: ModelDir, ranks: Ranks, warn
                  lora_dir: Path) -> _Models:
     from ..models.components import load_components
     from .lora_init import apply_start_lora, read_start_lora
+    from .quantize import check_quantization, quantize_base
 
     components = load_components(model_dir.working, torch.float32, runtime.load_dtypes(config))
     check_identity(config, components, model_dir.working)
     start_lora = read_start_lora(config, components, lora_dir, warn)  # keys resolve on the unwrapped layers
+    check_quantization(config)
+    quantize_base(components.denoiser, config.base_quantization, runtime.compute_dtype(config), ranks.device)
     trainable = runtime.trainable_parameters(components, config)
     if start_lora is not None:
         apply_start_lora(components, start_lora, warn)

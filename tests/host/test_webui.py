@@ -14,12 +14,15 @@ from tests_host_support import HERE, purge_fakes
 from dreambooth.host.base import GenerationRequest, Host
 from dreambooth.host.webui import (
     A1111,
+    A1111_T5_CACHE,
     FORGE,
+    FORGE_T5_TOKENIZERS,
     SDNEXT,
     HostError,
     WebuiHost,
     call_tolerant,
     detect_flavour,
+    host_t5_tokenizer_dirs,
     torch_swaps,
 )
 from dreambooth.service import TrainingService
@@ -292,3 +295,29 @@ def test_gpu_lock_gives_up_with_a_clear_error_when_torch_stays_swapped(webui, mo
     with pytest.raises(HostError, match=r"replaced torch\.nn\.Module\.load_state_dict"), host.gpu_lock():
         pass
     assert webui.call_queue.queue_lock.owner is None  # the host's queue is free again
+
+
+
+def test_host_t5_tokenizer_folders_are_registered(webui, monkeypatch):
+    """Forge's bundled SD3/Flux tokenizer folders and A1111's hub-cache copy are searched for T5's tokenizer."""
+    import huggingface_hub.constants
+
+    from dreambooth.models import tokenizer as tokenizers
+
+    root = webui.tmp / "forge"
+    (root / "modules_forge").mkdir(parents=True)
+    (root / "modules_forge" / "__init__.py").write_text("")
+    bundled = [root / relative for relative in FORGE_T5_TOKENIZERS]
+    for folder in bundled:
+        folder.mkdir(parents=True)
+    snapshot = webui.tmp / "hub" / A1111_T5_CACHE / "snapshots" / "abc123"
+    snapshot.mkdir(parents=True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(webui.tmp / "hub"))
+    monkeypatch.syspath_prepend(str(root))
+    assert host_t5_tokenizer_dirs(FORGE) == [*bundled, snapshot]
+    assert host_t5_tokenizer_dirs(A1111) == [snapshot]
+    try:
+        WebuiHost(A1111)
+        assert tokenizers.t5_search_dirs(None, "tokenizer_3") == [snapshot]
+    finally:
+        tokenizers.register_t5_tokenizer_dirs([])
