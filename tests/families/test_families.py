@@ -85,8 +85,9 @@ def test_schedule_and_defaults_follow_the_family(name: str) -> None:
     assert (config.model_family, config.prediction_type, config.resolution) == (name, family.prediction_type,
                                                                                 family.resolution)
     assert config.zero_terminal_snr == family.zero_terminal_snr
-    assert family.make_noise_scheduler().config.rescale_betas_zero_snr == family.zero_terminal_snr
-    assert family.make_noise_scheduler(zero_terminal_snr=True).alphas_cumprod[-1] == 0
+    if family.prediction_type != "flow_matching":  # flow matching reaches pure noise at t = 1 by construction
+        assert family.make_noise_scheduler().config.rescale_betas_zero_snr == family.zero_terminal_snr
+        assert family.make_noise_scheduler(zero_terminal_snr=True).alphas_cumprod[-1] == 0
 
 
 @pytest.mark.parametrize("name", FAMILY_NAMES)
@@ -97,11 +98,12 @@ def test_the_guide_reads_sizes_and_limits_from_the_family(name: str) -> None:
     assert low <= family.resolution <= high and family.resolution % family.pixel_multiple == 0
     assert family.activation_gib > 0
     counts = family.parameter_counts()
-    assert tuple(counts) == family.component_folders() == tuple(family.shipped_configs())
+    assert tuple(counts) == family.component_folders() and set(counts) == set(family.shipped_configs())
     assert all(count > 1e7 for count in counts.values())
     per_rank = family.lora_parameters_per_rank()
     assert set(per_rank) == {family.denoiser_folder, *(encoder.folder for encoder in family.text_encoders)}
-    assert all(0 < width < counts[part] / 100 for part, width in per_rank.items())
+    frozen = {encoder.folder for encoder in family.text_encoders if not encoder.trainable}  # T5-XXL never trains
+    assert all(0 < width < counts[part] / 100 for part, width in per_rank.items() if part not in frozen)
 
 
 @pytest.mark.parametrize("name", FAMILY_NAMES)
