@@ -508,17 +508,19 @@ class TrainingConfig:
                                           "Flow matching", choices=("logit_normal", "mode", "uniform"))
     flow_logit_mean: float = setting(0.0, "Logit mean", "Mean of the logit-normal timestep density (ignored by "
                                      "the other samplings). Typical: 0 (the paper's best, rf/lognorm(0.00, "
-                                     "1.00)); raise it to train more on noisy steps (composition), lower it "
-                                     "for detail.", "Flow matching", min=-3.0, max=3.0)
+                                     "1.00)); positive values train more on noisy steps (composition), negative "
+                                     "on detail; raise it when compositions stay weak.", "Flow matching", min=-3.0, max=3.0)
     flow_logit_std: float = setting(1.0, "Logit std", "Spread of the logit-normal timestep density (ignored by "
-                                    "the other samplings). Typical: 1.0; smaller concentrates training on the "
-                                    "middle noise levels; lower it only to reproduce such a recipe.", "Flow matching", min=0.1, max=5.0)
+                                    "the other samplings). Typical: 1.0; lower it to concentrate training on the "
+                                    "middle noise levels.", "Flow matching", min=0.1, max=5.0)
     flow_mode_scale: float = setting(1.29, "Mode scale", "Scale s of the 'mode' timestep density (ignored by the "
-                                     "other samplings). Typical: 1.29 (the paper's mode(1.29)); 0 is uniform, "
-                                     "larger favours the middle more; change it only with sampling 'mode'.", "Flow matching", min=-1.0, max=1.81)
+                                     "other samplings). Typical: 1.29 (the paper's mode(1.29)); 0 is uniform; "
+                                     "raise it to favour the middle noise levels more.", "Flow matching",
+                                     min=-1.0, max=1.81)
     flow_shift: float = setting(3.0, "Timestep shift", "Shift of the noise levels towards noise, t' = s t / (1 + "
                                 "(s - 1) t), the resolution-dependent shift of the paper; SD3 and SD 3.5 sample "
-                                "with 3.0. Typical: 3.0 at 1024 px; lower it towards 1.0 (t unchanged) for smaller images.",
+                                "with 3.0. Typical: 3.0 at 1024 px; lower it towards 1.0 (t unchanged) for smaller "
+                                "images.",
                                 "Flow matching", min=0.1, max=20.0)
     flow_resolution_shift: bool = setting(False, "Resolution-dependent shift", "Shift the noise levels by the "
                                           "image's size as Flux dev samples (FluxPipeline): s = e^mu with mu rising "
@@ -530,8 +532,7 @@ class TrainingConfig:
     flow_loss_weighting: str = setting("none", "Loss weighting", "Per-sample weight of the velocity loss by "
                                        "noise level: none (typical; the timestep sampling already weights), "
                                        "sigma_sqrt (1/t^2) or cosmap, the weightings compared in "
-                                       f"{SD3_PAPER}. Change it only to reproduce another trainer's recipe.", "Flow matching",
-                                       choices=("none", "sigma_sqrt", "cosmap"))
+                                       f"{SD3_PAPER}. Change it only to reproduce another trainer's recipe.", "Flow matching", choices=("none", "sigma_sqrt", "cosmap"))
     # --- Precision and memory --------------------------------------------------------------------
     mixed_precision: str = setting("bf16", "Mixed precision", "Compute precision; master weights stay fp32. "
                                    "bf16 is fast on recent GPUs (Ampere and newer) and CPUs; fp16 needs CUDA "

@@ -49,7 +49,7 @@ def load_text_encoder(spec: TextEncoder, config: Mapping[str, Any], weights: Map
     model.load_state_dict({key: value for key, value in matched.items() if key in parameters}, strict=False,
                           assign=True)
     if spec.layout == "t5":
-        model.encoder.embed_tokens = model.shared  # tied: the stack reads the shared embedding
+        model.encoder.set_input_embeddings(model.shared)  # tied: the stack reads the shared embedding
     return (model if next(model.parameters()).dtype == dtype else model.to(dtype)).eval()
 
 

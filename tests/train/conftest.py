@@ -138,6 +138,9 @@ def sdxlv_env(tmp_path: Path, tiny_working: Callable[[str], Path]) -> Env:
     env.config.prediction_type, env.config.zero_terminal_snr = defaults["prediction_type"], defaults["zero_terminal_snr"]
     env.model.save_config(env.config)
     return env
+
+
+@pytest.fixture
 def sd3_env(tmp_path: Path, tiny_working: Callable[[str], Path]) -> Env:
     torch.manual_seed(0)
     environment = Env(tmp_path, tiny_working("sd3"), family="sd3")
