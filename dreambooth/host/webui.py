@@ -44,10 +44,11 @@ from ..store import Layout
 
 log = logging.getLogger(__name__)
 
-A1111, FORGE, SDNEXT = "a1111", "forge", "sdnext"
-LABELS = {A1111: "AUTOMATIC1111", FORGE: "Forge", SDNEXT: "SD.Next"}
+A1111, FORGE, CLASSIC, SDNEXT = "a1111", "forge", "forge-classic", "sdnext"
+# CLASSIC: Forge on its gradio 3 code base (ldm_patched; Forge Classic, and Forge itself before August 2024).
+LABELS = {A1111: "AUTOMATIC1111", FORGE: "Forge", CLASSIC: "Forge", SDNEXT: "SD.Next"}
 # Where each host keeps the LoRA extension's `networks` module (first importable one wins).
-NETWORKS_MODULES = {A1111: ("networks",), FORGE: ("networks", "modules_forge.lora.networks"),
+NETWORKS_MODULES = {A1111: ("networks",), FORGE: ("networks", "modules_forge.lora.networks"), CLASSIC: ("networks",),
                     SDNEXT: ("modules.lora.lora_load", "modules.lora.networks", "networks")}
 SDNEXT_SLOTS = (("model", "sd_model"), ("refiner", "sd_refiner"))  # unload/reload op, model_data attribute
 PROGRESS_RESOLUTION = 1000
@@ -115,9 +116,10 @@ def wait_for_torch_as_shipped(host_name: str, timeout_s: float = HOST_LOAD_WAIT_
 
 
 def detect_flavour() -> str:
-    """Which web UI imported us: Forge ships modules_forge, SD.Next modules.modeldata, else A1111."""
+    """Which web UI imported us: Forge ships modules_forge (on gradio 3 with ldm_patched: Forge Classic),
+    SD.Next modules.modeldata, else A1111."""
     if importlib.util.find_spec("modules_forge") is not None:
-        return FORGE
+        return CLASSIC if importlib.util.find_spec("ldm_patched") is not None else FORGE
     with contextlib.suppress(ImportError, ValueError):
         if importlib.util.find_spec("modules.modeldata") is not None:
             return SDNEXT
@@ -129,6 +131,7 @@ def host_version(flavour: str) -> str:
     readers: dict[str, tuple[tuple[str, str], ...]] = {
         A1111: (("modules.launch_utils", "git_tag"),),
         FORGE: (("modules_forge.forge_version", "version"), ("modules.launch_utils", "git_tag")),
+        CLASSIC: (("modules_forge.forge_version", "version"), ("modules.launch_utils", "git_tag")),
         SDNEXT: (("installer", "version"), ("modules.shared", "version")),
     }
     for module_name, attribute in readers.get(flavour, ()):
@@ -429,6 +432,15 @@ class ModelKeeper:
         self.released_checkpoint = None
 
     def current_model(self) -> Any:
+        """The loaded model, loaded again first when we released it: A1111's get_sd_model loads only before the
+        first model ever loaded, so after release_model nothing would load it for txt2img."""
+        model = self.shared_model()
+        if model is None:
+            call_tolerant(self.host.need(self.host.module("sd_models"), "reload_model_weights"))
+            model = self.shared_model()
+        return model
+
+    def shared_model(self) -> Any:
         try:
             return self.host.module("shared").sd_model
         except Exception:  # Forge raises until its lazy load happened
@@ -471,6 +483,9 @@ class ForgeKeeper(ModelKeeper):
             if refresh is not None:
                 refresh()
 
+    def current_model(self) -> Any:
+        return self.shared_model()  # Forge loads lazily inside processing (forge_model_reload)
+
     def overrides(self, title: str | None) -> dict[str, Any]:
         return {}
 
@@ -489,6 +504,25 @@ class ForgeKeeper(ModelKeeper):
         finally:
             if previous is not None:
                 call_tolerant(change, previous, preset=None, save=False, refresh=True)
+
+
+class ClassicKeeper(ModelKeeper):
+    """Forge on gradio 3 (ldm_patched): A1111's loading (load_model, override_settings) over Forge's memory
+    manager. Its get_sd_model never loads again once a model was loaded, so restore must load it."""
+
+    def release(self, sd_models: Any) -> None:
+        model_data = self.host.need(sd_models, "model_data")
+        if model_data.sd_model is not None:
+            self.released_checkpoint = getattr(model_data.sd_model, "sd_checkpoint_info", None)
+        model_data.sd_model = None
+        model_data.loaded_sd_models = []
+        with contextlib.suppress(ImportError):  # the weights live in ldm_patched's memory manager
+            memory = importlib.import_module("ldm_patched.modules.model_management")
+            for name in ("unload_all_models", "soft_empty_cache"):
+                function = getattr(memory, name, None)
+                if function is not None:
+                    function()
+        clear_state_dict_cache(sd_models)
 
 
 class SDNextKeeper(ModelKeeper):
@@ -549,7 +583,8 @@ class SDNextKeeper(ModelKeeper):
         return bool(lock.acquire(timeout=wait_s))
 
 
-KEEPERS: dict[str, type[ModelKeeper]] = {A1111: ModelKeeper, FORGE: ForgeKeeper, SDNEXT: SDNextKeeper}
+KEEPERS: dict[str, type[ModelKeeper]] = {A1111: ModelKeeper, FORGE: ForgeKeeper, CLASSIC: ClassicKeeper,
+                                         SDNEXT: SDNextKeeper}
 
 
 def clear_state_dict_cache(sd_models: Any) -> None:
