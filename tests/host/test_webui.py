@@ -14,6 +14,7 @@ from tests_host_support import HERE, purge_fakes
 from dreambooth.host.base import GenerationRequest, Host
 from dreambooth.host.webui import (
     A1111,
+    CLASSIC,
     FORGE,
     SDNEXT,
     HostError,
@@ -210,12 +211,37 @@ def test_forge_selects_checkpoints_through_main_entry_and_releases_lazily(forge)
     assert forge.main_entry.refreshes and "load_model" not in names(forge.sd_models.calls)
 
 
+@pytest.fixture
+def neo(webui, monkeypatch):
+    monkeypatch.syspath_prepend(str(HERE / "fake_forge"))
+    monkeypatch.syspath_prepend(str(HERE / "fake_neo"))
+    webui.main_entry = importlib.import_module("modules_forge.main_entry")
+    webui.memory = importlib.import_module("backend.memory_management")
+    return webui
+
+
+def test_forge_neo_gets_the_preset_its_checkpoint_change_requires(neo):
+    host = WebuiHost()
+    assert host.flavour == FORGE and host.name == "Forge neo"
+    checkpoint = neo.models / "Stable-diffusion" / "base.safetensors"
+    host.generate(GenerationRequest("x", count=1, checkpoint=checkpoint))
+    assert neo.main_entry.changes == [("base.safetensors [abc]", None, False, True),
+                                      ("base.safetensors [abc]", None, False, True)]  # chosen, then chosen back
+    assert neo.processing.created[0].checkpoint_during_processing == "base.safetensors [abc]"
+    neo.sd_models.model_data.sd_model = object()
+    host.release_model()  # Neo has no send_model_to_trash or state-dict cache
+    host.restore_model()
+    assert neo.sd_models.model_data.sd_model is None and neo.memory.calls == ["unload_all_models", "soft_empty_cache"]
+    assert neo.main_entry.refreshes == [True]
+
+
 def test_detect_flavour_markers(monkeypatch):
     import importlib.util as util
 
     real = util.find_spec
-    for marker, expected in (("modules_forge", FORGE), ("modules.modeldata", SDNEXT), (None, A1111)):
-        monkeypatch.setattr(util, "find_spec", lambda name, *a, m=marker: object() if name == m else None)
+    for markers, expected in ((("modules_forge",), FORGE), (("modules_forge", "ldm_patched"), CLASSIC),
+                              (("modules.modeldata",), SDNEXT), ((), A1111)):
+        monkeypatch.setattr(util, "find_spec", lambda name, *a, m=markers: object() if name in m else None)
         assert detect_flavour() == expected
     monkeypatch.setattr(util, "find_spec", real)
 
