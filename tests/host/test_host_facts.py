@@ -13,6 +13,7 @@ import importlib
 import inspect
 import json
 import re
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -46,12 +47,21 @@ def neo_on_path(monkeypatch: pytest.MonkeyPatch) -> None:
     importlib.import_module("modules.shared").models_path = "/models"
 
 
+def classic_on_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.syspath_prepend(str(HERE / "fake_webui"))  # the built-in Lora extension's networks module
+    monkeypatch.syspath_prepend(str(HERE / "fake_classic"))
+    importlib.import_module("modules.shared").models_path = "/models"
+    sd_models = importlib.import_module("modules.sd_models")
+    sd_models.model_data.lock = threading.Lock()  # A1111's SdModelData has one
+    sd_models.load_model(sd_models.CheckpointInfo("/models/a.safetensors"))  # Classic loads at start-up
+
+
 def sdnext_on_path(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.syspath_prepend(str(HERE / "fake_sdnext"))
 
 
 HOSTS: dict[str, Callable[[pytest.MonkeyPatch], None]] = {"forge": forge_on_path, "neo": neo_on_path,
-                                                         "sdnext": sdnext_on_path}
+                                                         "classic": classic_on_path, "sdnext": sdnext_on_path}
 FACTS = {host: json.loads((HERE / "facts" / f"{host}.json").read_text()) for host in HOSTS}
 
 
