@@ -75,7 +75,9 @@ CONFIG_DEFAULTS = {"dreambooth_save_precision": "save_precision", "dreambooth_mi
 # A model we build in that window is broken.
 SWAPPED_LAYERS = ("Linear", "Conv1d", "Conv2d", "Conv3d", "ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d",
                   "GroupNorm", "LayerNorm", "Embedding")
-SWAPPED_METHODS = ("load_state_dict", "_load_from_state_dict", "register_parameter", "register_buffer")
+SWAPPED_METHODS = ("load_state_dict", "_load_from_state_dict", "register_parameter", "register_buffer", "to")
+# A1111's InitializeOnMeta also replaces these layers' constructors (new weights on the meta device).
+SWAPPED_CONSTRUCTORS = ("Linear", "Conv2d", "MultiheadAttention")
 SWAPPED_INITS = ("kaiming_uniform_", "uniform_", "normal_")
 HOST_LOAD_WAIT_S = 300.0  # how long we wait for the host to finish loading its model
 HOST_LOAD_POLL_S = 0.2
@@ -94,6 +96,8 @@ def torch_swaps() -> list[str]:
                if not getattr(getattr(torch.nn, name, None), "__module__", "torch.").startswith("torch.")]
     swapped += [f"torch.nn.Module.{name}" for name in SWAPPED_METHODS
                 if getattr(getattr(torch.nn.Module, name), "__qualname__", "") != f"Module.{name}"]
+    swapped += [f"torch.nn.{name}.__init__" for name in SWAPPED_CONSTRUCTORS if f"torch.nn.{name}" not in swapped
+                and getattr(getattr(torch.nn, name).__init__, "__qualname__", "") != f"{name}.__init__"]
     swapped += [f"torch.nn.init.{name}" for name in SWAPPED_INITS
                 if getattr(getattr(torch.nn.init, name), "__module__", "") != "torch.nn.init"]
     return swapped

@@ -388,3 +388,11 @@ def test_forge_classic_releases_through_ldm_patched_and_loads_its_model_back(cla
     host.restore_model()
     name, loaded = classic.sd_models.calls[-1]
     assert name == "load_model" and loaded.filename == classic.info.filename
+
+
+def test_torch_swaps_sees_a1111_initialize_on_meta(monkeypatch):
+    """A1111's InitializeOnMeta replaces layer constructors and Module.to rather than whole classes."""
+    original_init = torch.nn.Linear.__init__
+    monkeypatch.setattr(torch.nn.Linear, "__init__", lambda *args, **kwargs: original_init(*args, **kwargs))
+    monkeypatch.setattr(torch.nn.Module, "to", lambda *args, **kwargs: None)
+    assert torch_swaps() == ["torch.nn.Module.to", "torch.nn.Linear.__init__"]
