@@ -56,9 +56,10 @@ def major(version: str | None) -> int | None:
 
 
 def host_is_forge() -> bool:
-    """Forge (run with its root on PYTHONPATH) ships modules_forge; it installs its own bitsandbytes pin."""
+    """Forge (run with its root on PYTHONPATH) ships modules_forge; since its backend rewrite (Forge 2, Forge Neo,
+    a `backend` package) it installs its own bitsandbytes pin. Forge Classic (gradio 3) has no such pin."""
     try:
-        return importlib.util.find_spec("modules_forge") is not None
+        return all(importlib.util.find_spec(name) is not None for name in ("modules_forge", "backend"))
     except (ImportError, ValueError):
         return False
 

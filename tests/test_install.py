@@ -124,13 +124,17 @@ def test_forge_keeps_its_own_bitsandbytes_pin():
     assert "bitsandbytes==0.45.3" in runner.constraints[0].splitlines()
 
 
-def test_forge_is_detected_from_modules_forge_on_the_path(tmp_path, monkeypatch):
-    monkeypatch.delitem(sys.modules, "modules_forge", raising=False)  # a fake Forge of another test
+def test_forge_is_detected_from_modules_forge_and_its_backend_on_the_path(tmp_path, monkeypatch):
+    for name in ("modules_forge", "backend"):
+        monkeypatch.delitem(sys.modules, name, raising=False)  # a fake Forge of another test
     monkeypatch.setattr(sys, "path", [entry for entry in sys.path if "fake_forge" not in entry])
     assert install.host_is_forge() is False
+    monkeypatch.syspath_prepend(str(tmp_path))
     (tmp_path / "modules_forge").mkdir()
     (tmp_path / "modules_forge" / "__init__.py").write_text("")
-    monkeypatch.syspath_prepend(str(tmp_path))
+    assert install.host_is_forge() is False  # Forge Classic: no bitsandbytes pin of its own
+    (tmp_path / "backend").mkdir()
+    (tmp_path / "backend" / "__init__.py").write_text("")
     assert install.host_is_forge() is True
 
 

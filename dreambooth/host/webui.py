@@ -76,7 +76,9 @@ CONFIG_DEFAULTS = {"dreambooth_save_precision": "save_precision", "dreambooth_mi
 # A model we build in that window is broken.
 SWAPPED_LAYERS = ("Linear", "Conv1d", "Conv2d", "Conv3d", "ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d",
                   "GroupNorm", "LayerNorm", "Embedding")
-SWAPPED_METHODS = ("load_state_dict", "_load_from_state_dict", "register_parameter", "register_buffer")
+SWAPPED_METHODS = ("load_state_dict", "_load_from_state_dict", "register_parameter", "register_buffer", "to")
+# A1111's InitializeOnMeta also replaces these layers' constructors (new weights on the meta device).
+SWAPPED_CONSTRUCTORS = ("Linear", "Conv2d", "MultiheadAttention")
 SWAPPED_INITS = ("kaiming_uniform_", "uniform_", "normal_")
 HOST_LOAD_WAIT_S = 300.0  # how long we wait for the host to finish loading its model
 HOST_LOAD_POLL_S = 0.2
@@ -95,6 +97,8 @@ def torch_swaps() -> list[str]:
                if not getattr(getattr(torch.nn, name, None), "__module__", "torch.").startswith("torch.")]
     swapped += [f"torch.nn.Module.{name}" for name in SWAPPED_METHODS
                 if getattr(getattr(torch.nn.Module, name), "__qualname__", "") != f"Module.{name}"]
+    swapped += [f"torch.nn.{name}.__init__" for name in SWAPPED_CONSTRUCTORS if f"torch.nn.{name}" not in swapped
+                and getattr(getattr(torch.nn, name).__init__, "__qualname__", "") != f"{name}.__init__"]
     swapped += [f"torch.nn.init.{name}" for name in SWAPPED_INITS
                 if getattr(getattr(torch.nn.init, name), "__module__", "") != "torch.nn.init"]
     return swapped
@@ -479,10 +483,31 @@ class ModelKeeper:
     def selected(self, title: str | None) -> contextlib.AbstractContextManager[Any]:
         return contextlib.nullcontext()
 
-    def load_lock(self) -> contextlib.AbstractContextManager[Any]:
-        """A lock the host holds while it loads a model outside queue_lock (none in A1111: gpu_lock waits for
-        torch's entry points instead)."""
-        return contextlib.nullcontext()
+    @contextlib.contextmanager
+    def load_lock(self) -> Iterator[None]:
+        """A1111 and Forge Classic load their first model lazily under model_data.lock, outside queue_lock (at
+        start-up, from a thread): wait until a load in progress has finished. A model the host builds while we
+        load ours can get meta weights (our loaders, like the host's, build under accelerate's init_empty_weights,
+        which swaps Module.register_parameter for every thread). The lock is not kept: until the first model has
+        loaded, A1111 blocks every reader of shared.sd_model on it."""
+        lock = getattr(self.model_data(), "lock", None)
+        if lock is not None:
+            self.acquire(lock)
+            lock.release()
+        yield None
+
+    def model_data(self) -> Any:
+        return getattr(self.host.module("sd_models"), "model_data", None)
+
+    def acquire(self, lock: Any) -> None:
+        """Take the host's model-load lock, waiting (with a log line) for a load in progress."""
+        if lock.acquire(blocking=False):
+            return
+        log.info("%s is loading a model; waiting for it to finish.", self.host.name)
+        wait_s = self.host.host_load_wait_s
+        if not lock.acquire(timeout=wait_s):
+            raise HostError(f"{self.host.name} has been loading a model for {wait_s:.0f} s; wait until it has "
+                            "loaded and try again.")
 
 
 class ForgeKeeper(ModelKeeper):
@@ -587,26 +612,16 @@ class SDNextKeeper(ModelKeeper):
     def load_lock(self) -> Iterator[None]:
         """SD.Next loads lazily under model_data.lock, outside queue_lock (the start-up autoload, the first use
         after an unload). Holding it waits for a load in progress and keeps SD.Next from starting one while we
-        build or train: its get_sd_model does not load while the lock is held."""
+        build or train: its get_sd_model does not load (nor block) while the lock is held."""
         lock = getattr(self.model_data(), "lock", None)
         if lock is None:
             yield None
             return
-        wait_s = self.host.host_load_wait_s
-        if not self._acquire(lock, wait_s):
-            raise HostError(f"{self.host.name} has been loading a model for {wait_s:.0f} s; wait until it has "
-                            "loaded and try again.")
+        self.acquire(lock)
         try:
             yield None
         finally:
             lock.release()
-
-
-    def _acquire(self, lock: Any, wait_s: float) -> bool:
-        if lock.acquire(blocking=False):
-            return True
-        log.info("%s is loading a model; waiting for it to finish.", self.host.name)
-        return bool(lock.acquire(timeout=wait_s))
 
 
 KEEPERS: dict[str, type[ModelKeeper]] = {A1111: ModelKeeper, FORGE: ForgeKeeper, CLASSIC: ClassicKeeper,

@@ -332,8 +332,10 @@ class RunPanel:
         self.progress = gr.HTML(output.progress_html({}), elem_id="db_progress")
         self.status = gr.Markdown("Idle.", elem_id="db_status")
         self.run_error = gr.HTML("", elem_id="db_run_error")
-        self.plot = gr.Image(value=output.render_loss_plot([]), label="Loss and learning rate", type="pil",
-                             interactive=False, elem_id="db_loss_plot")
+        # No image while the page is built: the first poll (on load) draws the plot. An initial image is saved
+        # into the host's temp folder at build time, which Forge Neo has not created yet on a fresh install.
+        self.plot = gr.Image(value=None, label="Loss and learning rate", type="pil", interactive=False,
+                             elem_id="db_loss_plot")
         self.gallery = compat.gallery("Latest samples", "db_samples", columns=3)
         self.signature = gr.State(None)
 

@@ -13,6 +13,7 @@ import importlib
 import inspect
 import json
 import re
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -38,11 +39,29 @@ def forge_on_path(monkeypatch: pytest.MonkeyPatch) -> None:
     importlib.import_module("modules.shared").models_path = "/models"  # the A1111 fake leaves it to each test
 
 
+def neo_on_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.syspath_prepend(str(HERE / "fake_webui"))
+    monkeypatch.syspath_prepend(str(HERE / "fake_forge"))
+    monkeypatch.syspath_prepend(str(HERE / "fake_neo"))
+    importlib.import_module("modules_forge")
+    importlib.import_module("modules.shared").models_path = "/models"
+
+
+def classic_on_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.syspath_prepend(str(HERE / "fake_webui"))  # the built-in Lora extension's networks module
+    monkeypatch.syspath_prepend(str(HERE / "fake_classic"))
+    importlib.import_module("modules.shared").models_path = "/models"
+    sd_models = importlib.import_module("modules.sd_models")
+    sd_models.model_data.lock = threading.Lock()  # A1111's SdModelData has one
+    sd_models.load_model(sd_models.CheckpointInfo("/models/a.safetensors"))  # Classic loads at start-up
+
+
 def sdnext_on_path(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.syspath_prepend(str(HERE / "fake_sdnext"))
 
 
-HOSTS: dict[str, Callable[[pytest.MonkeyPatch], None]] = {"forge": forge_on_path, "sdnext": sdnext_on_path}
+HOSTS: dict[str, Callable[[pytest.MonkeyPatch], None]] = {"forge": forge_on_path, "neo": neo_on_path,
+                                                         "classic": classic_on_path, "sdnext": sdnext_on_path}
 FACTS = {host: json.loads((HERE / "facts" / f"{host}.json").read_text()) for host in HOSTS}
 
 
@@ -111,11 +130,13 @@ def test_fake_has_every_recorded_name(fake_host, host, entry):
     assert fake_object(entry) is not None
 
 
-@pytest.mark.parametrize("host", ["forge"])
+@pytest.mark.parametrize("host", ["forge", "neo"])
 def test_fake_model_data_has_forge_shape_only(fake_host, host):
-    model_data = importlib.import_module("modules.sd_models").model_data
-    assert type(model_data.sd_model).__name__ == "FakeInitialModel"
-    assert not hasattr(model_data, "loaded_sd_models")
+    sd_models = importlib.import_module("modules.sd_models")
+    assert type(sd_models.model_data.sd_model).__name__ == "FakeInitialModel"
+    assert not hasattr(sd_models.model_data, "loaded_sd_models")
+    if host == "neo":  # Neo dropped A1111's stubs that Forge still has
+        assert not any(hasattr(sd_models, name) for name in ("send_model_to_trash", "load_model", "checkpoints_loaded"))
 
 
 @pytest.mark.parametrize("host", ["sdnext"])

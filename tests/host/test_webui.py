@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import threading
+import time
 import types
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from dreambooth.host.base import GenerationRequest, Host
 from dreambooth.host.webui import (
     A1111,
     A1111_T5_CACHE,
+    CLASSIC,
     FORGE,
     FORGE_T5_TOKENIZERS,
     SDNEXT,
@@ -213,12 +215,37 @@ def test_forge_selects_checkpoints_through_main_entry_and_releases_lazily(forge)
     assert forge.main_entry.refreshes and "load_model" not in names(forge.sd_models.calls)
 
 
+@pytest.fixture
+def neo(webui, monkeypatch):
+    monkeypatch.syspath_prepend(str(HERE / "fake_forge"))
+    monkeypatch.syspath_prepend(str(HERE / "fake_neo"))
+    webui.main_entry = importlib.import_module("modules_forge.main_entry")
+    webui.memory = importlib.import_module("backend.memory_management")
+    return webui
+
+
+def test_forge_neo_gets_the_preset_its_checkpoint_change_requires(neo):
+    host = WebuiHost()
+    assert host.flavour == FORGE and host.name == "Forge neo"
+    checkpoint = neo.models / "Stable-diffusion" / "base.safetensors"
+    host.generate(GenerationRequest("x", count=1, checkpoint=checkpoint))
+    assert neo.main_entry.changes == [("base.safetensors [abc]", None, False, True),
+                                      ("base.safetensors [abc]", None, False, True)]  # chosen, then chosen back
+    assert neo.processing.created[0].checkpoint_during_processing == "base.safetensors [abc]"
+    neo.sd_models.model_data.sd_model = object()
+    host.release_model()  # Neo has no send_model_to_trash or state-dict cache
+    host.restore_model()
+    assert neo.sd_models.model_data.sd_model is None and neo.memory.calls == ["unload_all_models", "soft_empty_cache"]
+    assert neo.main_entry.refreshes == [True]
+
+
 def test_detect_flavour_markers(monkeypatch):
     import importlib.util as util
 
     real = util.find_spec
-    for marker, expected in (("modules_forge", FORGE), ("modules.modeldata", SDNEXT), (None, A1111)):
-        monkeypatch.setattr(util, "find_spec", lambda name, *a, m=marker: object() if name == m else None)
+    for markers, expected in ((("modules_forge",), FORGE), (("modules_forge", "ldm_patched"), CLASSIC),
+                              (("modules.modeldata",), SDNEXT), ((), A1111)):
+        monkeypatch.setattr(util, "find_spec", lambda name, *a, m=markers: object() if name in m else None)
         assert detect_flavour() == expected
     monkeypatch.setattr(util, "find_spec", real)
 
@@ -330,3 +357,69 @@ def test_gpu_lock_waits_while_accelerate_builds_a_model_on_the_meta_device(webui
         layer = torch.nn.Linear(2, 2)
     loader.join()
     assert not layer.weight.is_meta and torch_swaps() == []
+
+
+def test_gpu_lock_waits_for_a_first_model_load_in_progress_without_keeping_the_lock(webui):
+    """A1111 and Forge Classic load their first model under model_data.lock from a start-up thread; a model we
+    loaded meanwhile swapped Module.register_parameter under it (Forge Classic's load then failed with meta
+    weights). gpu_lock waits for such a load, then lets the lock go (A1111 blocks shared.sd_model readers on it)."""
+    lock, order = threading.Lock(), []
+    webui.sd_models.model_data.lock = lock
+
+    def host_startup_load():
+        with lock:
+            time.sleep(0.3)
+            order.append("host loaded")
+
+    loader = threading.Thread(target=host_startup_load)
+    loader.start()
+    time.sleep(0.05)
+    with WebuiHost().gpu_lock():
+        order.append("we build")
+        assert not lock.locked()
+    loader.join()
+    assert order == ["host loaded", "we build"]
+
+
+@pytest.fixture
+def classic(tmp_path, monkeypatch):
+    """The fake Forge Classic (A1111's loading over ldm_patched) with one checkpoint loaded at start-up."""
+    purge_fakes()
+    monkeypatch.syspath_prepend(str(HERE / "fake_webui"))
+    monkeypatch.syspath_prepend(str(HERE / "fake_classic"))
+    models = tmp_path / "models"
+    (models / "Stable-diffusion").mkdir(parents=True)
+    (models / "Stable-diffusion" / "base.safetensors").write_bytes(b"x")
+    shared = importlib.import_module("modules.shared")
+    shared.models_path = str(models)
+    sd_models = importlib.import_module("modules.sd_models")
+    info = sd_models.CheckpointInfo(str(models / "Stable-diffusion" / "base.safetensors"))
+    sd_models.load_model(info)
+    yield types.SimpleNamespace(shared=shared, sd_models=sd_models, info=info, models=models,
+                                processing=importlib.import_module("modules.processing"),
+                                memory=importlib.import_module("ldm_patched.modules.model_management"))
+    purge_fakes()
+
+
+def test_forge_classic_releases_through_ldm_patched_and_loads_its_model_back(classic):
+    host = WebuiHost()
+    assert host.flavour == CLASSIC and host.name == "Forge classic"
+    host.release_model()
+    assert classic.sd_models.model_data.sd_model is None and classic.sd_models.model_data.loaded_sd_models == []
+    assert classic.memory.calls == ["unload_all_models", "soft_empty_cache"]
+    host.generate(GenerationRequest("x", count=1, checkpoint=classic.info.filename))  # class images after release
+    created = classic.processing.created[0].kwargs
+    assert "scheduler" not in created and created["override_settings"] == {"sd_model_checkpoint": classic.info.title}
+    assert ("reload_model_weights",) in classic.sd_models.calls  # loaded again first: Classic would not
+    host.release_model()
+    host.restore_model()
+    name, loaded = classic.sd_models.calls[-1]
+    assert name == "load_model" and loaded.filename == classic.info.filename
+
+
+def test_torch_swaps_sees_a1111_initialize_on_meta(monkeypatch):
+    """A1111's InitializeOnMeta replaces layer constructors and Module.to rather than whole classes."""
+    original_init = torch.nn.Linear.__init__
+    monkeypatch.setattr(torch.nn.Linear, "__init__", lambda *args, **kwargs: original_init(*args, **kwargs))
+    monkeypatch.setattr(torch.nn.Module, "to", lambda *args, **kwargs: None)
+    assert torch_swaps() == ["torch.nn.Module.to", "torch.nn.Linear.__init__"]
