@@ -164,9 +164,9 @@ def key_table(family: str, unet: Any, text_encoders: list[Any]) -> KeyTable:
     """The table of a model's layers (plain diffusers/transformers modules; meta tensors are fine)."""
     unit = get_family(family)
     if unit.denoiser_folder != "unet":
-        raise ModelError(f"{unit.label} LoRAs can be resized and merged with each other in the kohya spelling "
-                         f"(lora_unet_…, lora_te1_…) only; extracting one, merging one into a checkpoint, starting "
-                         f"training from one and reading the diffusers spelling are not supported for them yet.")
+        raise ModelError(f"{unit.label} LoRAs in the kohya spelling (lora_unet_…, lora_te1_…) can be resized and "
+                         f"merged with each other; merging one into a checkpoint, starting training from one and "
+                         f"reading the diffusers spelling are not supported for them yet.")
     unet_aliases, unet_targets = _unet_aliases(family, unet)
     te_aliases, te_targets = _te_aliases(family, list(text_encoders))
     aliases = {**unet_aliases, **te_aliases}

@@ -1,7 +1,7 @@
-"""The LoRA tools on SD3 LoRA files in the original (kohya) spelling: resize and LoRA-to-LoRA merge read them
-without a model and write them as SD3's loaders need (no `.alpha` keys: A1111 1.10 fails on them; the strength
-folded into the up weights), keeping each layer's change; the tools that need the model's key table say that they
-do not support SD3 yet."""
+"""The LoRA tools on SD3 LoRA files in the original (kohya) spelling: extract writes them from a trained model
+(q/k/v fused as training writes them), resize and LoRA-to-LoRA merge read them without a model, and all write them
+as SD3's loaders need (no `.alpha` keys: A1111 1.10 fails on them; the strength folded into the up weights),
+keeping each layer's change; the tools that need the model's key table say that they do not support SD3 yet."""
 
 from __future__ import annotations
 
@@ -84,6 +84,33 @@ def test_merged_lora_applies_the_weighted_sum(layout: Layout) -> None:
         torch.testing.assert_close(merged[key], change + 0.5 * second[key], atol=1e-5, rtol=1e-4)
 
 
+def test_extract_gives_each_fused_layer_the_trained_change(tmp_path: Path) -> None:
+    import copy
+
+    from lora_helpers import add_known_changes
+
+    from dreambooth.families.mmdit_table import fused_modules
+    from dreambooth.loratools.extract import extract_lora
+    from dreambooth.loratools.files import save_lora
+
+    base = tiny_components("sd3", seed=0, optional_encoders=False)
+    trained = copy.deepcopy(base)
+    known = add_known_changes(trained, rank=2, with_conv=False)
+    extracted, report = extract_lora(trained, base, RankRule("fixed", 2))
+    assert report.total_fraction == pytest.approx(1.0, abs=1e-6)
+    path = save_lora(extracted, tmp_path / "extracted.safetensors", "sd3")
+    found = changes(path)
+    for original, parts in fused_modules(base.denoiser.config).items():
+        key = "lora_unet_" + original.replace(".", "_")
+        if all(f"transformer.{part}" in known for part in parts):
+            stacked = torch.cat([known[f"transformer.{part}"] for part in parts], dim=0)
+            torch.testing.assert_close(found.pop(key), stacked, atol=1e-5, rtol=1e-4)
+    text = {key: change for key, change in known.items() if key.startswith(("lora_te1_", "lora_te2_"))}
+    assert text and found.keys() == text.keys()  # every transformer key checked above, the CLIP layers left
+    for key, change in text.items():
+        torch.testing.assert_close(found[key], change, atol=1e-5, rtol=1e-4)
+
+
 def test_a_flux_lora_resizes_with_its_alphas_and_markers(tmp_path: Path) -> None:
     """Flux's kohya files keep `.alpha` (its loaders read them); the output says it is a Flux LoRA."""
     layout = Layout.under(tmp_path / "models").ensure()
@@ -98,5 +125,5 @@ def test_a_flux_lora_resizes_with_its_alphas_and_markers(tmp_path: Path) -> None
 
 
 def test_tools_that_need_the_key_table_say_sd3_is_not_supported_yet() -> None:
-    with pytest.raises(ModelError, match="resized and merged with each other in the kohya spelling"):
+    with pytest.raises(ModelError, match="can be resized and merged with each other; merging one into a checkpoint"):
         components_key_table(tiny_components("sd3", seed=0, optional_encoders=False))
