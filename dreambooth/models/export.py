@@ -158,7 +158,8 @@ def export_checkpoint(components: Components, out_path: str | Path, precision: s
 def export_working(working: str | Path, out_path: str | Path, precision: str = "fp32",
                    metadata: Mapping[str, Any] | None = None, warn: Callable[[str], None] | None = None) -> Path:
     """Export a model's working folder, its weights loaded straight in the export precision: the same bytes as
-    loading fp32 and casting, in a third of the memory (an fp16 SDXL export holds 7 GB instead of 21)."""
+    loading fp32 and casting, without an fp32 copy of the model beside the half one (for SDXL 7 GB of weights held
+    instead of 21; measured peak RSS 15.6 GB, the rest the fp32 files mapped while they are read)."""
     if precision not in PRECISIONS:
         raise ModelError(f"Export precision {precision!r} is unknown; use fp32, fp16 or bf16.")
     return export_checkpoint(load_components(working, PRECISIONS[precision]), out_path, precision, metadata,
