@@ -244,14 +244,13 @@ def cmd_export(args: argparse.Namespace, layout: Layout) -> int:
     config = model.load_config()
     precision = args.precision or config.save_precision
     out = Path(args.out) if args.out else layout.ensure().checkpoints_dir / f"{args.name}.safetensors"
-    load_components = _helper("dreambooth.models.components", "load_components", "export")
-    export_checkpoint = _helper("dreambooth.models.export", "export_checkpoint", "export")
+    export_working = _helper("dreambooth.models.export", "export_working", "export")
     if not model.working.is_dir():
         raise ConfigError(f"Model '{args.name}' has no weights in {model.working}; create it again from a checkpoint.")
     metadata = {"dreambooth_model": args.name, "dreambooth_base": base_checkpoint_name(config),
                 "dreambooth_settings_hash": settings_hash(config)}
     with model.writer_lock("export", _note):
-        written = export_checkpoint(load_components(model.working), out, precision, metadata=metadata, warn=_note)
+        written = export_working(model.working, out, precision, metadata=metadata, warn=_note)
     _say(f"Exported '{args.name}' ({precision}) to {written or out}")
     return 0
 

@@ -361,14 +361,13 @@ class TrainingService:
         """Export the model as a single-file checkpoint into the host's checkpoints folder."""
 
         def work(model: ModelDir) -> Path:
-            from .models.components import load_components
-            from .models.export import export_checkpoint
+            from .models.export import export_working
 
             config = model.load_config()
             target = unused_path(self.host.layout.checkpoints_dir, model.name)
             metadata = {"dreambooth_model": model.name, "base_checkpoint": config.base_checkpoint}
-            export_checkpoint(load_components(model.working), target, precision or config.save_precision,
-                              metadata=metadata, warn=self._warn)
+            export_working(model.working, target, precision or config.save_precision, metadata=metadata,
+                           warn=self._warn)
             self._record_save("checkpoint", target)
             self.host.refresh_checkpoints()
             return target

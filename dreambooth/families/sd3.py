@@ -44,6 +44,15 @@ DEFAULT_VARIANT = "sd3.5-medium"
 T5_WIDTH = 4096   # T5-XXL's width: the transformer's joint attention width
 T5_TOKENS = 256   # the diffusers pipeline's max_sequence_length for SD3
 SHIFT = 3.0       # the SD3/SD 3.5 schedulers' timestep shift
+CLIP_TOKENS = 77  # one CLIP chunk: the tokens CLIP-L and CLIP-G put before T5's
+# Activations an autograd pass keeps per token of one stream in a joint block, in multiples of the width (as for
+# Flux's double-stream blocks, the same design): modulated norm 2, q/k/v 3 (and their q/k norms), attention 1,
+# projection 1, MLP in 1, hidden 4 before and after the GELU 8: about 14 with the LoRA inputs. SD 3.5 Medium's
+# second image attention adds its norm, q/k/v, attention and projection (6); the last block's text stream stops
+# after its q/k/v (4: it feeds only the image stream).
+JOINT_BLOCK_ACTIVATIONS = 14
+DUAL_ATTENTION_ACTIVATIONS = 6
+LAST_CONTEXT_ACTIVATIONS = 4
 # LoRA targets: the attention projections of both streams (and SD 3.5 Medium's second image attention),
 # the layers diffusers' SD3 LoRA example trains.
 ATTENTION_TARGETS = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj",
@@ -70,6 +79,21 @@ def transformer_config(shapes: Mapping[str, tuple[int, ...]]) -> dict[str, Any]:
             "pooled_projection_dim": shape("y_embedder.mlp.0.weight")[1],
             "pos_embed_max_size": math.isqrt(shape("pos_embed")[1]), "sample_size": 128,
             "dual_attention_layers": dual, "qk_norm": qk_norm}
+
+
+def memory_facts(transformer: Mapping[str, Any], resolution: int = 1024) -> dict[str, float]:
+    """Activation bytes of one `resolution` px training sample at 2 bytes per value without checkpointing, and the
+    share checkpointing keeps (each block's inputs of both streams and one block's full set), counted from a
+    transformer config's shapes: image tokens of 2x2 latent patches, CLIP's 77 and T5's 256 text tokens (zeros
+    in T5's place without T5 still pass through every block)."""
+    width = transformer["num_attention_heads"] * transformer["attention_head_dim"]
+    blocks, dual = transformer["num_layers"], len(transformer.get("dual_attention_layers") or ())
+    image, text = (resolution // (8 * transformer["patch_size"])) ** 2, CLIP_TOKENS + T5_TOKENS
+    values = (blocks * JOINT_BLOCK_ACTIVATIONS * (image + text) + dual * DUAL_ATTENTION_ACTIVATIONS * image
+              - (JOINT_BLOCK_ACTIVATIONS - LAST_CONTEXT_ACTIVATIONS) * text)
+    largest_block = image * (JOINT_BLOCK_ACTIVATIONS + (DUAL_ATTENTION_ACTIVATIONS if dual else 0))
+    kept = blocks * (image + text) + largest_block + text * JOINT_BLOCK_ACTIVATIONS
+    return {"activation_bytes": 2.0 * width * values, "checkpointing_factor": kept / values}
 
 
 class StableDiffusion3(ModelFamily):
@@ -221,6 +245,7 @@ SD3 = StableDiffusion3(name="sd3", architecture="sd3", label="SD3 / SD 3.5", pre
                        denoiser_class="SD3Transformer2DModel", denoiser_folder="transformer",
                        scheduler_class="FlowMatchEulerDiscreteScheduler", sample_schedulers=("euler",),
                        lora_alpha_keys=False, pixel_multiple=16, resolution_range=(512, 1536),
-                       # Not calibrated on a GPU: 4096 image tokens plus 333 text tokens through 24 joint blocks.
-                       activation_gib=8.0)
+                       # SD 3.5 Medium at 1024 px, counted by memory_facts from its shapes (4096 image tokens and
+                       # 333 text tokens through 24 joint blocks, 13 with a second attention); a test keeps them equal.
+                       activation_gib=5.16, checkpointing_factor=0.1069)
 FAMILIES = (SD3,)

@@ -7,7 +7,10 @@ roughly +-30 % of what the trainer peaks at), not a measurement.  What the train
 is counted as it does it: the denoiser and the VAE stay there for the whole run, frozen weights in the
 compute dtype; the text encoders leave it once their outputs are cached (train/textcache.py: every
 caption is encoded before the first step) and come back only while previews render; latent caching saves
-the VAE's work and activations, not its weights.
+the VAE's work and activations, not its weights. While the captions are encoded, before the first step, the
+text encoders sit on the device beside those weights: that moment is the run's peak when an encoder is large
+(SD3's and Flux's T5-XXL). An optional encoder (SD3's T5-XXL) counts when the model has it; without a model the
+estimate assumes it absent, as in most SD3 files.
 """
 
 from __future__ import annotations
@@ -56,10 +59,16 @@ class MemoryEstimate:
     overhead: int
     activations_other_checkpointing: int
     trainable_params: int
+    caching_peak: int = 0  # on the device while captions are encoded before the first step (0: not cached)
+
+    @property
+    def training(self) -> int:
+        return self.weights + self.gradients + self.optimizer + self.activations + self.overhead
 
     @property
     def total(self) -> int:
-        return self.weights + self.gradients + self.optimizer + self.activations + self.overhead
+        """The run's peak: a training step, or the caption encoding before the first one when that is larger."""
+        return max(self.training, self.caching_peak)
 
     def parts(self) -> dict[str, int]:
         return {"weights": self.weights, "gradients": self.gradients, "optimizer state": self.optimizer,
@@ -71,6 +80,8 @@ class MemoryEstimate:
 
     def lines(self) -> list[str]:
         rows = [f"{name:<16} {value / GIB:6.2f} GiB" for name, value in self.parts().items()]
+        if self.caching_peak > self.training:
+            rows.append(f"{'caption caching':<16} {self.caching_peak / GIB:6.2f} GiB (text encoders on the device)")
         fitting = self.fitting_classes()
         fits = f"{fitting[0]} GB and larger" if fitting else f"none up to {MEMORY_CLASSES_GB[-1]} GB"
         return rows + [f"{'total':<16} {self.total / GIB:6.2f} GiB", f"{'fits':<16} {fits}"]
@@ -127,6 +138,20 @@ def _text_encoder_params(unit: ModelFamily, params: Mapping[str, int]) -> int:
     return sum(params.get(encoder.folder, 0) for encoder in unit.text_encoders)
 
 
+def released_params(unit: ModelFamily) -> dict[str, int]:
+    """The real architecture's counts without its optional text encoders (a model has them only when its files do)."""
+    optional = {encoder.folder for encoder in unit.text_encoders if encoder.optional}
+    return {part: count for part, count in unit.parameter_counts().items() if part not in optional}
+
+
+def _caching_peak(config: TrainingConfig, unit: ModelFamily, params: Mapping[str, int], weights: int) -> int:
+    """Bytes on the device while every caption is encoded into the text cache: the run's weights plus its frozen
+    text encoders in the compute dtype (train/textcache.py moves them off only afterwards); 0 when not cached."""
+    if not caches_text_outputs(config):
+        return 0
+    return weights + _text_encoder_params(unit, params) * COMPUTE_BYTES[config.mixed_precision] + RUNTIME_OVERHEAD
+
+
 def _scale(unit: ModelFamily, params: Mapping[str, int]) -> float:
     """How the model compares with the real architecture (1.0 for it; tiny test models are far smaller)."""
     return params[unit.denoiser_folder] / unit.parameter_counts()[unit.denoiser_folder]
@@ -175,11 +200,11 @@ def estimate_memory(config: TrainingConfig, family: str | None = None,
     """Bytes the config needs on one device (defaults to the config's model family).
 
     `params` are the parameter counts of the model really trained, by component folder (see
-    `model_params`); without them the real architecture's are used. Activations scale with the
-    denoiser's size relative to the real one.
+    `model_params`); without them the real architecture's (`released_params`: optional encoders absent) are used.
+    Activations scale with the denoiser's size relative to the real one.
     """
     unit = get_family(family or config.model_family)
-    params = params if params and params.get(unit.denoiser_folder) else unit.parameter_counts()
+    params = params if params and params.get(unit.denoiser_folder) else released_params(unit)
     scale = _scale(unit, params)
     trainable = _trainable_params(config, unit, params)
     frozen, vae = _frozen_on_device(config, unit, params)
@@ -192,7 +217,7 @@ def estimate_memory(config: TrainingConfig, family: str | None = None,
     return MemoryEstimate(weights=weights, gradients=trainable * MASTER_BYTES, optimizer=state,
                           activations=_activations(config, unit, checkpointing, scale), overhead=RUNTIME_OVERHEAD,
                           activations_other_checkpointing=_activations(config, unit, not checkpointing, scale),
-                          trainable_params=trainable)
+                          trainable_params=trainable, caching_peak=_caching_peak(config, unit, params, weights))
 
 
 def warn_if_exceeds(estimate: MemoryEstimate, device_bytes: int | None) -> str | None:
@@ -201,6 +226,8 @@ def warn_if_exceeds(estimate: MemoryEstimate, device_bytes: int | None) -> str |
         return None
     need, have = estimate.total / GIB, device_bytes / GIB
     parts = ", ".join(f"{name} {value / GIB:.1f}" for name, value in estimate.parts().items())
+    if estimate.caching_peak > estimate.training:
+        parts += f"; {estimate.caching_peak / GIB:.1f} while captions are encoded with the text encoders on the device"
     return (f"Estimated memory {need:.1f} GiB exceeds the device's {have:.1f} GiB ({parts} GiB): turn on "
             "'gradient_checkpointing', pick an 8-bit 'optimizer', lower 'train_batch_size' or 'resolution', "
             "or use method 'lora' (a preset for your memory does this).")

@@ -14,9 +14,11 @@ from typing import Any
 import torch
 
 from ..errors import ModelError
+from ..families import get_family
+from ..families.base import DENOISER_PART
 from ..train import lora as lora_training
 from ..train import lora_keys
-from .read import LoraFile, LoraModule
+from .read import LoraFile, LoraModule, read_lora
 from .report import RetainedReport
 
 RANK_MODES = ("fixed", "ratio", "energy")
@@ -86,18 +88,46 @@ def factor_change(delta: torch.Tensor, rule: RankRule) -> tuple[LoraModule, floa
 
 # --- whole models -----------------------------------------------------------------------------------------
 
+def _denoiser_layers(components: Any, with_conv: bool) -> dict[str, tuple[str, str]]:
+    """A UNet's layers under their kohya keys; a transformer's under `<denoiser folder>.<module>` until the
+    family writes them in its file form (`in_file_form`)."""
+    unit, denoiser = get_family(components.family), components.denoiser
+    if unit.denoiser_folder != DENOISER_PART:
+        names = unit.lora_target_names(DENOISER_PART, denoiser, with_conv)
+        return {f"{unit.denoiser_folder}.{name}": (DENOISER_PART, name) for name in names}
+    ldm_names = lora_keys.unet_ldm_names(denoiser)
+    return {lora_keys.unet_key(components.family, name, ldm_names[name]): (DENOISER_PART, name)
+            for name in lora_training.unet_target_names(denoiser, with_conv)}
+
+
 def target_layers(components: Any, with_conv: bool) -> dict[str, tuple[str, str]]:
-    """Our key -> (part, module name) of every layer a LoRA of ours adapts (LoCon convs with `with_conv`)."""
-    layers: dict[str, tuple[str, str]] = {}
-    unet = components.denoiser
-    ldm_names = lora_keys.unet_ldm_names(unet)
-    for name in lora_training.unet_target_names(unet, with_conv):
-        layers[lora_keys.unet_key(components.family, name, ldm_names[name])] = ("unet", name)
-    for index, encoder in enumerate(components.text_encoders):
+    """Our key -> (part, module name) of every layer a LoRA of ours adapts (LoCon convs with `with_conv`);
+    text encoders that never train (SD3's T5-XXL) have none."""
+    layers = _denoiser_layers(components, with_conv)
+    specs = get_family(components.family).text_encoders
+    for index, (encoder, spec) in enumerate(zip(components.text_encoders, specs, strict=True)):
+        if encoder is None or not spec.trainable:
+            continue
         part = lora_training.PART_NAMES[1 + index]
         for name in lora_training.text_encoder_target_names(encoder):
             layers[lora_keys.te_key(components.family, index, name)] = (part, name)
     return layers
+
+
+def in_file_form(components: Any, modules: dict[str, LoraModule]) -> dict[str, LoraModule]:
+    """The modules under the keys the family's LoRA files use: a transformer's per-module factors go through the
+    family's writer (SD3: q/k/v fused block-diagonally, exactly as training writes them); UNet keys stay."""
+    unit = get_family(components.family)
+    prefix = f"{unit.denoiser_folder}."
+    factors = {key[len(prefix):]: (module.down, module.up * module.scale)
+               for key, module in modules.items() if key.startswith(prefix)}
+    if not factors:
+        return modules
+    tensors = unit.denoiser_lora_tensors(factors, components.denoiser, "original")
+    if tensors is None:
+        raise ModelError(f"Extracting a {unit.label} LoRA is not supported yet; train a LoRA instead.")
+    fused = read_lora(tensors, name="extracted").modules
+    return {**{key: module for key, module in modules.items() if not key.startswith(prefix)}, **fused}
 
 
 def _weight(components: Any, part: str, name: str) -> torch.Tensor:
@@ -137,4 +167,4 @@ def extract_lora(trained: Any, base: Any, rule: RankRule, conv_rule: RankRule | 
     if not modules:
         raise ModelError("The trained model does not differ from the base in any layer a LoRA adapts; "
                          "choose the model that was trained and the checkpoint it was trained from.")
-    return LoraFile(modules, {}, "extracted"), report
+    return LoraFile(in_file_form(trained, modules), {}, "extracted"), report

@@ -14,17 +14,23 @@ from ..train import lora as lora_training
 from .read import LoraFile, LoraModule
 
 
-def lora_tensors(lora: LoraFile) -> dict[str, torch.Tensor]:
-    """The state dict: `.lora_down.weight`, `.lora_up.weight`, `.alpha` (or `.diff`), and `.dora_scale`."""
+def lora_tensors(lora: LoraFile, alpha_keys: bool = True) -> dict[str, torch.Tensor]:
+    """The state dict: `.lora_down.weight`, `.lora_up.weight`, `.alpha` (or `.diff`), and `.dora_scale`.
+
+    Without `alpha_keys` (families whose loaders fail on them: SD3, see families/sd3.py) each layer's alpha/rank
+    scale is folded into its up weights instead, so weight 1 applies the same change."""
     tensors: dict[str, torch.Tensor] = {}
     for key, module in sorted(lora.modules.items()):
         if module.diff is not None:
             tensors[f"{key}.diff"] = module.diff.float().contiguous()
-        else:
+        elif alpha_keys:
             tensors[f"{key}.lora_down.weight"] = module.down.float().contiguous()
             tensors[f"{key}.lora_up.weight"] = module.up.float().contiguous()
             alpha = module.alpha if module.alpha is not None else float(module.rank)
             tensors[f"{key}.alpha"] = torch.tensor(alpha, dtype=torch.float32)
+        else:
+            tensors[f"{key}.lora_down.weight"] = module.down.float().contiguous()
+            tensors[f"{key}.lora_up.weight"] = (module.up.float() * module.scale).contiguous()
         if module.dora_scale is not None:
             tensors[f"{key}.dora_scale"] = module.dora_scale.float().contiguous()
     return tensors
@@ -60,7 +66,7 @@ def save_lora(lora: LoraFile, path: str | Path, family: str, metadata: Mapping[s
               precision: str = "fp32") -> Path:
     """Write atomically; ss_output_name gets the content hash appended (the hosts list LoRAs by it)."""
     path = Path(path)
-    tensors = lora_training.cast_for_save(lora_tensors(lora), precision)
+    tensors = lora_training.cast_for_save(lora_tensors(lora, get_family(family).lora_alpha_keys), precision)
     tensor_hash = lora_training.addnet_hash(tensors)
     merged = lora_metadata(lora, family, metadata or {})
     merged["ss_output_name"] = lora_training.unique_output_name(path.stem, tensor_hash)

@@ -39,6 +39,9 @@ SUFFIX_FIELDS = {
 UNSUPPORTED_PARTS = ("hada_", "lokr_", "lora_mid", "oft_", "lora_magnitude_vector", ".a1.weight", ".w_norm")
 KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
 COMFY_TE_NAMES = {0: ("clip_l", "clip_h"), 1: ("clip_g",)}
+# SD3's transformer keys in the original (kohya) and diffusers spellings.
+SD3_KEY_PREFIXES = ("lora_unet_joint_blocks_", "transformer.transformer_blocks.")
+FLUX_KEY_PREFIXES = ("lora_unet_double_blocks_", "lora_unet_single_blocks_")
 
 
 @dataclass
@@ -161,8 +164,9 @@ def key_table(family: str, unet: Any, text_encoders: list[Any]) -> KeyTable:
     """The table of a model's layers (plain diffusers/transformers modules; meta tensors are fine)."""
     unit = get_family(family)
     if unit.denoiser_folder != "unet":
-        raise ModelError(f"The LoRA tools (extract, resize, merge, start from a LoRA) read SD 1.x, 2.x and XL LoRAs; "
-                         f"{unit.label} LoRAs are not supported by them yet.")
+        raise ModelError(f"{unit.label} LoRAs in the kohya spelling (lora_unet_…, lora_te1_…) can be resized and "
+                         f"merged with each other; merging one into a checkpoint, starting training from one and "
+                         f"reading the diffusers spelling are not supported for them yet.")
     unet_aliases, unet_targets = _unet_aliases(family, unet)
     te_aliases, te_targets = _te_aliases(family, list(text_encoders))
     aliases = {**unet_aliases, **te_aliases}
@@ -259,6 +263,11 @@ def needs_table(tensors: dict[str, torch.Tensor]) -> bool:
 def guess_family(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> str | None:
     """The family a LoRA was made for, from its metadata or its keys; None when nothing tells."""
     version = metadata.get("ss_base_model_version", "") + metadata.get("modelspec.architecture", "")
+    # Before SDXL's test: SD3 LoRAs name a second CLIP too (lora_te2_).
+    if version.lower().startswith(("sd3", "stable-diffusion-3")) or any(k.startswith(SD3_KEY_PREFIXES) for k in tensors):
+        return "sd3"
+    if "flux" in version.lower() or any(k.startswith(FLUX_KEY_PREFIXES) for k in tensors):
+        return "flux-schnell" if "schnell" in version.lower() else "flux-dev"
     says_v = metadata.get("ss_v_parameterization") == "True" or metadata.get("modelspec.prediction_type") == "v"
     prediction = "v_prediction" if says_v else "epsilon"
     if "xl" in version.lower() or any(k.startswith(("lora_te2_", "text_encoder_2.")) for k in tensors):

@@ -171,3 +171,23 @@ def test_half_precision_file_round_trips_exactly(tmp_path: Path) -> None:
     again, _ = read_checkpoint(second)
     assert original.keys() == again.keys()
     assert all(original[key].dtype == again[key].dtype and torch.equal(original[key], again[key]) for key in original)
+
+
+@pytest.mark.parametrize(("family", "precision"), [("sdxlv", "fp16"), ("sd3", "bf16"), ("sd1", "fp32")])
+def test_working_folder_exports_the_same_bytes_loaded_in_the_export_precision(family: str, precision: str,
+                                                                             tmp_path: Path) -> None:
+    """export_working loads the weights straight in the export precision (a third of the memory for a half
+    file): every tensor equals the fp32 load cast at export."""
+    from dreambooth.models.components import load_components, save_components
+    from dreambooth.models.export import export_working
+
+    working = save_components(tiny_components(family, seed=2), tmp_path / "working")
+    cast = checkpoint_state_dict(load_components(working), precision)
+    written = export_working(working, tmp_path / "out.safetensors", precision)
+    with safe_open(str(written), "pt") as handle:
+        assert set(handle.keys()) == set(cast)
+        for key, value in cast.items():
+            loaded = handle.get_tensor(key)
+            assert loaded.dtype == value.dtype and torch.equal(loaded, value), key
+    with pytest.raises(ModelError, match="fp8"):
+        export_working(working, tmp_path / "bad.safetensors", "fp8")
