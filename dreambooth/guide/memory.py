@@ -144,12 +144,13 @@ def released_params(unit: ModelFamily) -> dict[str, int]:
     return {part: count for part, count in unit.parameter_counts().items() if part not in optional}
 
 
-def _caching_peak(config: TrainingConfig, unit: ModelFamily, params: Mapping[str, int], weights: int) -> int:
-    """Bytes on the device while every caption is encoded into the text cache: the run's weights plus its frozen
-    text encoders in the compute dtype (train/textcache.py moves them off only afterwards); 0 when not cached."""
+def _caching_peak(config: TrainingConfig, unit: ModelFamily, params: Mapping[str, int]) -> int:
+    """Bytes on the device while every caption is encoded into the text cache: the frozen text encoders in the
+    compute dtype, alone (train/textcache.py encodes before the denoiser and VAE reach the device, and moves the
+    encoders off afterwards); 0 when not cached."""
     if not caches_text_outputs(config):
         return 0
-    return weights + _text_encoder_params(unit, params) * COMPUTE_BYTES[config.mixed_precision] + RUNTIME_OVERHEAD
+    return _text_encoder_params(unit, params) * COMPUTE_BYTES[config.mixed_precision] + RUNTIME_OVERHEAD
 
 
 def _scale(unit: ModelFamily, params: Mapping[str, int]) -> float:
@@ -217,7 +218,7 @@ def estimate_memory(config: TrainingConfig, family: str | None = None,
     return MemoryEstimate(weights=weights, gradients=trainable * MASTER_BYTES, optimizer=state,
                           activations=_activations(config, unit, checkpointing, scale), overhead=RUNTIME_OVERHEAD,
                           activations_other_checkpointing=_activations(config, unit, not checkpointing, scale),
-                          trainable_params=trainable, caching_peak=_caching_peak(config, unit, params, weights))
+                          trainable_params=trainable, caching_peak=_caching_peak(config, unit, params))
 
 
 def warn_if_exceeds(estimate: MemoryEstimate, device_bytes: int | None) -> str | None:

@@ -22,6 +22,7 @@ from . import noise as noises
 from . import runtime
 from .data.batching import BatchItem
 from .session import Session
+from .textcache import cache_entry
 
 
 @dataclass
@@ -208,8 +209,7 @@ def _cached_text(session: Session, captions: list[str]) -> EncodedText:
     for caption in captions:
         if caption not in cache:
             with torch.no_grad():
-                encoded = _encode(session, [caption])
-            cache[caption] = (encoded.hidden[0], None if encoded.pooled is None else encoded.pooled[0])
+                cache[caption] = cache_entry(_encode(session, [caption]))
     rows = [cache[c] for c in captions]
     hidden = torch.stack([r[0] for r in rows])
     pooled = torch.stack([r[1] for r in rows]) if rows[0][1] is not None else None  # type: ignore[misc]

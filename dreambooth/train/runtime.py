@@ -6,7 +6,7 @@ import bisect
 import contextlib
 import ctypes
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -117,19 +117,26 @@ def load_dtypes(config: Any) -> dict[str, torch.dtype]:
 
 
 def cast_frozen(components: Any, trainable: dict[str, list[torch.nn.Parameter]], dtype: torch.dtype,
-                device: torch.device) -> None:
-    """Frozen weights in the compute dtype (half the memory, faster); trained ones stay fp32 masters."""
-    from .quantize import is_quantized
-
+                device: torch.device, parked: Collection[Any] = ()) -> None:
+    """Frozen weights in the compute dtype (half the memory, faster); trained ones stay fp32 masters. The
+    `parked` modules (text encoders whose outputs are cached) stay where they are."""
     trained = {id(p) for params in trainable.values() for p in params}
     for module in components.modules():
-        frozen_dtype = vae_dtype(dtype) if module is components.vae else dtype
-        module.to(device)
-        for param in module.parameters():
-            if id(param) in trained:
-                param.data = param.data.float()
-            elif not is_quantized(param):  # a quantized base keeps its storage ('base_quantization')
-                param.data = param.data.to(frozen_dtype)
+        if any(module is other for other in parked):
+            continue
+        cast_module(module, vae_dtype(dtype) if module is components.vae else dtype, device, trained)
+
+
+def cast_module(module: torch.nn.Module, frozen_dtype: torch.dtype, device: torch.device, trained: set[int]) -> None:
+    """One model onto `device`: its frozen parameters in `frozen_dtype`, the `trained` ones (by id) in fp32."""
+    from .quantize import is_quantized
+
+    module.to(device)
+    for param in module.parameters():
+        if id(param) in trained:
+            param.data = param.data.float()
+        elif not is_quantized(param):  # a quantized base keeps its storage ('base_quantization')
+            param.data = param.data.to(frozen_dtype)
 
 
 def use_channels_last(device: torch.device) -> bool:

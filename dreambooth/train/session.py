@@ -24,7 +24,7 @@ from ..quiet import shown
 from ..store import ModelDir
 from . import data as data_api
 from . import noise as noises
-from . import runtime
+from . import runtime, textcache
 from .checkpointer import resume_point
 from .data.runlength import RunLength, plan_run_length
 from .ema import EMA
@@ -201,6 +201,7 @@ class _Models:
     trainable: dict[str, list[torch.nn.Parameter]]
     compute_dtype: torch.dtype
     channels_last: bool
+    text_cache: dict[str, textcache.CachedText] | None
 
 
 def build_session(config: TrainingConfig, model_dir: ModelDir, host: Any, callbacks: TrainCallbacks,
@@ -216,13 +217,14 @@ def build_session(config: TrainingConfig, model_dir: ModelDir, host: Any, callba
     seed = int(decision.meta.get("seed", resolve_seed(config.seed)))
     # LoRA initialisation and dropout draw from the global generators: seed them from the run's seed.
     seed_everything(seed)
-    callbacks.on_status("Loading model")
-    models = _load_models(config, model_dir, ranks, warn, host.layout.lora_dir)
     plan = data_api.scan_dataset(config, model_dir.class_images, warn)
     run = plan_run_length(plan, config, ranks.world_size)
     if run.total_steps <= 0:
         raise TrainingError("Nothing to train: set 'max_train_steps' or 'num_train_epochs' above 0.")
     _check_text_cache(config)
+    callbacks.on_status("Loading model")
+    captions = textcache.plan_captions(plan) if caches_text_outputs(config) else None
+    models = _load_models(config, model_dir, ranks, warn, host.layout.lora_dir, captions, callbacks.on_status)
     groups = param_groups(config, models.trainable, ranks.world_size)
     optimizer = build_optimizer(config, groups)
     params = [p for group in models.trainable.values() for p in group]
@@ -237,7 +239,7 @@ def build_session(config: TrainingConfig, model_dir: ModelDir, host: Any, callba
         channels_last=models.channels_last, heap_reuse=heap_reuse, plan=plan, run=run,
         te_stop_step=text_encoder_stop_step(config, run.total_steps),
         latent_cache=data_api.LatentCache(config.cache_latents, model_dir.cache, _cache_namespace(models.components)),
-        text_cache={} if caches_text_outputs(config) else None, optimizer=optimizer,
+        text_cache=models.text_cache, optimizer=optimizer,
         lr_scheduler=build_scheduler(optimizer, config, run.total_steps),
         scaler=torch.amp.GradScaler("cuda") if config.mixed_precision == "fp16" else None,
         ema=EMA(params, config.ema_decay, config.ema_update_every) if config.use_ema else None, params=params)
@@ -257,13 +259,19 @@ def _cache_namespace(components: Any) -> str:
 
 
 def _load_models(config: TrainingConfig, model_dir: ModelDir, ranks: Ranks, warn: Callable[[str], None],
-                 lora_dir: Path) -> _Models:
+                 lora_dir: Path, captions: list[str] | None, status: Callable[[str], None]) -> _Models:
+    """The run's models on its device; with `captions` (cached text outputs) they are encoded first, while the
+    text encoders are the only weights on the device."""
     from ..models.components import load_components
     from .lora_init import apply_start_lora, read_start_lora
     from .quantize import check_quantization, quantize_base
 
     components = load_components(model_dir.working, torch.float32, runtime.load_dtypes(config))
     check_identity(config, components, model_dir.working)
+    text_cache = None
+    if captions is not None:
+        status("Encoding captions")
+        text_cache = textcache.encode_ahead(components, config, captions, ranks.device, warn)
     start_lora = read_start_lora(config, components, lora_dir, warn)  # keys resolve on the unwrapped layers
     check_quantization(config)
     quantize_base(components.denoiser, config.base_quantization, runtime.compute_dtype(config), ranks.device)
@@ -271,7 +279,8 @@ def _load_models(config: TrainingConfig, model_dir: ModelDir, ranks: Ranks, warn
     if start_lora is not None:
         apply_start_lora(components, start_lora, warn)
     dtype = runtime.compute_dtype(config)
-    runtime.cast_frozen(components, trainable, dtype, ranks.device)
+    parked = components.present_text_encoders() if text_cache is not None else []
+    runtime.cast_frozen(components, trainable, dtype, ranks.device, parked)
     channels_last = runtime.use_channels_last(ranks.device)
     runtime.set_memory_format(components, channels_last)
     runtime.own_memory(components)
@@ -286,7 +295,7 @@ def _load_models(config: TrainingConfig, model_dir: ModelDir, ranks: Ranks, warn
     components.noise_scheduler = noises.training_scheduler(components.noise_scheduler, config.zero_terminal_snr)
     return _Models(components, denoiser, encoders, noises.training_scheduler(components.noise_scheduler,
                                                                          config.zero_terminal_snr),
-                   trainable, dtype, channels_last)
+                   trainable, dtype, channels_last, text_cache)
 
 
 def check_identity(config: TrainingConfig, components: Any, working: Path) -> None:

@@ -79,7 +79,7 @@ def test_warn_if_exceeds() -> None:
 
 
 # The smallest memory class each large family's preset fits at its native resolution.
-SMALLEST_FIT_GB = {"sdxl": 12, "sd3": 8, "flux-dev": 24, "flux-schnell": 24}
+SMALLEST_FIT_GB = {"sdxl": 12, "sd3": 8, "flux-dev": 12, "flux-schnell": 12}
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -91,7 +91,7 @@ def test_preset_fits_its_memory_class(family: str, memory_gb: int) -> None:
     smallest = SMALLEST_FIT_GB.get(get_family(family).architecture)
     if smallest is not None and memory_gb < smallest:
         # Even an 8-bit LoRA of SDXL's 2.6B-parameter UNet, or a LoRA on Flux's 12B transformer stored in 4 bits
-        # (with T5-XXL beside it while captions are encoded), does not fit: the notes must say so.
+        # does not fit: the notes must say so.
         assert need > memory_gb * GIB * 0.9 and "does not fit" in " ".join(preset_notes(family, memory_gb))
     else:
         assert need <= memory_gb * GIB
