@@ -241,6 +241,7 @@ class TrainingService:
             self._busy = True
             self._status = TrainStatus(state=RUNNING, model=model_name, job=job, started_at=time.time(),
                                        message=f"Starting {job.replace('_', ' ')}...")
+        return_freed_memory()  # what the web UI freed (a model it unloaded) goes back before our job loads
 
     def _finish(self, error: BaseException | None) -> None:
         return_freed_memory()  # the web UI gets back what the job's models took before it reloads its own
