@@ -20,6 +20,7 @@ from typing import Any, Protocol
 from .config.overrides import apply_overrides
 from .config.schema import TrainingConfig
 from .errors import ConfigError, DreamboothError
+from .heap import return_freed_memory
 from .host.base import Host
 from .locks import check_free
 from .quiet import third_party_quiet
@@ -240,8 +241,10 @@ class TrainingService:
             self._busy = True
             self._status = TrainStatus(state=RUNNING, model=model_name, job=job, started_at=time.time(),
                                        message=f"Starting {job.replace('_', ' ')}...")
+        return_freed_memory()  # what the web UI freed (a model it unloaded) goes back before our job loads
 
     def _finish(self, error: BaseException | None) -> None:
+        return_freed_memory()  # the web UI gets back what the job's models took before it reloads its own
         with self._lock:
             status = self._status
             if error is not None:

@@ -343,3 +343,25 @@ def test_create_from_a_real_checkpoint_applies_host_defaults(store):
     config = model.load_config()
     assert (model.working / "model_index.json").is_file() and config.model_family == "sd1"
     assert config.save_precision == "fp32" and Path(config.base_checkpoint).name == exported.name
+
+
+def test_a_finished_job_hands_freed_memory_back(store, monkeypatch):
+    """Freed tensors stay in glibc's heap; the service trims it when a job starts (a model the web UI unloaded:
+    7.2 GiB of SD.Next's SDXL) and when it ends (a create from an SDXL checkpoint left 8.7 GiB)."""
+    from dreambooth import heap
+    from dreambooth.models.demo import write_demo_checkpoint
+
+    busy_at_trim: list[bool] = []  # whether this service's job still held the slot at each trim
+
+    class Libc:
+        def malloc_trim(self, pad: int) -> int:
+            busy_at_trim.append(pad == 0 and service.is_busy())
+            return 1
+
+    monkeypatch.setattr(heap, "glibc", Libc)
+    service, _ = make_service(store)
+    exported = write_demo_checkpoint("sd1", store.layout.checkpoints_dir / "tiny.safetensors")
+    service.create_model("copy", Path(exported.name))
+    assert busy_at_trim == [True, True]  # before the job loads models, and after they are gone (slot still held)
+    service.export("copy")
+    assert busy_at_trim.count(True) == 4

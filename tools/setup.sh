@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Create (or reuse) a virtual environment for one dependency set: tools/setup.sh latest|host|forge|sdnext
+# Create (or reuse) a virtual environment for one dependency set: tools/setup.sh latest|host|forge|sdnext|neo
 # torch 2.13.0 is installed first and pinned by tools/constraints.txt so no later install can replace it
 # (any other torch pulls gigabytes of CUDA wheels).
 set -euo pipefail

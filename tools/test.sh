@@ -2,7 +2,9 @@
 # Set up each dependency set and run the test suite in it: bash tools/test.sh [pytest args]
 # 'latest' and 'host' (A1111 1.10.1's pins) run the whole suite; 'forge' (Forge's pins: gradio 4, fastapi 0.104,
 # pydantic 2, transformers 4.46) and 'sdnext' (SD.Next's: gradio 3.43 on pydantic 2 and fastapi 0.124,
-# transformers 5.13, diffusers 0.39) run the tab, host, API and service tests, the parts those versions change.
+# transformers 5.13, diffusers 0.39) and 'neo' (Forge Neo's: gradio 4.40 on fastapi 0.127, pydantic 2.10, numpy 2,
+# transformers 4.56, diffusers 0.36) run the tab, host, API and service tests, the parts those versions change.
+# Forge Classic pins what A1111 1.10.1 pins (gradio 3.41.2, transformers 4.30.2, pydantic 1): the 'host' set.
 # Fails if any test fails in any set.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -10,10 +12,10 @@ cd "$root"
 bash tools/setup-browser.sh
 ui_tests=(tests/ui tests/host tests/browser tests/test_service.py tests/test_layout.py)
 status=0
-for set_name in latest host forge sdnext; do
+for set_name in latest host forge sdnext neo; do
   bash tools/setup.sh "$set_name"
   tests=()
-  if [ "$set_name" = forge ] || [ "$set_name" = sdnext ]; then tests=("${ui_tests[@]}"); fi
+  if [ "$set_name" != latest ] && [ "$set_name" != host ]; then tests=("${ui_tests[@]}"); fi
   echo "=== tests with the '$set_name' dependency set"
   ".venv-$set_name/bin/python" -m pytest -q -p no:cacheprovider "${tests[@]}" "$@" || status=1
 done

@@ -37,4 +37,4 @@ _.known_incumbent_keys  # every incumbent field the importer knows: tests check 
 _._body  # starlette's cache of a request body: set after a bounded read so fastapi reads the body again
 _.module_names  # ModelFamily.denoiser_lora_keys argument: the UNet families' default ignores it, transformer families read it
 _.embed_tokens  # T5 encoder stack attribute assigned to tie it to the shared embedding (transformers reads it)
-memory_facts  # flux_model: counts Flux's activation memory from the released shapes; a test keeps the units' activation_gib equal to it
+_.memory_facts  # flux_model: counts Flux's activation memory from the released shapes; a test keeps the units' activation_gib equal to it

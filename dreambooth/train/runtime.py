@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import bisect
 import contextlib
-import ctypes
-import sys
 from collections.abc import Callable, Collection, Iterator
 from pathlib import Path
 from typing import Any
@@ -15,6 +13,7 @@ import torch
 from ..errors import ConfigError
 from ..families import get_family
 from ..families.base import DENOISER_PART
+from ..heap import glibc
 
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # Part names of the text encoders: each encoder's diffusers folder, in the family's order.
@@ -191,18 +190,6 @@ def own_memory(components: Any) -> int:
 # glibc's mallopt options and their defaults (malloc.h).
 M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
 GLIBC_DEFAULTS = {M_TRIM_THRESHOLD: 128 * 1024, M_MMAP_MAX: 65536}
-
-
-def glibc() -> Any | None:
-    """The process's C library when it is glibc (mallopt, malloc_trim); None elsewhere (musl, macOS, Windows)."""
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        libc = ctypes.CDLL(None)
-        libc.gnu_get_libc_version  # noqa: B018  (only glibc has it)
-        return libc
-    except (OSError, AttributeError):
-        return None
 
 
 @contextlib.contextmanager

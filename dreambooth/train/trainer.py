@@ -26,6 +26,7 @@ import torch
 from .. import atomic
 from ..config.schema import TrainingConfig, validate
 from ..errors import DreamboothError, TrainingError
+from ..heap import return_freed_memory
 from ..store import ModelDir, ModelStore
 from . import data as data_api
 from . import runtime
@@ -54,8 +55,9 @@ class TrainResult:
 class Trainer:
     """One run of one model: checks, class images, then session, loop and final saves.
 
-    `session` holds what the run trains with once it is built (`setup()` or `run()`); `observers` are shown the
-    session, each batch and each step (events.TrainObserver)."""
+    `session` holds what the run trains with once it is built (`setup()`, or `run()` until the run ends: its
+    models are dropped before the host's model is loaded back); `observers` are shown the session, each batch and
+    each step (events.TrainObserver)."""
 
     def __init__(self, config: TrainingConfig, host: Any, callbacks: TrainCallbacks | None = None,
                  commands: TrainCommands | None = None, resume: bool = True,
@@ -85,6 +87,7 @@ class Trainer:
                     with self.host.gpu_lock():
                         return self._train_within_memory(config, model_dir)
                 finally:
+                    self._drop_session()
                     self.host.restore_model()
         except DreamboothError as error:
             self.callbacks.on_error(str(error))
@@ -152,6 +155,12 @@ class Trainer:
         if self.session is None or self.session.device.type != "cuda":
             return None
         return torch.cuda.get_device_properties(0).total_memory / 2**30
+
+    def _drop_session(self) -> None:
+        """The run's models go, and glibc hands their memory back, before the host loads its own model again;
+        kept, both were in memory at once (SDXL on CPU in SD.Next: from 14 GiB to over 22 GiB, and killed)."""
+        self._free_memory()
+        return_freed_memory()
 
     def _free_memory(self) -> None:
         """Drop every model and optimizer reference so the web UI gets its memory back."""

@@ -13,7 +13,6 @@ import importlib
 import inspect
 import json
 import re
-import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -30,6 +29,13 @@ HOST_OBJECTS = {"sd_models", "model_data", "state", "main_entry", "memory", "pro
 # Module-level tables of webui.py whose strings are host module or attribute names.
 HOST_TABLES = ("NETWORKS_MODULES", "SDNEXT_SLOTS")
 IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
+
+
+def a1111_on_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.syspath_prepend(str(HERE / "fake_webui"))
+    importlib.import_module("modules.shared").models_path = "/models"
+    sd_models = importlib.import_module("modules.sd_models")
+    sd_models.load_model(sd_models.CheckpointInfo("/models/a.safetensors"))  # A1111 loads at start-up
 
 
 def forge_on_path(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -52,7 +58,6 @@ def classic_on_path(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.syspath_prepend(str(HERE / "fake_classic"))
     importlib.import_module("modules.shared").models_path = "/models"
     sd_models = importlib.import_module("modules.sd_models")
-    sd_models.model_data.lock = threading.Lock()  # A1111's SdModelData has one
     sd_models.load_model(sd_models.CheckpointInfo("/models/a.safetensors"))  # Classic loads at start-up
 
 
@@ -60,8 +65,9 @@ def sdnext_on_path(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.syspath_prepend(str(HERE / "fake_sdnext"))
 
 
-HOSTS: dict[str, Callable[[pytest.MonkeyPatch], None]] = {"forge": forge_on_path, "neo": neo_on_path,
-                                                         "classic": classic_on_path, "sdnext": sdnext_on_path}
+HOSTS: dict[str, Callable[[pytest.MonkeyPatch], None]] = {"a1111": a1111_on_path, "forge": forge_on_path,
+                                                         "neo": neo_on_path, "classic": classic_on_path,
+                                                         "sdnext": sdnext_on_path}
 FACTS = {host: json.loads((HERE / "facts" / f"{host}.json").read_text()) for host in HOSTS}
 
 

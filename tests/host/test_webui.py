@@ -12,6 +12,7 @@ import pytest
 import torch
 from tests_host_support import HERE, purge_fakes
 
+from dreambooth import heap
 from dreambooth.host.base import GenerationRequest, Host
 from dreambooth.host.webui import (
     A1111,
@@ -130,14 +131,23 @@ def test_unknown_checkpoint_is_a_clear_error(webui):
         WebuiHost().generate(GenerationRequest("x", checkpoint=webui.tmp / "elsewhere.safetensors"))
 
 
-def test_release_trashes_every_model_and_restore_reloads_it(webui):
+def test_release_trashes_every_model_trims_the_heap_and_restore_reloads_it(webui, monkeypatch):
     sd_models = webui.sd_models
     info = sd_models.CheckpointInfo(str(webui.models / "Stable-diffusion" / "base.safetensors"))
     model, other = sd_models.FakeModel(info), sd_models.FakeModel(info)
     sd_models.model_data.sd_model, sd_models.model_data.loaded_sd_models = model, [model, other]
     sd_models.checkpoints_loaded["x"] = {"weights": 1}
     host = WebuiHost()
+    trims: list[bool] = []  # whether the host's model was already gone when the heap was trimmed
+
+    class Libc:
+        def malloc_trim(self, pad: int) -> int:
+            trims.append(sd_models.model_data.sd_model is None)
+            return 1
+
+    monkeypatch.setattr(heap, "glibc", Libc)
     host.release_model()
+    assert trims == [True]  # glibc would otherwise keep the freed weights in the process
     assert model.device == other.device == "meta"
     assert sd_models.model_data.sd_model is None and sd_models.model_data.loaded_sd_models == []
     assert sd_models.checkpoints_loaded == {} and "unload_model_weights" not in names(sd_models.calls)

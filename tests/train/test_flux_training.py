@@ -16,6 +16,7 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
+from spies import SessionSpy
 
 from dreambooth.families import flux_names, get_family
 from dreambooth.generation import GenerationRequest
@@ -74,7 +75,8 @@ class FluxEnv:
         self.model.save_config(self.config)
         self.host = FakeHost(self.layout)
 
-    def trainer(self, callbacks: Any = None, commands: Any = None, resume: bool = True, **overrides: Any) -> Any:
+    def trainer(self, callbacks: Any = None, commands: Any = None, resume: bool = True, observers: Any = (),
+                **overrides: Any) -> Any:
         import copy
 
         from dreambooth.train.trainer import Trainer
@@ -82,7 +84,7 @@ class FluxEnv:
         config = copy.deepcopy(self.config)
         for key, value in overrides.items():
             setattr(config, key, value)
-        return Trainer(config, self.host, callbacks, commands, resume=resume)
+        return Trainer(config, self.host, callbacks, commands, resume=resume, observers=observers)
 
     def fresh(self) -> None:
         shutil.rmtree(self.model.working)
@@ -123,8 +125,9 @@ def applied_like_forge(env: FluxEnv, path: Path) -> Any:
 def test_lora_trains_samples_and_exports_what_forge_applies(flux_env: FluxEnv) -> None:
     commands = TrainCommands()
     recorder = Recorder(commands)
+    spy = SessionSpy()
     trainer = flux_env.trainer(recorder, commands, max_train_steps=2, learning_rate=5e-3, train_text_encoder=False,
-                               sample_every_n_steps=2)
+                               sample_every_n_steps=2, observers=[spy])
     trainer.config.concepts[0].n_samples = 1
     trainer.config.concepts[0].sample_steps = 2
     result = trainer.run()
@@ -137,7 +140,7 @@ def test_lora_trains_samples_and_exports_what_forge_applies(flux_env: FluxEnv) -
     assert "lora_unet_single_blocks_0_linear1.lora_down.weight" in keys
     assert not any(key.startswith("lora_te") for key in keys)
     assert metadata["ss_base_model_version"] == "flux1" and metadata["modelspec.architecture"] == "flux-1-dev/lora"
-    session = trainer.session
+    session = spy.session
     with torch.no_grad():
         from dreambooth.train.lora import merge_lora
 

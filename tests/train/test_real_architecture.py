@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import gc
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 from safetensors import safe_open
+from spies import SessionSpy
 
 from dreambooth.config.schema import Concept, TrainingConfig
 from dreambooth.store import Layout, ModelStore
@@ -58,7 +60,7 @@ def sd15(tmp_path_factory: pytest.TempPathFactory) -> tuple[Layout, Path]:
     return layout, working
 
 
-def _train(layout: Layout, base_working: Path, name: str, **settings: object) -> tuple[Trainer, object]:
+def _train(layout: Layout, base_working: Path, name: str, **settings: object) -> tuple[Any, Any]:
     import shutil
 
     model = ModelStore(layout).model(name)
@@ -71,8 +73,9 @@ def _train(layout: Layout, base_working: Path, name: str, **settings: object) ->
                             train_batch_size=1, mixed_precision="no", seed=3, save_precision="fp16",
                             concepts=[concept], **settings)
     model.save_config(config)
-    trainer = Trainer(config, FakeHost(layout), resume=False)
-    return trainer, trainer.run()
+    spy = SessionSpy()
+    result = Trainer(config, FakeHost(layout), resume=False, observers=[spy]).run()
+    return spy.session, result
 
 
 def _keys(path: Path) -> set[str]:
@@ -82,7 +85,7 @@ def _keys(path: Path) -> set[str]:
 
 def test_lora_on_the_real_sd15_architecture(sd15: tuple[Layout, Path]) -> None:
     layout, base = sd15
-    trainer, result = _train(layout, base, "real-lora", method="lora", lora_rank=4, lora_alpha=4.0,
+    session, result = _train(layout, base, "real-lora", method="lora", lora_rank=4, lora_alpha=4.0,
                              learning_rate=1e-3, text_encoder_lr=1e-4)
     assert result.completed and result.step == 2 and result.loss == result.loss
     lora_file = result.saved[0]
@@ -90,10 +93,10 @@ def test_lora_on_the_real_sd15_architecture(sd15: tuple[Layout, Path]) -> None:
     # SD1.5: 16 transformer blocks x (2 x q, k, v, out + 2 feed-forward + proj_in, proj_out); 12 CLIP layers x 6
     assert sum(k.startswith("lora_te_") and k.endswith(".alpha") for k in keys) == 12 * 6
     assert sum(k.startswith("lora_unet_") and k.endswith(".alpha") for k in keys) == 16 * 12
-    trained_up = [name for name, param in trainer.session.components.denoiser.named_parameters()
+    trained_up = [name for name, param in session.components.denoiser.named_parameters()
                   if "lora_B" in name and float(param.detach().abs().max()) > 0]
     assert trained_up, "the UNet LoRA did not train"
-    del trainer
+    del session
     gc.collect()
 
 
@@ -107,9 +110,9 @@ def test_dreambooth_on_the_real_sd15_architecture(sd15: tuple[Layout, Path]) -> 
     del before
     gc.collect()
     # Adafactor keeps the optimizer state small: the full UNet, its gradients and the saves fit in ~10 GB.
-    trainer, result = _train(layout, base, "real-db", method="dreambooth", optimizer="adafactor",
+    session, result = _train(layout, base, "real-db", method="dreambooth", optimizer="adafactor",
                              train_text_encoder=False, learning_rate=1e-4)
-    del trainer
+    del session
     gc.collect()
     assert result.completed and result.step == 2
     working = ModelStore(layout).existing("real-db").working

@@ -276,3 +276,35 @@ def test_run_training_for_the_cli(env: Any, capsys: pytest.CaptureFixture[str]) 
     out = capsys.readouterr().out
     assert "step 1/1" in out and "tiny_1.safetensors" in out
     assert run_training(env.layout, "tiny", {"mixed_precision": "fp16"}) == 1
+
+
+def test_the_runs_models_are_gone_before_the_host_loads_its_own_back(env: Any, monkeypatch: Any) -> None:
+    """Else the host's model and ours are in memory at once (SDXL on CPU in SD.Next: killed at 22 GiB)."""
+    import weakref
+
+    from dreambooth import heap
+
+    alive: dict[str, Any] = {}
+    trims: list[bool] = []
+
+    class Watch(TrainObserver):
+        def on_session(self, session: Any) -> None:
+            alive["denoiser"] = weakref.ref(session.components.denoiser)
+
+    class Libc:
+        def mallopt(self, option: int, value: int) -> int:
+            return 1
+
+        def malloc_trim(self, pad: int) -> int:
+            trims.append(alive["denoiser"]() is None)
+            return 1
+
+    restored_with: list[bool] = []
+    restore = env.host.restore_model
+    monkeypatch.setattr(env.host, "restore_model",
+                        lambda: (restored_with.append(alive["denoiser"]() is None), restore())[-1])
+    monkeypatch.setattr(heap, "glibc", Libc)
+    trainer = env.trainer(max_train_steps=1, save_on_end=False, observers=[Watch()])
+    assert trainer.run().completed
+    assert restored_with == [True] and trainer.session is None
+    assert trims and trims[-1] is True  # the freed memory went back to the system before the restore

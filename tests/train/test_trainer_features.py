@@ -12,6 +12,7 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
+from spies import SessionSpy
 
 from dreambooth.errors import DreamboothError
 from dreambooth.models.components import load_components
@@ -85,11 +86,12 @@ def test_sdxl_size_conditioning_and_second_text_encoder_lr(sdxl_env: Any) -> Non
 
     base = load_components(sdxl_env.model.working)
     first, second = ([p.detach().clone() for p in e.parameters()] for e in base.text_encoders)
+    spy = SessionSpy()
     trainer = sdxl_env.trainer(with_prior_preservation=False, text_encoder_lr=1e-3, text_encoder_2_lr=0.0,
-                               save_on_end=False)
+                               save_on_end=False, observers=[spy])
     trainer.run()
-    assert trainer.session is not None
-    after_first, after_second = ([p.detach() for p in e.parameters()] for e in trainer.session.components.text_encoders)
+    assert spy.session is not None and trainer.session is None  # dropped before the host's model comes back
+    after_first, after_second = ([p.detach() for p in e.parameters()] for e in spy.session.components.text_encoders)
     assert any(not torch.equal(a, b) for a, b in zip(first, after_first, strict=True))
     assert all(torch.equal(a, b) for a, b in zip(second, after_second, strict=True))
 
@@ -121,14 +123,15 @@ def test_training_target_follows_the_prediction_type(env: Any, prediction_type: 
 
 def test_disk_latent_cache_is_reused_by_the_next_run(env: Any) -> None:
     first, second = Losses(), Losses()
-    trainer = env.trainer(first, cache_latents="disk", max_train_steps=2, save_on_end=False, resume=False)
-    trainer.run()
-    assert trainer.session.latent_cache.misses > 0 and list(env.model.cache.rglob("*.safetensors"))
+    spy, spy_again = SessionSpy(), SessionSpy()
+    env.trainer(first, cache_latents="disk", max_train_steps=2, save_on_end=False, resume=False,
+                observers=[spy]).run()
+    assert spy.session.latent_cache.misses > 0 and list(env.model.cache.rglob("*.safetensors"))
     env.fresh()
-    again = env.trainer(second, cache_latents="disk", max_train_steps=2, save_on_end=False, resume=False)
-    again.run()
-    assert again.session.latent_cache.misses == 0
-    assert again.session.latent_cache.hits == trainer.session.latent_cache.misses
+    env.trainer(second, cache_latents="disk", max_train_steps=2, save_on_end=False, resume=False,
+                observers=[spy_again]).run()
+    assert spy_again.session.latent_cache.misses == 0
+    assert spy_again.session.latent_cache.hits == spy.session.latent_cache.misses
     assert second.train_losses() == first.train_losses()
 
 
@@ -151,22 +154,21 @@ def _masked_run(env: Any, mask_value: int | None) -> tuple[list[float], Any]:
             Image.new("L", (64, 64), mask_value).save(folder / f"img{index}-masklabel.png")
     env.config.concepts[0].instance_data_dir = str(folder)
     env.fresh()
-    callbacks = Losses()
-    trainer = env.trainer(callbacks, masked_training=True, unmasked_probability=0.0, unmasked_weight=0.0,
-                          with_prior_preservation=False, weight_decay=0.0, text_encoder_weight_decay=0.0,
-                          save_on_end=False, resume=False)
-    trainer.run()
-    return callbacks.train_losses(), trainer
+    callbacks, spy = Losses(), SessionSpy()
+    env.trainer(callbacks, masked_training=True, unmasked_probability=0.0, unmasked_weight=0.0,
+                with_prior_preservation=False, weight_decay=0.0, text_encoder_weight_decay=0.0, save_on_end=False,
+                resume=False, observers=[spy]).run()
+    return callbacks.train_losses(), spy.session
 
 
 def test_masks_weight_the_loss_through_the_trainer(env: Any) -> None:
     unmasked, _ = _masked_run(env, None)
     white, _ = _masked_run(env, 255)
-    black, trainer = _masked_run(env, 0)
+    black, session = _masked_run(env, 0)
     assert white == pytest.approx(unmasked, rel=1e-6)  # a full mask trains like no mask
     assert black == [0.0, 0.0]  # nothing outside the mask counts with unmasked_weight 0
     base = load_file(str(env.base_working / "unet" / "diffusion_pytorch_model.safetensors"))
-    trained = dict(trainer.session.components.denoiser.named_parameters())
+    trained = dict(session.components.denoiser.named_parameters())
     assert all(torch.equal(base[k], trained[k].detach()) for k in base)
 
 

@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 from PIL import Image
+from spies import SessionSpy
 
 from dreambooth.guide.preflight import run_steps
 from dreambooth.train.data import scan_dataset
@@ -47,10 +48,10 @@ def test_trainer_progress_and_preflight_agree_on_a_bucketed_dataset(env: Any) ->
     assert run_length(counted_batches([len(SIZES)], 2), 2, 0, 2).total_steps == 4
     assert run_steps(config, None) == planned.total_steps
     totals = Totals()
-    trainer = env.trainer(totals, resume=False, **settings)
-    result = trainer.run()
+    spy = SessionSpy()
+    result = env.trainer(totals, resume=False, observers=[spy], **settings).run()
     assert result.completed and result.step == planned.total_steps == result.total_steps
-    assert trainer.session.run == planned
+    assert spy.session.run == planned
     assert totals.seen == {(planned.total_steps, planned.total_epochs)}
 
 

@@ -1,6 +1,7 @@
 """Fake sd_models: checkpoint list from --ckpt-dir or models/Stable-diffusion, model_data, trash/load."""
 
 import os
+import threading
 
 from modules import shared
 
@@ -26,6 +27,7 @@ class SdModelData:
     def __init__(self):
         self.sd_model = None
         self.loaded_sd_models = []
+        self.lock = threading.Lock()  # held while A1111 loads its first model lazily
 
 
 model_data = SdModelData()
