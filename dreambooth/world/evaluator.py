@@ -30,16 +30,19 @@ HEADS = {"shape": SHAPE_CLASSES, "colour": COLOUR_CLASSES, "background": BACKGRO
 
 
 class ShapeNet(nn.Module):
-    """Four strided convolutions (64 -> 4 px), global pooling, one linear head per attribute."""
+    """Strided convolutions down to a 4x4 map whose every position feeds the heads (a shape is an arrangement,
+    which global pooling would lose), one linear head per attribute."""
 
     def __init__(self, width: int = 32):
         super().__init__()
         layers: list[nn.Module] = []
         channels = [3, width // 2, width, width * 2, width * 2]
         for cin, cout in zip(channels, channels[1:], strict=False):
-            layers += [nn.Conv2d(cin, cout, 3, stride=2, padding=1), nn.GroupNorm(4, cout), nn.SiLU()]
-        self.features = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten())
-        self.heads = nn.ModuleDict({name: nn.Linear(channels[-1], len(classes)) for name, classes in HEADS.items()})
+            layers += [nn.Conv2d(cin, cout, 3, stride=2, padding=1), nn.GroupNorm(4, cout), nn.SiLU(),
+                       nn.Conv2d(cout, cout, 3, padding=1), nn.GroupNorm(4, cout), nn.SiLU()]
+        self.features = nn.Sequential(*layers, nn.Flatten())
+        self.heads = nn.ModuleDict({name: nn.Linear(channels[-1] * 16, len(classes))
+                                    for name, classes in HEADS.items()})
 
     def forward(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
         features = self.features(pixels)

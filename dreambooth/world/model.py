@@ -29,7 +29,7 @@ RECORD_FILE = RESOURCE_DIR / "world.json"
 # tested with.
 WORLD_VAE: dict[str, Any] = {
     "sample_size": 64, "in_channels": 3, "out_channels": 3, "latent_channels": 4, "layers_per_block": 1,
-    "block_out_channels": [8, 16, 32, 32], "norm_num_groups": 8, "act_fn": "silu",
+    "block_out_channels": [8, 16, 32, 32], "norm_num_groups": 2, "act_fn": "silu",
     "down_block_types": ["DownEncoderBlock2D"] * 4, "up_block_types": ["UpDecoderBlock2D"] * 4,
     "scaling_factor": 1.0}
 

@@ -25,7 +25,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,10 +38,17 @@ from ..config.schema import Concept, TrainingConfig
 from ..generation import GenerationRequest
 from ..store import Layout, ModelStore
 from ..train.events import TrainCallbacks
-from .demo import CLASS_PROMPT, DEMO_CONCEPT, DEMO_SETTINGS, SUBJECT_PROMPT, write_subject_dataset
+from .demo import (
+    CLASS_PROMPT,
+    DEMO_CONCEPT,
+    DEMO_SETTINGS,
+    SUBJECT_IMAGES,
+    SUBJECT_PROMPT,
+    write_subject_dataset,
+)
 from .evaluator import Evaluator, Judgement, appearance, load_evaluator, rate, total_variation
 from .model import write_world_checkpoint
-from .scenes import SHAPES, SUBJECT, Scene, caption, draw, random_scene
+from .scenes import SHAPES, SUBJECT, Scene, caption, draw, random_scene, subject_images
 
 NEW_COLOUR = "pink"
 
@@ -54,13 +61,19 @@ class Sampling:
     steps: int = DEMO_CONCEPT["sample_steps"]
     cfg: float = DEMO_CONCEPT["sample_guidance_scale"]
 
+    def count(self, prompt: str) -> int:
+        """Seeds of a prompt: all of them, or a quarter for each of the four new-colour prompts."""
+        return max(1, self.seeds // len(SHAPES)) if prompt.startswith(f"a {NEW_COLOUR} ") else self.seeds
+
     def lines(self, prompt: str) -> list[str]:
         """sd-scripts prompt lines, as the trainer's `sample_prompts` reads them."""
-        return [f"{prompt} --d {seed} --s {self.steps} --l {self.cfg:g} --w 64 --h 64" for seed in range(self.seeds)]
+        return [f"{prompt} --d {seed} --s {self.steps} --l {self.cfg:g} --w 64 --h 64"
+                for seed in range(self.count(prompt))]
 
     def request(self, prompt: str, **where: Any) -> GenerationRequest:
+        count = self.count(prompt)
         return GenerationRequest(prompt, seed=0, steps=self.steps, cfg_scale=self.cfg, width=64, height=64,
-                                 count=self.seeds, batch_size=self.seeds, **where)
+                                 count=count, batch_size=count, **where)
 
 
 class Recorder(TrainCallbacks):
@@ -91,14 +104,19 @@ class Run:
 class World:
     """A temporary models folder holding the world model, the subject's pictures, the host and the evaluator."""
 
-    def __init__(self, root: Path, sampling: Sampling = Sampling()):
+    def __init__(self, root: Path, sampling: Sampling = Sampling(), base: Path | None = None):
+        """`base`: another checkpoint of the world to measure (default: the shipped world model)."""
         from ..host.embedded import EmbeddedHost
         from ..models.loading import create_model
 
         self.root, self.sampling = root, sampling
         self.layout = Layout.under(root / "models").ensure()
         self.store = ModelStore(self.layout)
-        self.checkpoint = write_world_checkpoint(self.layout.checkpoints_dir / "world.safetensors")
+        self.checkpoint = self.layout.checkpoints_dir / "world.safetensors"
+        if base is None:
+            write_world_checkpoint(self.checkpoint)
+        else:
+            shutil.copyfile(base, self.checkpoint)
         self.base = create_model(self.store, "world-base", self.checkpoint, family="sd1")
         self.subject_dir = write_subject_dataset(root / "subject")
         self.host = EmbeddedHost(self.layout, device="cpu")
@@ -285,21 +303,22 @@ class Row:
     measured: str
     bound: str
     passed: bool
-    notes: list[str] = field(default_factory=list)
 
 
 def table_rows(outcomes: Outcomes) -> list[Row]:
     o = outcomes
     a, base_a = o.subject_rate("dreambooth"), o.base_subject_rate()
     drift_free, drift_prior = o.drift("dreambooth"), o.drift("prior")
+    kept_free, kept_prior = o.class_kept("dreambooth"), o.class_kept("prior")
     lora, pink, base_pink = o.subject_rate("lora"), o.finetune_colour(), o.base_colour()
     exported, exported_lora = o.exported_checkpoint_rate(), o.exported_lora_rate()
     wizard = o.subject_rate("wizard")
     return [
         Row("a", "DreamBooth: 'a sks circle' shows the subject", f"{a:.0%} (base model {base_a:.0%})", ">= 90%",
             a >= 0.9),
-        Row("b", "'a circle' drift from the base (TV), without / with prior", f"{drift_free:.2f} / {drift_prior:.2f}",
-            "without >= 0.5, with <= 0.3", drift_free >= 0.5 and drift_prior <= 0.3),
+        Row("b", "'a circle' drift from the base (TV), without / with prior", f"{drift_free:.2f} / {drift_prior:.2f} "
+            f"(circles not the subject: {kept_free:.0%} / {kept_prior:.0%})", "without >= 0.5, with <= 0.3",
+            drift_free >= 0.5 and drift_prior <= 0.3),
         Row("c", "LoRA: subject; fine-tune: 'pink' learnt", f"{lora:.0%}; {pink:.0%} (base {base_pink:.0%})",
             ">= 90%; >= 70%", lora >= 0.9 and pink >= 0.7),
         Row("d", "exported checkpoint / LoRA via the host vs the trainer's samples",
@@ -315,9 +334,35 @@ def format_table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
+def contact_sheet(rows: list[list[Any]], count: int = 8) -> Any:
+    """Rows of pictures side by side (the first `count` of each), one 64 px row per list."""
+    from PIL import Image
+
+    sheet = Image.new("RGB", (64 * count, 64 * len(rows)), "white")
+    for row, images in enumerate(rows):
+        for column, image in enumerate(images[:count]):
+            sheet.paste(image, (64 * column, 64 * row))
+    return sheet
+
+
+def write_demo_pictures(outcomes: Outcomes, folder: Path) -> list[Path]:
+    """The demo before and after training: "a sks circle" and "a circle", base model and demo run, as PNGs."""
+    world, run = outcomes.world, outcomes.run("dreambooth")
+    sheets = {"demo-before.png": [world.render(SUBJECT_PROMPT), world.render(CLASS_PROMPT)],
+              "demo-after.png": [run.samples[SUBJECT_PROMPT], run.samples[CLASS_PROMPT]],
+              "demo-subject.png": [[image for _, image in subject_images(SUBJECT_IMAGES)]]}
+    paths = []
+    for name, rows in sheets.items():
+        with atomic.atomic_path(folder / name) as temp:
+            contact_sheet(rows).save(temp, format="PNG", optimize=True)
+        paths.append(folder / name)
+    return paths
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m dreambooth.world.outcomes", description=__doc__.split("\n")[0])
     parser.add_argument("--seeds", type=int, default=Sampling.seeds, help="seeds per prompt (default %(default)s)")
+    parser.add_argument("--pictures", type=Path, help="also write the demo's before/after pictures here")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     started = time.monotonic()
@@ -325,6 +370,8 @@ def main(argv: list[str] | None = None) -> int:
         outcomes = Outcomes(World(Path(folder), Sampling(seeds=args.seeds)))
         rows = table_rows(outcomes)
         print(format_table(rows))
+        if args.pictures:
+            print("wrote", ", ".join(str(path) for path in write_demo_pictures(outcomes, args.pictures)))
         for key, run in outcomes.runs.items():
             print(f"run {key}: {run.seconds:.0f} s")
     print(f"total {time.monotonic() - started:.0f} s")

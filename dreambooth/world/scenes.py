@@ -114,10 +114,10 @@ def random_scene(rng: np.random.Generator, colours: tuple[str, ...] = tuple(COLO
                  radius=float(rng.uniform(13, 19)), dot=bool(rng.random() < dot_rate))
 
 
-def varied(scene: Scene, rng: np.random.Generator) -> Scene:
-    """The same subject (shape, colour, dot) at another place, size and background."""
+def varied(scene: Scene, rng: np.random.Generator, background: str) -> Scene:
+    """The same subject (shape, colour, dot) at another place and size, on `background`."""
     placed = random_scene(rng)
-    return replace(placed, shape=scene.shape, colour=scene.colour, dot=scene.dot)
+    return replace(placed, shape=scene.shape, colour=scene.colour, dot=scene.dot, background=background)
 
 
 # The DreamBooth subject of the demo and of the measured outcomes: one particular circle.
@@ -125,7 +125,9 @@ SUBJECT = Scene(shape="circle", colour="orange", background="grey", dot=True)
 
 
 def subject_images(count: int, seed: int = 0) -> list[tuple[Scene, Image.Image]]:
-    """`count` pictures of the subject on varied backgrounds, places and sizes (deterministic for a seed)."""
+    """`count` pictures of the subject at varied places and sizes, on each background in turn (deterministic
+    for a seed)."""
     rng = np.random.default_rng(seed)
-    scenes = [varied(SUBJECT, rng) for _ in range(count)]
+    backgrounds = list(BACKGROUNDS)
+    scenes = [varied(SUBJECT, rng, backgrounds[index % len(backgrounds)]) for index in range(count)]
     return [(scene, draw(scene)) for scene in scenes]
