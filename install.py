@@ -1,15 +1,19 @@
 """Extension installer, run by the web UI (as `python install.py`) before it starts.
 
 Installs only what is missing, at versions that fit the host, and never installs, upgrades or
-downgrades a package the host owns (torch, torchvision, xformers, gradio, transformers, accelerate, ...):
-pip gets a constraints file pinning every host-owned package at its installed version. When everything
-is satisfied, pip is not called at all.
+downgrades a package that is already there: each package is installed without its dependencies, and then
+only those of its dependencies that are missing are installed the same way. (Letting pip resolve
+dependencies re-resolves the installed packages too: SD.Next pins setuptools 69.5.1 while torch 2.13 asks
+for setuptools >= 77, so a plain `pip install bitsandbytes` upgraded SD.Next's setuptools.) pip also gets a
+constraints file pinning every host-owned package at its installed version. When everything is satisfied,
+pip is not called at all.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -52,9 +56,10 @@ def major(version: str | None) -> int | None:
 
 
 def host_is_forge() -> bool:
-    """Forge (run with its root on PYTHONPATH) ships modules_forge; it installs its own bitsandbytes pin."""
+    """Forge (run with its root on PYTHONPATH) ships modules_forge; since its backend rewrite (Forge 2, Forge Neo,
+    a `backend` package) it installs its own bitsandbytes pin. Forge Classic (gradio 3) has no such pin."""
     try:
-        return importlib.util.find_spec("modules_forge") is not None
+        return all(importlib.util.find_spec(name) is not None for name in ("modules_forge", "backend"))
     except (ImportError, ValueError):
         return False
 
@@ -113,23 +118,87 @@ def host_constraints(versions: Mapping[str, str | None], forge: bool = False) ->
 
 
 PipRunner = Callable[[list[str]], int]
+RequirementsReader = Callable[[str], list[str]]
+VersionReader = Callable[[str], "str | None"]
+MAX_DEPENDENCY_ROUNDS = 5  # dependencies of dependencies ...; our packages need at most two levels
 
 
 def run_pip(args: list[str]) -> int:
     return subprocess.call([sys.executable, "-m", "pip", *args])
 
 
-def install(needs: list[Need], constraints: str, runner: PipRunner) -> int:
+def declared_requirements(name: str) -> list[str]:
+    """The Requires-Dist lines of an installed distribution (empty when it is not installed)."""
+    try:
+        return list(metadata.requires(name) or [])
+    except metadata.PackageNotFoundError:
+        return []
+
+
+def installed_version(name: str) -> str | None:
+    return installed_versions((name,))[name]
+
+
+def missing_dependencies(names: list[str], requires: RequirementsReader, version_of: VersionReader) -> list[str]:
+    """Requirements of the named distributions that nothing installed provides (installed ones are never
+    changed, even when their version is outside the range asked for)."""
+    try:
+        from packaging.requirements import InvalidRequirement, Requirement
+    except ImportError:  # no packaging: trust that the host has what our packages need
+        return []
+    owned = {canonical(owner) for owner in HOST_OWNED}
+    missing: dict[str, str] = {}
+    for name in names:
+        for line in requires(name):
+            try:
+                requirement = Requirement(line)
+            except InvalidRequirement:
+                continue
+            if requirement.marker is not None and not requirement.marker.evaluate({"extra": ""}):
+                continue  # an optional extra or another platform's dependency
+            if version_of(requirement.name) is None and canonical(requirement.name) not in owned:
+                missing.setdefault(canonical(requirement.name), f"{requirement.name}{requirement.specifier}")
+    return list(missing.values())
+
+
+def pip_install(requirements: list[str], constraints: str, runner: PipRunner) -> int:
     with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as handle:
         handle.write(constraints)
     try:
-        return runner(["install", "--constraint", handle.name, *[need.install for need in needs]])
+        return runner(["install", "--no-deps", "--constraint", handle.name, *requirements])
     finally:
         os.unlink(handle.name)
 
 
+def requirement_name(requirement: str) -> str:
+    """'diffusers<=0.31.0' -> 'diffusers' (the distribution name at the start of a requirement)."""
+    found = re.match(r"\s*([A-Za-z0-9][A-Za-z0-9._-]*)", requirement)
+    return found.group(1) if found else requirement
+
+
+def canonical(name: str) -> str:
+    """PEP 503 normalised name: 'Huggingface_Hub' and 'huggingface-hub' are the same distribution."""
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def install(needs: list[Need], constraints: str, runner: PipRunner,
+            requires: RequirementsReader = declared_requirements,
+            version_of: VersionReader = installed_version) -> int:
+    """Install the needs without their dependencies, then each missing dependency the same way."""
+    batch = [need.install for need in needs]
+    for _ in range(MAX_DEPENDENCY_ROUNDS):
+        status = pip_install(batch, constraints, runner)
+        if status != 0:
+            return status
+        batch = missing_dependencies([requirement_name(item) for item in batch], requires, version_of)
+        if not batch:
+            return 0
+    return 0
+
+
 def main(runner: PipRunner = run_pip, versions: Mapping[str, str | None] | None = None,
-         platform: str = sys.platform, forge: bool | None = None) -> int:
+         platform: str = sys.platform, forge: bool | None = None,
+         requires: RequirementsReader = declared_requirements, version_of: VersionReader = installed_version) -> int:
     if versions is None:
         versions = installed_versions(HOST_OWNED + ("diffusers", "peft", "safetensors", "prodigyopt",
                                                     "schedulefree", "bitsandbytes"))
@@ -144,9 +213,9 @@ def main(runner: PipRunner = run_pip, versions: Mapping[str, str | None] | None 
     status = 0
     if required:
         print(f"[dreambooth] installing {', '.join(need.install for need in required)}")
-        status = install(required, constraints, runner)
+        status = install(required, constraints, runner, requires, version_of)
     for need in optional:  # one by one: a missing wheel only costs its own feature
-        if install([need], constraints, runner) != 0:
+        if install([need], constraints, runner, requires, version_of) != 0:
             print(f"[dreambooth] could not install {need.install}; {need.feature} will be unavailable.")
     return status
 

@@ -187,7 +187,7 @@ def reference_models(case: Case, workdir: Path) -> tuple[Any, list[Any]]:
         encoder.requires_grad_(False)
         encoder.to(device, weight_dtype)
     parts.vae.to(device, weight_dtype if case.family != "sdxl" else torch.float32)
-    unet = parts.unet
+    unet = parts.denoiser
     if case.method == "lora":
         from peft import LoraConfig
 
@@ -239,7 +239,7 @@ def reference_run(case: Case, workdir: Path, on_step: Callable[[int], None]) -> 
     device = torch.device(case.device)
     weight_dtype = torch.bfloat16 if case.precision == "bf16" else torch.float32
     parts, params = reference_models(case, workdir)
-    unet, vae, scheduler = parts.unet, parts.vae, parts.noise_scheduler
+    unet, vae, scheduler = parts.denoiser, parts.vae, parts.noise_scheduler
     optimizer = torch.optim.AdamW(params, lr=LEARNING_RATE[case.method], weight_decay=1e-2)
     images = sorted((workdir / f"images-{case.name}").glob("*.png"))
     torch.manual_seed(0)
@@ -388,7 +388,7 @@ def unet_passes(components: Any, extras: Extras, device: Any) -> dict[str, float
     from dreambooth.train import runtime
 
     runtime.set_memory_format(components, runtime.use_channels_last(device))
-    unet = components.unet.to(device).train()
+    unet = components.denoiser.to(device).train()
     noisy, timestep, hidden = unet_inputs(unet, extras, device)
 
     def step() -> None:

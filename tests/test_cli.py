@@ -234,7 +234,7 @@ def test_config_import_malformed(tmp_path: Path, capsys: pytest.CaptureFixture[s
     (["create", "--name", "CON", "--from", "x"], 1, "is not allowed"),
     (["create", "--name", "ok", "--from", "missing.safetensors"], 1, "Checkpoint 'missing.safetensors' not found"),
     (["create", "--from", "x"], 2, "the following arguments are required: --name"),
-    (["demo-model", "--family", "sd3"], 2, "invalid choice: 'sd3'"),
+    (["demo-model", "--family", "sd9"], 2, "invalid choice: 'sd9'"),
     (["export", "--name", "dog", "--precision", "fp8"], 2, "invalid choice: 'fp8'"),
     (["nonsense"], 2, "invalid choice: 'nonsense'"),
 ])

@@ -41,7 +41,7 @@ class Recorder:
 
 
 def requested(recorder: Recorder) -> list[str]:
-    return [arg for call in recorder.calls for arg in call[3:]]
+    return [arg for call in recorder.calls for arg in call[4:]]
 
 
 def test_no_pip_call_when_everything_is_satisfied(capsys):
@@ -63,7 +63,7 @@ def test_missing_diffusers_on_a_transformers_4_host():
     assert requested(runner) == ["diffusers<=0.31.0"]
     text = " ".join(runner.calls[0])
     for owned in ("torch", "gradio", "transformers", "accelerate"):
-        assert owned not in text.split("--constraint")[0] and f" {owned}" not in " ".join(runner.calls[0][3:])
+        assert owned not in text.split("--constraint")[0] and f" {owned}" not in " ".join(runner.calls[0][4:])
     pins = runner.constraints[0].splitlines()
     assert "torch==2.1.2" in pins and "transformers==4.30.2" in pins and "gradio==3.41.2" in pins
     assert not any(pin.startswith("xformers") for pin in pins)  # not installed: nothing to pin
@@ -80,8 +80,31 @@ def test_optional_packages_install_one_by_one_and_failures_only_warn(capsys):
     runner = Recorder(result=1)
     versions = {**A1111_HOST, **OURS_INSTALLED, "prodigyopt": None, "bitsandbytes": None}
     assert install.main(runner, versions, platform="linux") == 0
-    assert [call[3:] for call in runner.calls] == [["prodigyopt>=1.0"], ["bitsandbytes>=0.43.0"]]
+    assert [call[4:] for call in runner.calls] == [["prodigyopt>=1.0"], ["bitsandbytes>=0.43.0"]]
     assert "8-bit optimizers will be unavailable" in capsys.readouterr().out
+
+
+def test_installed_packages_are_never_changed_only_missing_dependencies_added():
+    """pip resolves dependencies of installed packages too (under SD.Next it upgraded the setuptools SD.Next pins,
+    because torch asks for a newer one): every call is --no-deps, and missing dependencies follow by name."""
+    runner = Recorder()
+    declared = {"bitsandbytes": ["numpy>=1.17", "packaging>=20.9", "torch<3,>=2.3", "newdep>=2",
+                                 "pytest; extra == 'test'", "winonly; sys_platform == 'win32'"],
+                "newdep": ["setuptools>=77", "leafdep"]}
+    present = {"numpy": "1.26.2", "packaging": "24.0", "setuptools": "69.5.1"}
+    versions = {**A1111_HOST, **OURS_INSTALLED, "bitsandbytes": None}
+    install.main(runner, versions, platform="linux", requires=lambda name: declared.get(name, []),
+                 version_of=present.get)
+    assert all(call[:2] == ["install", "--no-deps"] for call in runner.calls)
+    assert [call[4:] for call in runner.calls] == [["bitsandbytes>=0.43.0"], ["newdep>=2"], ["leafdep"]]
+
+
+def test_missing_dependencies_skip_host_owned_and_normalise_names():
+    declared = {"x": ["Huggingface_Hub>=0.2", "My.Package>=1", "my-package>=1"]}
+    found = install.missing_dependencies(["x"], lambda name: declared.get(name, []), lambda name: None)
+    assert found == ["My.Package>=1"]
+    assert install.requirement_name("diffusers<=0.31.0") == "diffusers"
+    assert install.requirement_name("bitsandbytes>=0.43.0") == "bitsandbytes"
 
 
 def test_bitsandbytes_is_not_requested_on_macos():
@@ -101,13 +124,17 @@ def test_forge_keeps_its_own_bitsandbytes_pin():
     assert "bitsandbytes==0.45.3" in runner.constraints[0].splitlines()
 
 
-def test_forge_is_detected_from_modules_forge_on_the_path(tmp_path, monkeypatch):
-    monkeypatch.delitem(sys.modules, "modules_forge", raising=False)  # a fake Forge of another test
+def test_forge_is_detected_from_modules_forge_and_its_backend_on_the_path(tmp_path, monkeypatch):
+    for name in ("modules_forge", "backend"):
+        monkeypatch.delitem(sys.modules, name, raising=False)  # a fake Forge of another test
     monkeypatch.setattr(sys, "path", [entry for entry in sys.path if "fake_forge" not in entry])
     assert install.host_is_forge() is False
+    monkeypatch.syspath_prepend(str(tmp_path))
     (tmp_path / "modules_forge").mkdir()
     (tmp_path / "modules_forge" / "__init__.py").write_text("")
-    monkeypatch.syspath_prepend(str(tmp_path))
+    assert install.host_is_forge() is False  # Forge Classic: no bitsandbytes pin of its own
+    (tmp_path / "backend").mkdir()
+    (tmp_path / "backend" / "__init__.py").write_text("")
     assert install.host_is_forge() is True
 
 

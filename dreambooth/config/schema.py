@@ -16,9 +16,13 @@ from pathlib import PureWindowsPath
 from typing import Any
 
 from ..errors import ConfigError
-from ..families import FAMILY_NAMES
+from ..families import FAMILY_NAMES, all_families, get_family
 
 SCHEMA_VERSION = 3
+PREDICTION_TYPES = ("epsilon", "v_prediction", "flow_matching")
+# The source of the flow-matching choices, named in their help texts.
+SD3_PAPER = ("'Scaling Rectified Flow Transformers for High-Resolution Image Synthesis' (Esser et al. 2024, "
+             "https://arxiv.org/abs/2403.03206)")
 # The source of the step, LR and batch advice in help texts and the wizard, named where it is used.
 PARAMETER_STUDY = ("the community parameter study (sd_dreambooth_extension discussion #547, "
                    "https://github.com/d8ahazard/sd_dreambooth_extension/discussions/547)")
@@ -55,7 +59,7 @@ def setting(default: Any, label: str, help: str, group: str, *, min: float | Non
 # Groups, in the order the tab shows them.
 GROUPS = ("Model", "Method", "Steps", "Learning rate", "Optimizer", "Prior preservation", "LoRA",
           "Data", "Captions", "Augmentation", "Masked training", "Validation", "Loss and noise",
-          "Precision and memory", "Text encoder", "EMA", "Saving", "Samples", "Logging", "Faults")
+          "Flow matching", "Precision and memory", "Text encoder", "EMA", "Saving", "Samples", "Logging", "Faults")
 
 # Settings a run can change and still be the same run: an interrupted run resumes after they change
 # (snapshots.resumable_snapshot). Every other setting, of the config and of each concept, defines the run
@@ -85,6 +89,7 @@ SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_wi
               "polynomial", "rex")
 OPTIMIZERS = ("adamw", "adamw_8bit", "lion", "lion_8bit", "prodigy", "adafactor", "adamw_schedulefree")
 FAMILIES = FAMILY_NAMES  # the registered model families (dreambooth/families), in registry order
+FAMILY_CHOICES_TEXT = ", ".join(f"{family.name} ({family.label})" for family in all_families())
 
 
 @dataclass
@@ -181,16 +186,18 @@ class TrainingConfig:
                                    "folder (else with the model's working weights). Set when the model is "
                                    "created; change it only to correct the record.", "Model",
                                    max_length=PATH_MAX_LENGTH)
-    model_family: str = setting("sd1", "Model family", "Architecture: sd1 (SD 1.x), sd2 (SD 2.x 512, "
-                                "epsilon), sd2v (SD 2.x 768 v-prediction) or sdxl. Detected when the model "
-                                "is created; change it only if detection chose wrong, since it decides the "
-                                "resolution, text encoders and export format.", "Model",
+    model_family: str = setting("sd1", "Model family", f"Architecture: {FAMILY_CHOICES_TEXT}. Detected when "
+                                "the model is created; change it only if detection chose wrong, since it decides "
+                                "the resolution, text encoders and export format.", "Model",
                                 choices=FAMILIES)
-    prediction_type: str = setting("epsilon", "Prediction type", "What the UNet predicts: epsilon (the "
-                                   "noise; SD 1.x, SD 2.x-base, SDXL) or v_prediction (SD 2.x 768-v models). "
+    prediction_type: str = setting("epsilon", "Prediction type", "What the model predicts: epsilon (the "
+                                   "noise; SD 1.x, SD 2.x-base, SDXL), v_prediction (SD 2.x 768-v and SDXL "
+                                   "v-prediction models such as NoobAI-XL V-Pred) or flow_matching (the velocity "
+                                   "from image to noise; SD3, SD 3.5, Flux). "
                                    "Recorded with the weights when the model is created; training refuses a "
-                                   "different value unless 'force_prediction_type' is on.", "Model",
-                                   choices=("epsilon", "v_prediction"))
+                                   "different value unless 'force_prediction_type' is on (never between flow "
+                                   "matching and the others: the architectures differ).", "Model",
+                                   choices=PREDICTION_TYPES)
     force_prediction_type: bool = setting(False, "Force prediction type", "Train the weights with "
                                           "'prediction_type' even where it differs from the type recorded with "
                                           "them, e.g. to turn an epsilon model into a v-prediction one (samples "
@@ -352,6 +359,15 @@ class TrainingConfig:
     use_dora: bool = setting(False, "DoRA", "Weight-decomposed LoRA (peft's use_dora): learns magnitude and "
                              "direction separately, often closer to full fine-tuning at the same rank. Off "
                              "is typical; turn on for hard subjects at low rank; it trains somewhat slower.", "LoRA")
+    lora_key_format: str = setting("original", "LoRA key format", "How an SD3 / SD 3.5 or Flux LoRA names its layers. "
+                                   "original: the single file's names with q/k/v fused (SD3: the MMDiT's, which "
+                                   "A1111 1.10, Forge and ComfyUI load every layer of; Flux: kohya's "
+                                   "lora_unet_double_blocks_... keys, which Forge, ComfyUI and diffusers read; "
+                                   "typical); diffusers: diffusers' module names (SD.Next and ComfyUI; A1111 1.10 "
+                                   "applies only the image attention of SD3's): choose it when you render in "
+                                   "SD.Next. SD 1.x/2.x/XL LoRAs always use kohya's keys, which every host reads.",
+                                   "LoRA",
+                                   choices=("original", "diffusers"))
     lora_init_file: str = setting("", "Start from LoRA", "A LoRA file whose weights the new LoRA starts "
                                   "from instead of a fresh random start, e.g. to continue training it: our "
                                   "own export or another trainer's (kohya/A1111, diffusers/peft, OneTrainer, "
@@ -474,11 +490,49 @@ class TrainingConfig:
                                             "pyramid noise iterations is 0.",
                                             "Loss and noise", min=0.0, max=1.0)
     zero_terminal_snr: bool = setting(False, "Zero terminal SNR", "Rescale the noise schedule so the last "
-                                      "step is pure noise (use with v-prediction). Off is typical; turn on "
-                                      "for v-prediction models meant to produce true blacks and whites.", "Loss and noise")
+                                      "step is pure noise (use with v-prediction). Set from the model when it "
+                                      "is created: on for models that use it (the 'ztsnr' marker; SDXL "
+                                      "v-prediction models such as NoobAI-XL), off otherwise, which is typical "
+                                      "for epsilon models. The trained "
+                                      "model keeps the setting: samples, exports and their markers follow "
+                                      "it.", "Loss and noise")
     input_perturbation: float = setting(0.0, "Input perturbation", "Extra noise on the noisy input only, a "
                                         "regulariser against exposure bias. Typical: 0 (off) or 0.1. Turn on "
                                         "for longer fine-tunes that start to look washed out.", "Loss and noise", min=0.0, max=1.0)
+    # --- Flow matching (SD3, SD 3.5, Flux) -------------------------------------------------------
+    flow_timestep_sampling: str = setting("logit_normal", "Timestep sampling", "How the noise level t of each "
+                                          "sample is drawn (flow-matching models only): logit_normal (typical: "
+                                          "t = sigmoid(normal(mean, std)), favours the middle), mode (the "
+                                          "'mode' density with the scale below) or uniform, as compared in "
+                                          f"{SD3_PAPER}. Change it only to reproduce another trainer's recipe.",
+                                          "Flow matching", choices=("logit_normal", "mode", "uniform"))
+    flow_logit_mean: float = setting(0.0, "Logit mean", "Mean of the logit-normal timestep density (ignored by "
+                                     "the other samplings). Typical: 0 (the paper's best, rf/lognorm(0.00, "
+                                     "1.00)); positive values train more on noisy steps (composition), negative "
+                                     "on detail; raise it when compositions stay weak.", "Flow matching", min=-3.0, max=3.0)
+    flow_logit_std: float = setting(1.0, "Logit std", "Spread of the logit-normal timestep density (ignored by "
+                                    "the other samplings). Typical: 1.0; lower it to concentrate training on the "
+                                    "middle noise levels.", "Flow matching", min=0.1, max=5.0)
+    flow_mode_scale: float = setting(1.29, "Mode scale", "Scale s of the 'mode' timestep density (ignored by the "
+                                     "other samplings). Typical: 1.29 (the paper's mode(1.29)); 0 is uniform; "
+                                     "raise it to favour the middle noise levels more.", "Flow matching",
+                                     min=-1.0, max=1.81)
+    flow_shift: float = setting(3.0, "Timestep shift", "Shift of the noise levels towards noise, t' = s t / (1 + "
+                                "(s - 1) t), the resolution-dependent shift of the paper; SD3 and SD 3.5 sample "
+                                "with 3.0. Typical: 3.0 at 1024 px; lower it towards 1.0 (t unchanged) for smaller "
+                                "images.",
+                                "Flow matching", min=0.1, max=20.0)
+    flow_resolution_shift: bool = setting(False, "Resolution-dependent shift", "Shift the noise levels by the "
+                                          "image's size as Flux dev samples (FluxPipeline): s = e^mu with mu rising "
+                                          "linearly from 0.5 at 256 image tokens (512 px) to 1.15 at 4096 (1024 px), "
+                                          "instead of one 'flow_shift' for every bucket. On is typical for Flux dev "
+                                          "(its default); turn it off to train with a fixed 'flow_shift' (e.g. "
+                                          "3.16, another trainer's recipe). Only for models that sample this way.",
+                                          "Flow matching")
+    flow_loss_weighting: str = setting("none", "Loss weighting", "Per-sample weight of the velocity loss by "
+                                       "noise level: none (typical; the timestep sampling already weights), "
+                                       "sigma_sqrt (1/t^2) or cosmap, the weightings compared in "
+                                       f"{SD3_PAPER}. Change it only to reproduce another trainer's recipe.", "Flow matching", choices=("none", "sigma_sqrt", "cosmap"))
     # --- Precision and memory --------------------------------------------------------------------
     mixed_precision: str = setting("bf16", "Mixed precision", "Compute precision; master weights stay fp32. "
                                    "bf16 is fast on recent GPUs (Ampere and newer) and CPUs; fp16 needs CUDA "
@@ -493,6 +547,13 @@ class TrainingConfig:
                                            "backward pass: much less memory (activations fall to about 20%), "
                                            "about 20% slower. Off is typical when memory allows; turn on for "
                                            "large batches, high resolutions or small GPUs.", "Precision and memory")
+    base_quantization: str = setting("none", "Quantized base (LoRA)", "Store the frozen denoiser's linear "
+                                     "layers in fewer bits while a LoRA trains on top (QLoRA): nf4 (4-bit, "
+                                     "bitsandbytes) keeps about a quarter of the bf16 memory, int8 (bitsandbytes) "
+                                     "and fp8 (e4m3 storage, diffusers 0.32+) about half. The frozen weights are "
+                                     "rounded, so training changes slightly; working/ keeps the full weights. "
+                                     "Typical: none where the model fits; choose nf4 when it does not (Flux dev on 12-16 GB).",
+                                     "Precision and memory", choices=("none", "nf4", "int8", "fp8"))
     cache_latents: str = setting("memory", "Cache latents", "Encode each image once with the VAE instead of "
                                  "every step: in memory (typical) or on disk (reused across runs); off "
                                  "re-encodes every step. Saves time and VAE memory; turn off for random "
@@ -711,16 +772,69 @@ def validate(config: TrainingConfig) -> TrainingConfig:
                 raise ConfigError(f"Concept {index + 1}: {error}") from None
             setattr(concept, f.name, value)
     _check_resolutions(config)
+    _check_objective_settings(config)
+    get_family(config.model_family).check_config(config)
+    _check_family_settings(config)
     return config
 
 
+# Settings of the DDPM objectives with the value that turns them off, and the flow-matching settings: a
+# setting that would do nothing for the model's objective is refused, never silently ignored.
+DDPM_ONLY_SETTINGS: dict[str, Any] = {"min_snr_gamma": 0.0, "offset_noise": 0.0, "pyramid_noise_iterations": 0,
+                                      "zero_terminal_snr": False}
+FLOW_SETTINGS = ("flow_timestep_sampling", "flow_logit_mean", "flow_logit_std", "flow_mode_scale", "flow_shift",
+                 "flow_resolution_shift", "flow_loss_weighting")
+
+
+def _check_family_settings(config: TrainingConfig) -> None:
+    if config.lora_key_format != "original" and get_family(config.model_family).denoiser_folder == "unet":
+        raise ConfigError(f"Setting 'lora_key_format' applies to SD3 / SD 3.5 and Flux LoRAs; {config.model_family} LoRAs use "
+                          "kohya's keys, which every host reads: set it to original.")
+
+
+def _check_objective_settings(config: TrainingConfig) -> None:
+    if config.prediction_type == "flow_matching":
+        for name, off in DDPM_ONLY_SETTINGS.items():
+            if getattr(config, name) != off:
+                raise ConfigError(f"Setting '{name}' does not apply to flow-matching models ({config.model_family}): "
+                                  f"it acts on the DDPM noise schedule of SD 1.x, 2.x and XL; set it to {off}.")
+        _check_resolution_shift(config)
+        return
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainingConfig)}
+    for name in FLOW_SETTINGS:
+        if getattr(config, name) != defaults[name]:
+            raise ConfigError(f"Setting '{name}' applies only to flow-matching models (SD3, SD 3.5, Flux); this "
+                              f"{config.model_family} model trains with {config.prediction_type}: set it back to "
+                              f"{defaults[name]}.")
+
+
+def _check_resolution_shift(config: TrainingConfig) -> None:
+    if not config.flow_resolution_shift:
+        return
+    family = get_family(config.model_family)
+    if not family.scheduler_config().get("use_dynamic_shifting", False):
+        raise ConfigError(f"Setting 'flow_resolution_shift' applies to models that sample with a size-dependent "
+                          f"shift (Flux dev); {family.label} samples with a fixed one: turn it off and use "
+                          "'flow_shift'.")
+    default = next(f.default for f in dataclasses.fields(TrainingConfig) if f.name == "flow_shift")
+    if config.flow_shift != default:
+        raise ConfigError(f"Settings 'flow_shift' ({config.flow_shift}) and 'flow_resolution_shift' both set the "
+                          f"shift; set 'flow_shift' back to {default} or turn 'flow_resolution_shift' off.")
+
+
 def _check_resolutions(config: TrainingConfig) -> None:
+    family = get_family(config.model_family)
+    multiple = family.pixel_multiple  # 8 (the VAE's downscale); Flux 16 (its 2x2 latent patches)
     for resolution in training_resolutions(config):
         if not 64 <= resolution <= 4096:
             raise ConfigError(f"Setting 'resolution'/'extra_resolutions': {resolution} is outside 64-4096 pixels.")
-        if resolution % 8:
-            raise ConfigError(f"Setting 'resolution'/'extra_resolutions': {resolution} is not a multiple of 8; "
-                              "use e.g. 512, 768 or 1024.")
+        if resolution % multiple:
+            raise ConfigError(f"Setting 'resolution'/'extra_resolutions': {resolution} is not a multiple of "
+                              f"{multiple}{'' if multiple == 8 else ', which ' + family.label + ' needs'}; use e.g. "
+                              "512, 768 or 1024.")
+    if multiple > 8 and config.enable_bucketing and config.bucket_step % multiple:
+        raise ConfigError(f"Setting 'bucket_step': {config.bucket_step} is not a multiple of {multiple}, which "
+                          f"{family.label} needs; use e.g. 64.")
 
 
 def training_resolutions(config: TrainingConfig) -> list[int]:

@@ -1,14 +1,17 @@
 """Model families: one unit per family behind one interface (`base.ModelFamily`), and their registry.
 
-Each module of this package that defines `FAMILIES` is a family unit (sd1, sd2 with sd2v, sdxl);
+Each module of this package that defines `FAMILIES` is a family unit (sd1, sd2 with sd2v, sdxl with sdxlv, sd3,
+flux with flux-dev and flux-schnell);
 adding a family means adding its module (and its tests). Public API:
 
 - ``FAMILY_NAMES`` - registered family names, in registry order (the config schema's choices).
 - ``get_family(name)`` - the family; a ModelError names the choices for an unknown one.
-- ``architecture_of(keys)`` - the base family of a single file's keys ('sd1', 'sd2', 'sdxl').
+- ``architecture_of(keys)`` - the base family of a single file's keys ('sd1', 'sd2', 'sdxl', 'sd3').
 - ``read_markers(keys, metadata, yaml_text)`` - what a file tells about its variant (prediction type,
   zero-terminal SNR) through the markers hosts read: `v_pred`/`ztsnr` keys, metadata, a yaml beside it.
 - ``detect_family(keys, metadata=None, yaml_text=None)`` - the family of a single file.
+- ``zero_terminal_snr_of(family, keys, metadata)`` - whether a single file's model uses the zero-terminal-SNR
+  schedule (its `ztsnr` marker, else the family's default).
 - ``resolve_family(keys, metadata, yaml_text, requested, prediction_type, source)`` - family and prediction
   type of a single file, given what the user asked for.
 - ``folder_family(index, text_config, scheduler_prediction, requested, prediction_type)`` - the same for a
@@ -24,13 +27,15 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import ModelError
-from .base import PREDICTION_TYPES, ModelFamily, TextEncoder
+from .base import PREDICTION_TYPES, V_PRED_KEY, ZTSNR_KEY, ModelFamily, TextEncoder
 from .tables import UNET_PREFIX, VAE_PREFIX
 
 EMA_UNET_PREFIX = "model_ema.diffusion_model"
 
-# Modules of this package shared by the families (not units); clip_text imports torch, the units do not.
-SHARED_MODULES = frozenset({"base", "tables", "clip_text"})
+# Modules of this package shared by the families (not units); clip_text, t5_text and flux_model import torch,
+# the units do not.
+SHARED_MODULES = frozenset({"base", "tables", "clip_text", "t5_text", "sizes", "mmdit_table", "flux_names",
+                            "flux_model"})
 
 
 def _discover() -> dict[str, ModelFamily]:
@@ -90,10 +95,27 @@ class Markers:
     zero_terminal_snr: bool | None = None
 
 
-def yaml_says_v(yaml_text: str) -> bool:
-    """Whether an ldm yaml sets `parameterization: "v"` (what A1111 reads)."""
-    return any(line.split("#")[0].replace(" ", "").replace("'", '"') in ('parameterization:"v"', "parameterization:v")
-               for line in yaml_text.splitlines())
+def _yaml_value(config: Any, *path: str) -> Any:
+    for name in path:
+        config = config.get(name) if isinstance(config, Mapping) else None
+    return config
+
+
+def yaml_prediction(yaml_text: str) -> str:
+    """The prediction type a yaml beside a checkpoint gives, read as AUTOMATIC1111 and Forge read it: ldm's
+    `parameterization: "v"` (SD 2.x) or an sgm denoiser whose scaling is VScaling (SDXL); anything else is
+    epsilon (the host builds the model from the yaml)."""
+    import yaml
+
+    try:
+        config = yaml.safe_load(yaml_text)
+    except yaml.YAMLError as error:
+        raise ModelError(f"The .yaml beside the checkpoint is not valid YAML ({str(error).splitlines()[0]}); "
+                         "fix or remove it.") from None
+    params = ("model", "params")
+    scaling = _yaml_value(config, *params, "denoiser_config", "params", "scaling_config", "target")
+    is_v = _yaml_value(config, *params, "parameterization") == "v" or str(scaling or "").endswith(".VScaling")
+    return "v_prediction" if is_v else "epsilon"
 
 
 def _metadata_prediction(metadata: Mapping[str, str]) -> str | None:
@@ -102,15 +124,28 @@ def _metadata_prediction(metadata: Mapping[str, str]) -> str | None:
     return {"v": "v_prediction", "epsilon": "epsilon"}.get(metadata.get("modelspec.prediction_type", ""))
 
 
+def _zero_terminal_snr(keys: Collection[str], metadata: Mapping[str, str]) -> bool | None:
+    """Hosts sample with the rescaled schedule exactly when the `ztsnr` key is there; next to a `v_pred`
+    key its absence says the model does without (the keys come as a pair). Our metadata goes first."""
+    recorded = metadata.get("dreambooth_zero_terminal_snr")
+    if recorded in ("True", "False"):
+        return recorded == "True"
+    if ZTSNR_KEY in keys:
+        return True
+    return False if V_PRED_KEY in keys else None
+
+
 def read_markers(keys: Collection[str], metadata: Mapping[str, str] | None = None,
                  yaml_text: str | None = None) -> Markers:
-    """Our metadata first, then the `v_pred` key (Forge, reForge), then a yaml beside the file (A1111)."""
-    prediction = _metadata_prediction(metadata or {})
-    if prediction is None and "v_pred" in keys:
+    """Our metadata first, then the `v_pred`/`ztsnr` keys (Forge, reForge, SD.Next, ComfyUI), then a yaml
+    beside the file (AUTOMATIC1111)."""
+    metadata = metadata or {}
+    prediction = _metadata_prediction(metadata)
+    if prediction is None and V_PRED_KEY in keys:
         prediction = "v_prediction"
     if prediction is None and yaml_text is not None:
-        prediction = "v_prediction" if yaml_says_v(yaml_text) else "epsilon"
-    return Markers(prediction, True if "ztsnr" in keys else None)
+        prediction = yaml_prediction(yaml_text)
+    return Markers(prediction, _zero_terminal_snr(keys, metadata))
 
 
 def variant(base: ModelFamily, prediction_type: str, zero_terminal_snr: bool | None = None) -> ModelFamily:
@@ -130,6 +165,14 @@ def detect_family(keys: Iterable[str], metadata: Mapping[str, str] | None = None
     return variant(base, markers.prediction_type or base.prediction_type, markers.zero_terminal_snr)
 
 
+def _objective_fits(base: ModelFamily, prediction: str, source: str) -> str:
+    """The prediction type, unless it crosses between flow matching and the DDPM objectives (another model)."""
+    if (prediction == "flow_matching") != (base.prediction_type == "flow_matching"):
+        raise ModelError(f"{source} is a {base.label} model, which trains with {base.prediction_type}, not "
+                         f"{prediction}; leave the prediction type to detection.")
+    return prediction
+
+
 def resolve_family(keys: Iterable[str], metadata: Mapping[str, str] | None, yaml_text: str | None,
                    requested: str | None, prediction_type: str | None, source: str = "The checkpoint"
                    ) -> tuple[ModelFamily, str]:
@@ -140,8 +183,17 @@ def resolve_family(keys: Iterable[str], metadata: Mapping[str, str] | None, yaml
     if wanted is not None and wanted.architecture != base.architecture:
         raise ModelError(f"{source} is a {base.name} model, not {wanted.name}; choose the detected family.")
     markers = read_markers(keys, metadata, yaml_text)
-    prediction = markers.prediction_type or prediction_type or (wanted or base).prediction_type
+    prediction = _objective_fits(base, markers.prediction_type or prediction_type or (wanted or base).prediction_type,
+                                 source)
     return variant(base, prediction, markers.zero_terminal_snr), prediction
+
+
+def zero_terminal_snr_of(family: ModelFamily, keys: Iterable[str], metadata: Mapping[str, str] | None = None
+                         ) -> bool:
+    """Whether a single file's model samples and trains with the zero-terminal-SNR schedule: what its markers
+    say, else the family's default (NoobAI-XL style v-prediction SDXL files told by a yaml alone use it)."""
+    told = _zero_terminal_snr(set(keys), metadata or {})
+    return family.zero_terminal_snr if told is None else told
 
 
 def folder_family(index: Mapping[str, Any], text_config: Mapping[str, Any], scheduler_prediction: str | None,
@@ -157,8 +209,9 @@ def folder_family(index: Mapping[str, Any], text_config: Mapping[str, Any], sche
         and wanted is not base else None
     prediction = prediction_type or (asked_variant.prediction_type if asked_variant else None) \
         or scheduler_prediction or base.prediction_type
-    return variant(base, prediction), prediction
+    return variant(base, _objective_fits(base, prediction, "The diffusers folder")), prediction
 
 
 __all__ = ["FAMILY_NAMES", "Markers", "ModelFamily", "TextEncoder", "all_families", "architecture_of",
-           "detect_family", "folder_family", "get_family", "read_markers", "resolve_family", "variant"]
+           "detect_family", "folder_family", "get_family", "read_markers", "resolve_family", "variant",
+           "yaml_prediction", "zero_terminal_snr_of"]

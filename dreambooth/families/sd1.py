@@ -37,7 +37,8 @@ class StableDiffusion1(ModelFamily):
         return tiny_sd1_configs()
 
 
+# Activations: an SD1.5 LoRA at 512 px fits 6 GB only with gradient checkpointing.
 SD1 = StableDiffusion1(name="sd1", architecture="sd1", label="SD 1.x", prediction_type="epsilon", resolution=512,
                        text_encoders=(CLIP_L,), pipeline_class="StableDiffusionPipeline",
-                       lora_base_model_version="sd_v1")
+                       lora_base_model_version="sd_v1", resolution_range=(256, 1024), activation_gib=3.0)
 FAMILIES = (SD1,)

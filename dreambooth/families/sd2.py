@@ -48,9 +48,11 @@ class StableDiffusion2(ModelFamily):
 
 
 _COMMON: dict[str, Any] = {"architecture": "sd2", "text_encoders": (OPEN_CLIP_H,),
-                           "pipeline_class": "StableDiffusionPipeline", "v_yaml": V_YAML}
+                           "pipeline_class": "StableDiffusionPipeline", "v_yaml": V_YAML,
+                           "resolution_range": (256, 1024)}
+# Activations: SD1's UNet with wider cross-attention (3.2 GiB at 512 px); the 768 model has 2.25x the pixels.
 SD2 = StableDiffusion2(name="sd2", label="SD 2.x 512, epsilon", prediction_type="epsilon", resolution=512,
-                       lora_base_model_version="sd_v2_512", **_COMMON)
+                       lora_base_model_version="sd_v2_512", activation_gib=3.2, **_COMMON)
 SD2V = StableDiffusion2(name="sd2v", label="SD 2.x 768, v-prediction", prediction_type="v_prediction",
-                        resolution=768, lora_base_model_version="sd_v2_768_v", **_COMMON)
+                        resolution=768, lora_base_model_version="sd_v2_768_v", activation_gib=7.2, **_COMMON)
 FAMILIES = (SD2, SD2V)

@@ -13,10 +13,24 @@ torch: the registry and the config schema import these modules.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
+
+
+
+@dataclass(frozen=True)
+class Slot:
+    """Where a diffusers weight (or layer) lives in an original layout that fuses layers diffusers keeps apart
+    (Flux's q/k/v): rows `start:start+rows` of `original` (rows None: all of them)."""
+
+    original: str
+    start: int = 0
+    rows: int | None = None
+    swap_halves: bool = False  # the original stores the two halves in the other order (AdaLN shift/scale)
+
 
 # A block entry: diffusers module prefix -> (original prefix, renames inside the block).
 BlockTable = dict[str, tuple[str, Mapping[str, str]]]
@@ -180,3 +194,15 @@ def rename_module(name: str, table: BlockTable) -> str | None:
             rest = _rename_inside(".".join(parts[cut:]), renames)
             return f"{original}.{rest}" if rest else original
     return None
+
+
+def convert_by_table(state_dict: Mapping[str, Any], table: BlockTable, prefix: str,
+                     what: str) -> dict[str, Any]:
+    """Every key renamed by the table and put under `prefix`; a key the table does not place is an error."""
+    converted = {}
+    for key, value in state_dict.items():
+        name = rename_module(key, table)
+        if name is None:
+            raise ValueError(f"{what} weight {key!r} has no place in the original layout (unsupported architecture)")
+        converted[prefix + name] = value
+    return converted

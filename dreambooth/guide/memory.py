@@ -1,13 +1,17 @@
 """Estimate of the device memory a training config needs, and a monitor for collapsing it/s.
 
 The estimate adds up weights, gradients, optimizer state, activations and a fixed runtime overhead
-from the parameter counts of the real architectures and per-dtype / per-optimizer byte factors.  It is
-a planning aid (within roughly +-30 % of what the trainer peaks at), not a measurement.
+from the parameter counts of the real architectures (each family unit counts them from the configs it
+ships, on meta tensors) and per-dtype / per-optimizer byte factors.  It is a planning aid (within
+roughly +-30 % of what the trainer peaks at), not a measurement.  What the trainer keeps on the device
+is counted as it does it: the denoiser and the VAE stay there for the whole run, frozen weights in the
+compute dtype; the text encoders leave it once their outputs are cached (train/textcache.py: every
+caption is encoded before the first step) and come back only while previews render; latent caching saves
+the VAE's work and activations, not its weights.
 """
 
 from __future__ import annotations
 
-import json
 import statistics
 import struct
 from collections.abc import Mapping
@@ -15,44 +19,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..config.schema import TrainingConfig, caches_text_outputs
+from ..families import ModelFamily, get_family
 
 GIB = 1024 ** 3
+MEMORY_CLASSES_GB = (6, 8, 12, 16, 24, 48)
+# Bytes per weight of a quantized frozen base ('base_quantization'): NF4 packs two weights per byte plus an fp8
+# scale per 64 weights and an fp32 scale per 256 of those (double quantization); int8 keeps an fp32 scale per
+# row; fp8 one byte. "none": the compute dtype's.
+QUANTIZED_BYTES = {"nf4": 0.5 + 1 / 64 + 4 / (64 * 256), "int8": 1.0 + 4 / 3072, "fp8": 1.0}
+FIT_MARGIN = 0.9  # leave 10 % of a card for fragmentation and the samples rendered during training
 
-# Parameter counts of the real architectures (diffusers models, counted with sum(p.numel())).
-PARAMS: dict[str, dict[str, int]] = {
-    "sd1": {"unet": 859_520_964, "te": 123_060_480, "vae": 83_653_863},
-    "sd2": {"unet": 865_910_724, "te": 340_387_840, "vae": 83_653_863},
-    "sd2v": {"unet": 865_910_724, "te": 340_387_840, "vae": 83_653_863},
-    "sdxl": {"unet": 2_567_463_684, "te": 123_060_480, "te2": 694_659_840, "vae": 83_653_863},
-}
-
-# Transformer layout per family for LoRA sizes: (channels, transformer blocks at that width) of the UNet,
-# the cross-attention width, and (layers, width, MLP width) of each text encoder.
-UNET_BLOCKS: dict[str, tuple[tuple[int, int], ...]] = {
-    "sd1": ((320, 5), (640, 5), (1280, 6)),
-    "sd2": ((320, 5), (640, 5), (1280, 6)),
-    "sd2v": ((320, 5), (640, 5), (1280, 6)),
-    "sdxl": ((640, 10), (1280, 60)),
-}
-UNET_TRANSFORMER_MODELS: dict[str, tuple[tuple[int, int], ...]] = {
-    "sd1": ((320, 5), (640, 5), (1280, 6)),
-    "sd2": ((320, 5), (640, 5), (1280, 6)),
-    "sd2v": ((320, 5), (640, 5), (1280, 6)),
-    "sdxl": ((640, 5), (1280, 6)),
-}
-CROSS_ATTENTION_WIDTH = {"sd1": 768, "sd2": 1024, "sd2v": 1024, "sdxl": 2048}
-TEXT_ENCODERS: dict[str, tuple[tuple[int, int, int], ...]] = {
-    "sd1": ((12, 768, 3072),),
-    "sd2": ((23, 1024, 4096),),
-    "sd2v": ((23, 1024, 4096),),
-    "sdxl": ((12, 768, 3072), (32, 1280, 5120)),
-}
-
-# Activation memory of one sample at the family's native resolution in 16-bit compute, without
-# checkpointing (SDPA attention).  Calibrated on published numbers: SD1.5 LoRA at 512 fits 6 GB only with
-# checkpointing; SDXL LoRA at 1024 needs ~24 GB without it and ~12 GB with it.
-ACTIVATIONS_PER_SAMPLE = {"sd1": 3.0 * GIB, "sd2": 3.2 * GIB, "sd2v": 3.2 * GIB, "sdxl": 10.0 * GIB}
-NATIVE_RESOLUTION = {"sd1": 512, "sd2": 512, "sd2v": 768, "sdxl": 1024}
+# Encoding the batch's pixels with the VAE each step (latents not cached): a rough allowance for its
+# activations, which are freed before the denoiser runs (no gradients flow through the VAE).
+VAE_ENCODE_FRACTION = 0.1
 CHECKPOINTING_FACTOR = 0.2  # only the block inputs are kept; the rest is recomputed in backward
 TEXT_ENCODER_ACTIVATION_FRACTION = 0.05  # 77 tokens: small next to the UNet's
 RUNTIME_OVERHEAD = int(0.75 * GIB)  # CUDA context, allocator slack, the batch itself
@@ -86,22 +65,21 @@ class MemoryEstimate:
         return {"weights": self.weights, "gradients": self.gradients, "optimizer state": self.optimizer,
                 "activations": self.activations, "overhead": self.overhead}
 
+    def fitting_classes(self) -> list[int]:
+        """The memory classes (GB) whose cards hold this run with the presets' safety margin."""
+        return [size for size in MEMORY_CLASSES_GB if self.total <= size * GIB * FIT_MARGIN]
+
     def lines(self) -> list[str]:
         rows = [f"{name:<16} {value / GIB:6.2f} GiB" for name, value in self.parts().items()]
-        return rows + [f"{'total':<16} {self.total / GIB:6.2f} GiB"]
-
-
-# Where each part's weights lie in a diffusers folder (working/), for counting the real model's parameters.
-WEIGHT_FILES = {"unet": "unet/diffusion_pytorch_model.safetensors", "te": "text_encoder/model.safetensors",
-                "te2": "text_encoder_2/model.safetensors", "vae": "vae/diffusion_pytorch_model.safetensors"}
-
-
-def family_of(config: TrainingConfig, family: str | None) -> str:
-    return family or config.model_family
+        fitting = self.fitting_classes()
+        fits = f"{fitting[0]} GB and larger" if fitting else f"none up to {MEMORY_CLASSES_GB[-1]} GB"
+        return rows + [f"{'total':<16} {self.total / GIB:6.2f} GiB", f"{'fits':<16} {fits}"]
 
 
 def safetensors_params(path: Path) -> int:
     """Parameters in a .safetensors file, from its header alone (no tensor is read)."""
+    import json
+
     with open(path, "rb") as handle:
         size = struct.unpack("<Q", handle.read(8))[0]
         header = json.loads(handle.read(size))
@@ -120,96 +98,100 @@ def _product(shape: list[int]) -> int:
 
 
 def model_params(folder: Path | None) -> dict[str, int] | None:
-    """Parameter counts per part of the diffusers model in `folder` (a model's working/), or None when it
-    has no readable UNet (then the estimate uses the real architecture's counts)."""
-    if folder is None or not (Path(folder) / WEIGHT_FILES["unet"]).is_file():
+    """Parameter counts per component folder of the diffusers model in `folder` (a model's working/; sharded
+    weights are summed), or None when it has none readable (then the estimate uses the real architecture's)."""
+    if folder is None or not Path(folder).is_dir():
         return None
     counts = {}
     try:
-        for part, relative in WEIGHT_FILES.items():
-            if (Path(folder) / relative).is_file():
-                counts[part] = safetensors_params(Path(folder) / relative)
+        for part in sorted(Path(folder).iterdir()):
+            files = sorted(part.glob("*.safetensors")) if part.is_dir() else []
+            if files:
+                counts[part.name] = sum(safetensors_params(file) for file in files)
     except (OSError, ValueError, KeyError, struct.error):
         return None
-    return counts
+    return counts or None
 
 
-def lora_params_per_rank(family: str, text_encoder: bool) -> int:
-    """LoRA parameters per unit of rank: sum of (in + out) over the adapted linear layers.
-
-    UNet transformer block: self-attention q,k,v,out (8C), cross-attention q,out (4C) and k,v from the
-    text width D (2D + 2C), feed-forward GEGLU C->8C and 4C->C (14C); each transformer also has
-    proj_in/proj_out (4C).  Text-encoder layer: q,k,v,out (8W) and fc1/fc2 (2(W + M)).
-    """
-    cross = CROSS_ATTENTION_WIDTH[family]
-    unet = sum(n * (28 * c + 2 * cross) for c, n in UNET_BLOCKS[family])
-    unet += sum(n * 4 * c for c, n in UNET_TRANSFORMER_MODELS[family])
-    if not text_encoder:
-        return unet
-    te = sum(layers * (8 * width + 2 * (width + mlp)) for layers, width, mlp in TEXT_ENCODERS[family])
-    return unet + te
+def lora_params_per_rank(family: str, text_encoder: bool, denoiser: bool = True) -> int:
+    """LoRA parameters per unit of rank of the real model: the sum of (in + out) over the adapted layers."""
+    unit = get_family(family)
+    per_part = unit.lora_parameters_per_rank()
+    count = per_part[unit.denoiser_folder] if denoiser else 0
+    if text_encoder:
+        count += sum(per_part[encoder.folder] for encoder in unit.text_encoders)
+    return count
 
 
-def _text_encoder_params(params: Mapping[str, int]) -> int:
-    return params.get("te", 0) + params.get("te2", 0)
+def _text_encoder_params(unit: ModelFamily, params: Mapping[str, int]) -> int:
+    return sum(params.get(encoder.folder, 0) for encoder in unit.text_encoders)
 
 
-def _scale(params: Mapping[str, int], family: str) -> float:
+def _scale(unit: ModelFamily, params: Mapping[str, int]) -> float:
     """How the model compares with the real architecture (1.0 for it; tiny test models are far smaller)."""
-    return params["unet"] / PARAMS[family]["unet"]
+    return params[unit.denoiser_folder] / unit.parameter_counts()[unit.denoiser_folder]
 
 
-def _trainable_params(config: TrainingConfig, family: str, params: Mapping[str, int]) -> int:
+def _trainable_params(config: TrainingConfig, unit: ModelFamily, params: Mapping[str, int]) -> int:
     train_te = config.train_text_encoder
     if config.method == "lora":
-        per_rank = lora_params_per_rank(family, train_te) * _scale(params, family)
+        per_rank = lora_params_per_rank(unit.name, train_te, config.train_unet) * _scale(unit, params)
         return int(config.lora_rank * per_rank * (2 if config.use_dora else 1))
-    trainable = params["unet"] if config.train_unet else 0
-    return trainable + (_text_encoder_params(params) if train_te else 0)
+    trainable = params[unit.denoiser_folder] if config.train_unet else 0
+    return trainable + (_text_encoder_params(unit, params) if train_te else 0)
 
 
-def _frozen_on_device(config: TrainingConfig, family: str, params: Mapping[str, int]) -> int:
-    """Parameters held on the device in compute precision without being trained."""
-    frozen = 0
+def _frozen_on_device(config: TrainingConfig, unit: ModelFamily, params: Mapping[str, int]) -> tuple[float, int]:
+    """(bytes of the weights held on the device without being trained, VAE parameters).
+
+    Frozen text encoders count unless their outputs are cached (then they wait on the CPU); a LoRA's frozen
+    denoiser on a quantized base counts in its storage ('base_quantization'); the VAE stays on the device,
+    fp32 under fp16 (it overflows)."""
+    compute = COMPUTE_BYTES[config.mixed_precision]
+    frozen = 0.0
     if config.method == "lora" or not config.train_unet:
-        frozen += params["unet"]
-    te_needed = not caches_text_outputs(config) or config.train_text_encoder
-    if te_needed and (config.method == "lora" or not config.train_text_encoder):
-        frozen += _text_encoder_params(params)
-    if config.cache_latents == "off":
-        frozen += params.get("vae", 0)
-    return frozen
+        quantized = config.method == "lora" and config.base_quantization != "none"
+        frozen += params[unit.denoiser_folder] * (QUANTIZED_BYTES[config.base_quantization] if quantized else compute)
+    frozen_text = config.method == "lora" or not config.train_text_encoder
+    if frozen_text and not caches_text_outputs(config):
+        frozen += _text_encoder_params(unit, params) * compute
+    return frozen, params.get("vae", 0)
 
 
-def _activations(config: TrainingConfig, family: str, checkpointing: bool, scale: float = 1.0) -> int:
-    area = (config.resolution / NATIVE_RESOLUTION[family]) ** 2
-    per_sample = ACTIVATIONS_PER_SAMPLE[family] * area * scale
+def _activations(config: TrainingConfig, unit: ModelFamily, checkpointing: bool, scale: float = 1.0) -> int:
+    area = (config.resolution / unit.resolution) ** 2
+    per_sample = unit.activation_gib * GIB * area * scale
     if config.train_text_encoder:
         per_sample *= 1 + TEXT_ENCODER_ACTIVATION_FRACTION
-    scale = COMPUTE_BYTES[config.mixed_precision] / 2
-    factor = CHECKPOINTING_FACTOR if checkpointing else 1.0
-    return int(per_sample * config.train_batch_size * scale * factor)
+    if config.cache_latents == "off":
+        per_sample *= 1 + VAE_ENCODE_FRACTION
+    precision = COMPUTE_BYTES[config.mixed_precision] / 2
+    factor = (unit.checkpointing_factor or CHECKPOINTING_FACTOR) if checkpointing else 1.0
+    return int(per_sample * config.train_batch_size * precision * factor)
 
 
 def estimate_memory(config: TrainingConfig, family: str | None = None,
                     params: Mapping[str, int] | None = None) -> MemoryEstimate:
     """Bytes the config needs on one device (defaults to the config's model family).
 
-    `params` are the parameter counts of the model really trained (see `model_params`); without them the
-    real architecture's are used. Activations scale with the UNet's size relative to the real one.
+    `params` are the parameter counts of the model really trained, by component folder (see
+    `model_params`); without them the real architecture's are used. Activations scale with the
+    denoiser's size relative to the real one.
     """
-    family = family_of(config, family)
-    params = params if params and params.get("unet") else PARAMS[family]
-    scale = _scale(params, family)
-    trainable = _trainable_params(config, family, params)
-    frozen = _frozen_on_device(config, family, params)
+    unit = get_family(family or config.model_family)
+    params = params if params and params.get(unit.denoiser_folder) else unit.parameter_counts()
+    scale = _scale(unit, params)
+    trainable = _trainable_params(config, unit, params)
+    frozen, vae = _frozen_on_device(config, unit, params)
+    compute = COMPUTE_BYTES[config.mixed_precision]
     ema = trainable * MASTER_BYTES if config.use_ema else 0
-    weights = trainable * MASTER_BYTES + frozen * COMPUTE_BYTES[config.mixed_precision] + ema
+    vae_bytes = vae * (4 if config.mixed_precision == "fp16" else compute)
+    weights = int(trainable * MASTER_BYTES + frozen + vae_bytes + ema)
     state = int(trainable * OPTIMIZER_STATE_BYTES.get(config.optimizer, 8.0))
     checkpointing = config.gradient_checkpointing
     return MemoryEstimate(weights=weights, gradients=trainable * MASTER_BYTES, optimizer=state,
-                          activations=_activations(config, family, checkpointing, scale), overhead=RUNTIME_OVERHEAD,
-                          activations_other_checkpointing=_activations(config, family, not checkpointing, scale),
+                          activations=_activations(config, unit, checkpointing, scale), overhead=RUNTIME_OVERHEAD,
+                          activations_other_checkpointing=_activations(config, unit, not checkpointing, scale),
                           trainable_params=trainable)
 
 

@@ -24,7 +24,7 @@ from ..config.schema import (
     uses_prior_preservation,
 )
 from ..errors import ConfigError
-from ..families import get_family
+from ..families import ModelFamily, get_family
 from ..imagefiles import IMAGE_EXTENSIONS, is_image_name
 
 KOHYA_FOLDER = re.compile(r"^\d+_")
@@ -104,19 +104,31 @@ def check_latent_cache_augmentation(config: TrainingConfig) -> list[Finding]:
                    "set 'cache_latents' to off.")]
 
 
-def check_resolutions(config: TrainingConfig) -> list[Finding]:
+def check_resolutions(config: TrainingConfig, family: str = "sd1") -> list[Finding]:
+    """Resolutions the VAE (and the denoiser's patches) can take, and within what the family handles well."""
     try:
         resolutions = training_resolutions(config)
     except ConfigError as error:
         return [_error(("extra_resolutions",), str(error))]
-    multiple = 64 if config.enable_bucketing else 8
-    reason = "with aspect-ratio buckets ('enable_bucketing')" if config.enable_bucketing else "for the VAE"
+    unit = get_family(family)
+    multiple = max(64, unit.pixel_multiple) if config.enable_bucketing else unit.pixel_multiple
+    reason = "with aspect-ratio buckets ('enable_bucketing')" if config.enable_bucketing else f"for {unit.label}"
     bad = [r for r in resolutions if r % multiple]
-    if not bad:
+    if bad:
+        fixes = ", ".join(f"{r} -> {max(multiple, round(r / multiple) * multiple)}" for r in bad)
+        return [_error(("resolution", "extra_resolutions"), f"Training resolutions must be multiples of "
+                       f"{multiple} {reason}: change {fixes}.")]
+    return _resolution_range(resolutions, unit)
+
+
+def _resolution_range(resolutions: list[int], unit: ModelFamily) -> list[Finding]:
+    low, high = unit.resolution_range
+    outside = [r for r in resolutions if not low <= r <= high]
+    if not outside:
         return []
-    fixes = ", ".join(f"{r} -> {max(multiple, round(r / multiple) * multiple)}" for r in bad)
-    return [_error(("resolution", "extra_resolutions"), f"Training resolutions must be multiples of {multiple} "
-                   f"{reason}: change {fixes}.")]
+    return [_warning(("resolution", "extra_resolutions"), f"{unit.label} works between {low} and {high} px "
+                     f"(native {unit.resolution}); {', '.join(map(str, outside))} px trains poorly or wastes "
+                     "memory: choose a resolution in that range.")]
 
 
 def check_concepts(config: TrainingConfig, dataset_info: Mapping[str, int] | None) -> list[Finding]:
@@ -340,7 +352,7 @@ def preflight(config: TrainingConfig, family: str | None = None, device: str = "
     findings += check_text_encoder_cache(config, family)
     findings += check_device(config, device)
     findings += check_latent_cache_augmentation(config)
-    findings += check_resolutions(config)
+    findings += check_resolutions(config, family)
     findings += check_concepts(config, dataset_info)
     findings += check_image_sizes(config)
     findings += check_prior_preservation(config)

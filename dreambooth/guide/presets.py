@@ -3,20 +3,24 @@
 For a GPU the preset is the most capable tier of a ladder (full DreamBooth with AdamW at the top, an
 8-bit-optimizer LoRA with every saving at the bottom) whose memory estimate fits the memory class with
 a safety margin, so a preset always fits its class per `estimate_memory` unless even the bottom tier
-cannot (SDXL below 12 GB; `preset_notes` says so).  The CPU preset favours speed over memory.
+cannot (SDXL below 12 GB; `preset_notes` says so).  The CPU preset favours speed over memory.  Each
+family's native resolution and sizes come from its family unit, so a new family needs no rows here.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
+from types import SimpleNamespace
 from typing import Any
 
 from ..config.schema import FAMILIES, TrainingConfig, text_cache_blockers
 from ..errors import ConfigError
-from .memory import GIB, NATIVE_RESOLUTION, estimate_memory
+from ..families import get_family
+from .memory import FIT_MARGIN, GIB, MEMORY_CLASSES_GB, estimate_memory
 
-MEMORY_CLASSES_GB = (6, 8, 12, 16, 24, 48)
-FIT_MARGIN = 0.9  # leave 10 % for fragmentation and the samples rendered during training
+# The memory classes the presets overview names (the common card sizes).
+OVERVIEW_CLASSES_GB = (8, 12, 16, 24)
 
 # Memory-saving ladder, most capable first; each tier lists the fields a preset sets.
 _FULL = {"method": "dreambooth", "cache_latents": "memory", "attention": "sdpa"}
@@ -33,6 +37,11 @@ TIERS: tuple[dict[str, Any], ...] = (
     {**_LORA, "optimizer": "adamw_8bit", "gradient_checkpointing": True, "train_text_encoder": True},
     {**_LORA, "optimizer": "adamw_8bit", "gradient_checkpointing": True, "train_text_encoder": False,
      "cache_text_encoder_outputs": "auto"},
+    # A quantized frozen base (bitsandbytes, as the 8-bit optimizers), for families whose presets use it (Flux).
+    {**_LORA, "optimizer": "adamw_8bit", "gradient_checkpointing": True, "train_text_encoder": False,
+     "cache_text_encoder_outputs": "auto", "base_quantization": "int8"},
+    {**_LORA, "optimizer": "adamw_8bit", "gradient_checkpointing": True, "train_text_encoder": False,
+     "cache_text_encoder_outputs": "auto", "base_quantization": "nf4"},
 )
 
 def _batch_sizes(memory_gb: int) -> tuple[int, ...]:
@@ -64,15 +73,31 @@ def _precision(memory_gb: int) -> str:
 
 
 def _fits(preset: dict[str, Any], family: str, budget: float) -> bool:
-    config = TrainingConfig(model_family=family, resolution=NATIVE_RESOLUTION[family])
+    config = TrainingConfig(model_family=family, resolution=get_family(family).resolution)
     for name, value in preset.items():
         setattr(config, name, value)
     return estimate_memory(config, family).total <= budget
 
 
+def family_tiers(family: str) -> list[dict[str, Any]]:
+    """The ladder's tiers the family can train with: those its unit accepts, quantized ones only where its presets
+    use them."""
+    unit = get_family(family)
+    tiers = []
+    for tier in TIERS:
+        if "base_quantization" in tier and not unit.quantized_presets:
+            continue
+        try:
+            unit.check_config(SimpleNamespace(**{**dataclasses.asdict(TrainingConfig()), **tier}))
+        except ConfigError:
+            continue
+        tiers.append(tier)
+    return tiers
+
+
 def _ladder(family: str, memory_gb: int) -> dict[str, Any] | None:
     budget = memory_gb * GIB * FIT_MARGIN
-    for tier in TIERS:
+    for tier in family_tiers(family):
         for batch in _batch_sizes(memory_gb):
             preset = {**tier, "mixed_precision": _precision(memory_gb), "train_batch_size": batch}
             preset.setdefault("cache_text_encoder_outputs", "auto")
@@ -90,7 +115,7 @@ def preset_for(family: str, memory_gb: float | None) -> dict[str, Any]:
         return dict(CPU_PRESET)
     found = _ladder(family, size)
     if found is None:
-        bottom = {**TIERS[-1], "mixed_precision": _precision(size), "train_batch_size": 1}
+        bottom = {**family_tiers(family)[-1], "mixed_precision": _precision(size), "train_batch_size": 1}
         return bottom
     return found
 
@@ -109,11 +134,39 @@ def preset_notes(family: str, memory_gb: float | None) -> list[str]:
     if size is None:
         notes.append("CPU: a bf16 LoRA with frozen, cached text encoder; expect hours, not minutes.")
     elif not preset_fits(family, memory_gb):
-        notes.append(f"{family} does not fit {size} GB even as an 8-bit LoRA with checkpointing at "
-                     f"{NATIVE_RESOLUTION[family]} px: lower 'resolution' or use a larger GPU.")
-    if preset.get("method") == "lora":
+        bottom = family_tiers(family)[-1]
+        kind = f"a LoRA on a {bottom['base_quantization']} base" if "base_quantization" in bottom else "an 8-bit LoRA"
+        notes.append(f"{family} does not fit {size} GB even as {kind} with checkpointing at "
+                     f"{get_family(family).resolution} px: lower 'resolution' or use a larger GPU.")
+    full_weights = any(tier["method"] != "lora" for tier in family_tiers(family))
+    if preset.get("method") == "lora" and full_weights:
         notes.append("Full-weight DreamBooth does not fit this memory: the preset trains a LoRA instead.")
-    return notes
+    if preset.get("base_quantization", "none") != "none":
+        notes.append(f"The frozen base is stored in {preset['base_quantization']} (bitsandbytes): the LoRA trains on "
+                     "slightly rounded weights; a GPU with more memory can train on the full ones.")
+    return [*notes, "What fits: " + "; ".join(preset_overview(family)) + "."]
+
+
+def describe(preset: dict[str, Any]) -> str:
+    """A preset in a few words: method, optimizer, what saves memory."""
+    method = "LoRA" if preset["method"] == "lora" else "full DreamBooth"
+    parts = [f"{method} with {preset['optimizer']}"]
+    if preset.get("base_quantization", "none") != "none":
+        parts.append(f"{preset['base_quantization']} base")
+    if preset.get("gradient_checkpointing"):
+        parts.append("gradient checkpointing")
+    parts.append("text encoder trained" if preset.get("train_text_encoder") else "text encoder frozen and cached")
+    return ", ".join(parts)
+
+
+def preset_overview(family: str) -> list[str]:
+    """What the preset of each common card size trains for this family at its native resolution."""
+    rows = []
+    for size in OVERVIEW_CLASSES_GB:
+        preset = preset_for(family, size)
+        verdict = describe(preset) if preset_fits(family, size) else "does not fit"
+        rows.append(f"{size} GB: {verdict}")
+    return rows
 
 
 def apply_preset(config: TrainingConfig, preset: dict[str, Any]) -> TrainingConfig:

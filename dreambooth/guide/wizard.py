@@ -29,8 +29,9 @@ import copy
 import math
 from dataclasses import dataclass, field
 
-from ..config.schema import PARAMETER_STUDY, SCHEDULERS, TrainingConfig
+from ..config.schema import FAMILIES, PARAMETER_STUDY, SCHEDULERS, TrainingConfig
 from ..errors import ConfigError
+from ..families import get_family
 
 REFERENCE_LR = 1e-5
 SPF_WITHOUT_TE = 200
@@ -141,9 +142,17 @@ def dynamic_resolution_steps(frames: int, resolutions: list[int], spf_at: dict[i
 
 # --- the wizard ------------------------------------------------------------------------------------
 
+def reference_resolution(family: str) -> int:
+    """The resolution the parameter study's steps per image refer to for a family: its native one."""
+    return get_family(family).resolution
+
+
 @dataclass
 class WizardInput:
-    """What the wizard needs.  Give `lr` or `strength` (neither: strength 'medium')."""
+    """What the wizard needs.  Give `lr` or `strength` (neither: strength 'medium').
+
+    `resolution` and `base_resolution` default (0) to the model family's native resolution.
+    """
 
     images: list[int] | int
     te: bool = False
@@ -151,11 +160,16 @@ class WizardInput:
     strength: str | float | None = None
     batch: int = 1
     accumulation: int = 1
-    resolution: int = 512
-    base_resolution: int = 512
+    resolution: int = 0
+    base_resolution: int = 0
     scheduler: str = "constant"
     extra_resolutions: tuple[int, ...] = ()
     scale_lr: str = "none"
+    family: str = "sd1"
+
+    def __post_init__(self) -> None:
+        self.resolution = self.resolution or reference_resolution(self.family)
+        self.base_resolution = self.base_resolution or reference_resolution(self.family)
 
     def image_counts(self) -> list[int]:
         return [self.images] if isinstance(self.images, int) else list(self.images)
@@ -361,10 +375,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="Training strength (default: medium); the LR is scaled to the images per concept.")
     parser.add_argument("--batch", type=int, default=1, help="Batch size (default 1).")
     parser.add_argument("--accum", type=int, default=1, help="Gradient accumulation steps (default 1).")
-    parser.add_argument("--resolution", type=int, default=512, help="Training resolution in pixels (default 512).")
-    parser.add_argument("--base-resolution", type=int, default=512,
-                        help=f"Resolution the steps of {PARAMETER_STUDY} refer to (512; 1024 for SDXL). "
-                        "Default 512.")
+    parser.add_argument("--family", default="sd1", choices=list(FAMILIES),
+                        help="Model family: its native resolution is the default resolution and base resolution.")
+    parser.add_argument("--resolution", type=int, default=0,
+                        help="Training resolution in pixels (default: the family's native one).")
+    parser.add_argument("--base-resolution", type=int, default=0,
+                        help=f"Resolution the steps of {PARAMETER_STUDY} refer to (default: the family's native "
+                        "one, e.g. 512 for SD 1.x, 1024 for SDXL).")
     parser.add_argument("--scheduler", default="constant", choices=list(SCHEDULERS),
                         help="LR scheduler; decaying ones need about 2x the steps of constant.")
     parser.add_argument("--scale-lr", default="none", choices=("none", "linear", "sqrt"),
@@ -376,6 +393,6 @@ def run_cli(args: argparse.Namespace) -> int:
     images = args.images if len(args.images) > 1 else args.images[0]
     inp = WizardInput(images=images, te=args.te, lr=args.lr, strength=args.strength, batch=args.batch,
                       accumulation=args.accum, resolution=args.resolution, base_resolution=args.base_resolution,
-                      scheduler=args.scheduler, scale_lr=args.scale_lr)
+                      scheduler=args.scheduler, scale_lr=args.scale_lr, family=args.family)
     print(plan(inp).text())
     return 0

@@ -159,12 +159,15 @@ class EmbeddedHost(NullHostMixin):
     def _draw(self, pipe: Any, request: GenerationRequest, first_seed: int, size: int) -> list[Any]:
         import torch
 
+        from ..models.components import call_options
+
         # One CPU generator per image: image i depends on its seed only, not on the batch it was drawn in.
         generators = [torch.Generator(device="cpu").manual_seed(first_seed + i) for i in range(size)]
         with torch.no_grad():
             output = pipe(prompt=[request.prompt] * size, negative_prompt=[request.negative_prompt] * size,
                           num_inference_steps=request.steps, guidance_scale=request.cfg_scale,
-                          width=request.width, height=request.height, generator=generators, output_type="pil")
+                          width=request.width, height=request.height, generator=generators, output_type="pil",
+                          **call_options(pipe))
         return list(output.images)
 
 

@@ -89,7 +89,7 @@ def factor_change(delta: torch.Tensor, rule: RankRule) -> tuple[LoraModule, floa
 def target_layers(components: Any, with_conv: bool) -> dict[str, tuple[str, str]]:
     """Our key -> (part, module name) of every layer a LoRA of ours adapts (LoCon convs with `with_conv`)."""
     layers: dict[str, tuple[str, str]] = {}
-    unet = components.unet
+    unet = components.denoiser
     ldm_names = lora_keys.unet_ldm_names(unet)
     for name in lora_training.unet_target_names(unet, with_conv):
         layers[lora_keys.unet_key(components.family, name, ldm_names[name])] = ("unet", name)

@@ -48,7 +48,6 @@ def lora_metadata(lora: LoraFile, family: str, extra: Mapping[str, object]) -> d
     metadata = {"ss_network_module": "networks.lora", "ss_network_dim": _shared([m.rank for m in linear]),
                 "ss_network_alpha": _shared([m.alpha if m.alpha is not None else m.rank for m in linear]),
                 **get_family(family).lora_markers(),
-                "ss_v_parameterization": str(get_family(family).prediction_type == "v_prediction"),
                 "dreambooth_family": family}
     if conv:
         metadata["ss_network_args"] = json.dumps({"conv_dim": _shared([m.rank for m in conv]),

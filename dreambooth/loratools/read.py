@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from ..errors import ModelError
-from ..families import tables
+from ..families import get_family, tables, variant
 from ..train import lora_keys
 
 # Tensor suffix -> the field of LoraModule it fills (longest suffixes first when matching).
@@ -132,7 +132,8 @@ def _unet_aliases(family: str, unet: Any) -> tuple[dict[str, str], dict[str, Tar
 def _te_spellings(family: str, index: int, hf_name: str) -> list[str]:
     flat = hf_name.removeprefix("text_model.")
     prefixes = lora_keys.TE_PREFIXES[family]
-    kohya = [prefixes[index], *(["lora_te1"] if family != "sdxl" else []), *(["lora_te"] if index == 0 else [])]
+    # A one-encoder family's LoRAs are also written with the first of two encoders' prefix.
+    kohya = [prefixes[index], *(["lora_te1"] if len(prefixes) == 1 else []), *(["lora_te"] if index == 0 else [])]
     spellings = [f"{prefix}_{lora_keys.underscored(name)}" for prefix in kohya for name in (hf_name, flat)]
     diffusers_part = ("text_encoder", "text_encoder_2")[index]
     spellings += [f"{diffusers_part}.{hf_name}", f"{diffusers_part}.{flat}"]
@@ -158,6 +159,10 @@ def _te_aliases(family: str, encoders: list[Any]) -> tuple[dict[str, str], dict[
 
 def key_table(family: str, unet: Any, text_encoders: list[Any]) -> KeyTable:
     """The table of a model's layers (plain diffusers/transformers modules; meta tensors are fine)."""
+    unit = get_family(family)
+    if unit.denoiser_folder != "unet":
+        raise ModelError(f"The LoRA tools (extract, resize, merge, start from a LoRA) read SD 1.x, 2.x and XL LoRAs; "
+                         f"{unit.label} LoRAs are not supported by them yet.")
     unet_aliases, unet_targets = _unet_aliases(family, unet)
     te_aliases, te_targets = _te_aliases(family, list(text_encoders))
     aliases = {**unet_aliases, **te_aliases}
@@ -167,13 +172,13 @@ def key_table(family: str, unet: Any, text_encoders: list[Any]) -> KeyTable:
 
 
 def components_key_table(components: Any) -> KeyTable:
-    return key_table(components.family, components.unet, list(components.text_encoders))
+    return key_table(components.family, components.denoiser, list(components.text_encoders))
 
 
 @functools.cache
 def full_size_components(family: str) -> SimpleNamespace:
     """The full-size UNet and text encoders of `family` on the meta device (shipped configs: no weights), as
-    .family, .unet and .text_encoders."""
+    .family, .denoiser and .text_encoders."""
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
@@ -185,7 +190,7 @@ def full_size_components(family: str) -> SimpleNamespace:
         encoders = [CLIPTextModel(CLIPTextConfig.from_dict(configs["text_encoder"]))]
         if "text_encoder_2" in configs:
             encoders.append(CLIPTextModelWithProjection(CLIPTextConfig.from_dict(configs["text_encoder_2"])))
-    return SimpleNamespace(family=family, unet=unet, text_encoders=encoders)
+    return SimpleNamespace(family=family, denoiser=unet, text_encoders=encoders)
 
 
 @functools.cache
@@ -254,10 +259,12 @@ def needs_table(tensors: dict[str, torch.Tensor]) -> bool:
 def guess_family(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> str | None:
     """The family a LoRA was made for, from its metadata or its keys; None when nothing tells."""
     version = metadata.get("ss_base_model_version", "") + metadata.get("modelspec.architecture", "")
+    says_v = metadata.get("ss_v_parameterization") == "True" or metadata.get("modelspec.prediction_type") == "v"
+    prediction = "v_prediction" if says_v else "epsilon"
     if "xl" in version.lower() or any(k.startswith(("lora_te2_", "text_encoder_2.")) for k in tensors):
-        return "sdxl"
+        return variant(get_family("sdxl"), prediction).name
     if metadata.get("ss_v2") == "True" or "v2" in version.lower():
-        return "sd2v" if metadata.get("ss_v_parameterization") == "True" else "sd2"
+        return variant(get_family("sd2"), prediction).name
     if "v1" in version.lower():
         return "sd1"
     return None

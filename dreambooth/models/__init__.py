@@ -6,7 +6,7 @@ name tables, host markers) lives in the family units, dreambooth/families; the c
 Public API (import from the submodules; nothing heavy is imported here):
 
 - ``tokenizer.load_clip_tokenizer(pad_token=None)`` - the real CLIP tokenizer from the shipped files.
-- ``components.Components`` - family, unet, vae, text_encoders, tokenizers, noise_scheduler,
+- ``components.Components`` - family, denoiser (UNet or transformer), vae, text_encoders, tokenizers, noise_scheduler,
   prediction_type, extras; ``.model_family`` is the family unit (dreambooth.families.ModelFamily).
 - ``components.load_components(working_dir, dtype=torch.float32)`` /
   ``components.save_components(components, working_dir)`` - the model's working/ folder (atomic save).

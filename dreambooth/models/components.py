@@ -1,7 +1,8 @@
 """A model's parts in one object, and its `working/` folder (a plain diffusers pipeline folder).
 
-`working/` holds model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/ (and
-text_encoder_2/, tokenizer_2/ for SDXL) plus `extras.safetensors` (the keys of the original
+`working/` holds model_index.json, the denoiser's folder (unet/, or transformer/ for SD3 and Flux), vae/,
+text_encoder/, tokenizer/, scheduler/ (and text_encoder_2/, tokenizer_2/ for SDXL; an optional encoder that
+is absent, such as SD3 without T5, has no folder and `[null, null]` in the index) plus `extras.safetensors` (the keys of the original
 single file that are no UNet/VAE/text-encoder weight, copied back on export) and `family.json`.
 Everything loads from local files only.
 """
@@ -21,7 +22,17 @@ import torch
 from ..atomic import fsync_path, fsync_tree
 from ..errors import ModelError
 from ..families import FAMILY_NAMES, ModelFamily, all_families, get_family
-from .tokenizer import BOS, EOS, load_tokenizer_folder, write_tokenizer_folder
+from ..families.base import DENOISER_PART
+from .tokenizer import (
+    BOS,
+    EOS,
+    copy_t5_tokenizer,
+    load_t5_tokenizer,
+    load_tokenizer_folder,
+    missing_t5_tokenizer,
+    t5_search_dirs,
+    write_tokenizer_folder,
+)
 
 # The families' facts by name, for callers that look them up by name (the family units hold them).
 FAMILIES = FAMILY_NAMES
@@ -29,6 +40,7 @@ PREDICTION_TYPES = {family.name: family.prediction_type for family in all_famili
 EXTRAS_FILE = "extras.safetensors"
 FAMILY_FILE = "family.json"
 SCHEDULERS = ("ddim", "euler", "euler_a", "dpmpp_2m")
+GUIDANCE_RESCALE = 0.7  # Lin et al. 2023's recommended phi for zero-terminal-SNR models
 
 
 @dataclass
@@ -36,9 +48,9 @@ class Components:
     """Everything training, sampling and export need of one Stable Diffusion model."""
 
     family: str
-    unet: Any
+    denoiser: Any                 # the trained diffusion model: a UNet or a transformer
     vae: Any
-    text_encoders: list[Any]
+    text_encoders: list[Any]      # one per family text encoder; None for an absent optional one (SD3's T5)
     tokenizers: list[Any]
     noise_scheduler: Any
     prediction_type: str = "epsilon"
@@ -47,6 +59,19 @@ class Components:
     @property
     def model_family(self) -> ModelFamily:
         return get_family(self.family)
+
+    def present_text_encoders(self) -> list[Any]:
+        """The text encoders this model holds (an absent optional one left out)."""
+        return [encoder for encoder in self.text_encoders if encoder is not None]
+
+    def modules(self) -> list[Any]:
+        """Every model this holds: denoiser, VAE, present text encoders."""
+        return [self.denoiser, self.vae, *self.present_text_encoders()]
+
+
+def uses_zero_terminal_snr(components: Components) -> bool:
+    """Whether the model's schedule is rescaled to zero terminal SNR (what it trains and samples with)."""
+    return bool(components.noise_scheduler.config.get("rescale_betas_zero_snr", False))
 
 
 def check_family(family: str) -> str:
@@ -67,8 +92,8 @@ def make_noise_scheduler(family: str, prediction_type: str | None = None) -> Any
 def model_index(components: Components) -> dict[str, Any]:
     import diffusers
 
-    return components.model_family.model_index(type(components.noise_scheduler).__name__,
-                                               [type(encoder).__name__ for encoder in components.text_encoders],
+    classes = [None if encoder is None else type(encoder).__name__ for encoder in components.text_encoders]
+    return components.model_family.model_index(type(components.noise_scheduler).__name__, classes,
                                                diffusers.__version__)
 
 
@@ -80,13 +105,18 @@ def write_components(components: Components, folder: Path) -> None:
     """Write all parts into `folder` (not atomic by itself; save_components wraps it)."""
     from safetensors.torch import save_file
 
-    components.unet.save_pretrained(folder / "unet", safe_serialization=True)
+    family = components.model_family
+    components.denoiser.save_pretrained(folder / family.denoiser_folder, safe_serialization=True)
     components.vae.save_pretrained(folder / "vae", safe_serialization=True)
-    pairs = zip(components.text_encoders, components.tokenizers, components.model_family.text_encoders,
-                strict=True)
+    pairs = zip(components.text_encoders, components.tokenizers, family.text_encoders, strict=True)
     for encoder, tokenizer, spec in pairs:
+        if encoder is None:
+            continue
         encoder.save_pretrained(folder / spec.folder, safe_serialization=True)
-        write_tokenizer_folder(folder / spec.tokenizer_folder, _pad_token(tokenizer))
+        if spec.layout == "t5":
+            copy_t5_tokenizer(tokenizer, folder / spec.tokenizer_folder)
+        else:
+            write_tokenizer_folder(folder / spec.tokenizer_folder, _pad_token(tokenizer))
     components.noise_scheduler.save_pretrained(folder / "scheduler")
     extras = {key: value.detach().contiguous() for key, value in components.extras.items()}
     save_file(extras, str(folder / EXTRAS_FILE))
@@ -137,22 +167,44 @@ def read_family(working: Path) -> dict[str, str]:
     return json.loads(path.read_text())
 
 
-def _load_text_encoders(working: Path, family: ModelFamily, index: dict[str, Any],
+def load_text_encoders(working: Path, family: ModelFamily, index: dict[str, Any],
                         dtypes: dict[str, torch.dtype]) -> list[Any]:
     import transformers
 
-    return [getattr(transformers, index[spec.folder][1]).from_pretrained(
-                str(working / spec.folder), torch_dtype=dtypes[spec.folder], local_files_only=True)
-            for spec in family.text_encoders]
+    encoders = []
+    for spec in family.text_encoders:
+        cls = index.get(spec.folder, [None, None])[1]
+        if cls is None and not spec.optional:
+            raise ModelError(f"{working} lacks the text encoder {spec.folder} its model family needs; create the "
+                             "model again from its checkpoint.")
+        encoders.append(None if cls is None else getattr(transformers, cls).from_pretrained(
+            str(working / spec.folder), torch_dtype=dtypes[spec.folder], local_files_only=True))
+    return encoders
+
+
+def load_tokenizers(working: Path, family: ModelFamily, encoders: list[Any]) -> list[Any]:
+    """Each present encoder's tokenizer from the working folder; None where the encoder is absent."""
+    tokenizers: list[Any] = []
+    for spec, encoder in zip(family.text_encoders, encoders, strict=True):
+        if encoder is None:
+            tokenizers.append(None)
+        elif spec.layout == "t5":
+            tokenizers.append(load_t5_tokenizer(working, spec))
+            if tokenizers[-1] is None:
+                raise ModelError(missing_t5_tokenizer(t5_search_dirs(working, spec.tokenizer_folder)))
+        else:
+            tokenizers.append(load_tokenizer_folder(working / spec.tokenizer_folder))
+    return tokenizers
 
 
 def load_components(working_dir: str | Path, dtype: torch.dtype = torch.float32,
                     part_dtypes: dict[str, torch.dtype] | None = None) -> Components:
     """Load a working folder written by save_components (local files only).
 
-    `part_dtypes` overrides `dtype` per part ('unet', 'vae', 'text_encoder', 'text_encoder_2').
+    `part_dtypes` overrides `dtype` per part ('unet' (the denoiser, whatever its class), 'vae',
+    'text_encoder', 'text_encoder_2', ...).
     """
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    import diffusers
     from safetensors.torch import load_file
 
     working = Path(working_dir)
@@ -160,18 +212,20 @@ def load_components(working_dir: str | Path, dtype: torch.dtype = torch.float32,
     info = read_family(working)
     index = json.loads((working / "model_index.json").read_text())
     family = get_family(info["family"])
-    dtypes = {part: dtype for part in ("unet", "vae", *(spec.folder for spec in family.text_encoders))}
+    dtypes = {part: dtype for part in (DENOISER_PART, "vae", *(spec.folder for spec in family.text_encoders))}
     dtypes |= part_dtypes or {}
-    encoders = _load_text_encoders(working, family, index, dtypes)
-    tokenizers = [load_tokenizer_folder(working / spec.tokenizer_folder) for spec in family.text_encoders]
+    encoders = load_text_encoders(working, family, index, dtypes)
     extras_path = working / EXTRAS_FILE
+    denoiser_class = getattr(diffusers, family.denoiser_class)
     return Components(
         family=info["family"],
-        unet=UNet2DConditionModel.from_pretrained(str(working / "unet"), torch_dtype=dtypes["unet"],
-                                                  local_files_only=True),
-        vae=AutoencoderKL.from_pretrained(str(working / "vae"), torch_dtype=dtypes["vae"], local_files_only=True),
-        text_encoders=encoders, tokenizers=tokenizers,
-        noise_scheduler=DDPMScheduler.from_pretrained(str(working / "scheduler"), local_files_only=True),
+        denoiser=denoiser_class.from_pretrained(str(working / family.denoiser_folder),
+                                                torch_dtype=dtypes[DENOISER_PART], local_files_only=True),
+        vae=getattr(diffusers, family.vae_class).from_pretrained(str(working / "vae"), torch_dtype=dtypes["vae"],
+                                                                 local_files_only=True),
+        text_encoders=encoders, tokenizers=load_tokenizers(working, family, encoders),
+        noise_scheduler=getattr(diffusers, family.scheduler_class).from_pretrained(str(working / "scheduler"),
+                                                                                   local_files_only=True),
         prediction_type=info["prediction_type"],
         extras=load_file(str(extras_path)) if extras_path.is_file() else {})
 
@@ -179,15 +233,15 @@ def load_components(working_dir: str | Path, dtype: torch.dtype = torch.float32,
 # --- sampling pipeline -----------------------------------------------------------------------------
 
 def sampling_scheduler(components: Components, scheduler_name: str = "ddim") -> Any:
-    import diffusers
+    return components.model_family.sampling_scheduler(scheduler_name, dict(components.noise_scheduler.config),
+                                                      components.prediction_type)
 
-    classes = {"ddim": "DDIMScheduler", "euler": "EulerDiscreteScheduler",
-               "euler_a": "EulerAncestralDiscreteScheduler", "dpmpp_2m": "DPMSolverMultistepScheduler"}
-    if scheduler_name not in classes:
-        raise ModelError(f"Sampler {scheduler_name!r} is unknown; use one of {', '.join(classes)}.")
-    config = dict(components.noise_scheduler.config)
-    config["prediction_type"] = components.prediction_type
-    return getattr(diffusers, classes[scheduler_name]).from_config(config)
+
+def call_options(pipeline: Any) -> dict[str, Any]:
+    """Options of a pipeline call that the model's schedule asks for: with zero terminal SNR, classifier-free
+    guidance rescaled by 0.7 (Lin et al. 2023, section 3.4: keeps the rescaled schedule from overexposing)."""
+    config = getattr(getattr(pipeline, "scheduler", None), "config", None) or {}
+    return {"guidance_rescale": GUIDANCE_RESCALE} if config.get("rescale_betas_zero_snr") else {}
 
 
 def build_pipeline(components: Components, scheduler_name: str = "ddim") -> Any:

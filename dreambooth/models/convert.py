@@ -20,34 +20,20 @@ from ..families.tables import (
     OPEN_CLIP_PROJECTION,
     OPEN_CLIP_TOP,
     QKV,
-    UNET_PREFIX,
     VAE_PREFIX,
     BlockTable,
+    convert_by_table,
     open_clip_layer_key,
-    rename_module,
 )
 
 # Every registered family's CLIP-L key prefix (transformers names below it).
 CLIP_L_PREFIXES = tuple(dict.fromkeys(encoder.ldm_prefix for family in all_families()
                                       for encoder in family.text_encoders if encoder.layout == "clip_l"))
 
+# T5's encoder embedding is the shared one (tied): files store it once, as `shared.weight`.
+T5_TIED_EMBEDDING = "encoder.embed_tokens.weight"
+
 # --- UNet and VAE ---------------------------------------------------------------------------------------
-
-
-def convert_by_table(state_dict: Mapping[str, torch.Tensor], table: BlockTable, prefix: str,
-                     what: str) -> dict[str, torch.Tensor]:
-    """Every key renamed by the table and put under `prefix`; a key the table does not place is an error."""
-    converted = {}
-    for key, value in state_dict.items():
-        name = rename_module(key, table)
-        if name is None:
-            raise ValueError(f"{what} weight {key!r} has no place in the original layout (unsupported architecture)")
-        converted[prefix + name] = value
-    return converted
-
-
-def unet_to_ldm(state_dict: Mapping[str, torch.Tensor], table: BlockTable) -> dict[str, torch.Tensor]:
-    return convert_by_table(state_dict, table, UNET_PREFIX, "UNet")
 
 
 def _is_vae_attention_weight(ldm_key: str) -> bool:
@@ -111,10 +97,24 @@ def _fused_qkv(source: Mapping[str, torch.Tensor], prefix: str) -> dict[str, tor
     return fused
 
 
+def t5_to_ldm(state_dict: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """T5 keeps transformers' names under a prefix. Its tied input embedding is written under both names, as
+    separate tensors (a file holds no shared memory): A1111 reads `encoder.embed_tokens`, diffusers `shared`."""
+    converted = {prefix + key: value for key, value in state_dict.items()}
+    if "shared.weight" in state_dict:
+        converted[prefix + "encoder.embed_tokens.weight"] = state_dict["shared.weight"].clone()
+    return converted
+
+
 def text_encoder_to_ldm(encoder: TextEncoder, state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """One text encoder's weights under its family's original keys."""
+    if encoder.layout == "t5":
+        return t5_to_ldm(state_dict, encoder.ldm_prefix)
     if encoder.layout == "clip_l":
-        return clip_l_to_ldm(state_dict, encoder.ldm_prefix)
+        converted = clip_l_to_ldm(state_dict, encoder.ldm_prefix)
+        if encoder.identity_projection:  # the diffusers model's stand-in, not part of the original file
+            converted.pop(encoder.ldm_prefix + OPEN_CLIP_PROJECTION[0], None)
+        return converted
     return open_clip_to_ldm(state_dict, encoder.ldm_prefix)
 
 
@@ -123,7 +123,7 @@ def normalise_clip_l_keys(checkpoint: Mapping[str, torch.Tensor]) -> dict[str, t
     normalised = {}
     for key, value in checkpoint.items():
         prefix = next((p for p in CLIP_L_PREFIXES if key.startswith(p)), None)
-        if prefix and not key.startswith(prefix + "text_model."):
+        if prefix and not key.startswith((prefix + "text_model.", prefix + "text_projection")):
             key = prefix + "text_model." + key[len(prefix):]
         normalised[key] = value
     return normalised
@@ -170,9 +170,21 @@ def ldm_to_open_clip(checkpoint: Mapping[str, torch.Tensor], prefix: str, layers
     return converted
 
 
+def ldm_to_t5(checkpoint: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """T5's weights under `prefix`; the tied input embedding under both its names (transformers 4 lists it once,
+    as `shared`, transformers 5 twice), whichever of them the file used."""
+    selected = {key[len(prefix):]: value for key, value in checkpoint.items() if key.startswith(prefix)}
+    embedding = selected.get("shared.weight", selected.get("encoder.embed_tokens.weight"))
+    if embedding is not None:
+        selected["shared.weight"] = selected["encoder.embed_tokens.weight"] = embedding
+    return selected
+
+
 def text_encoder_from_ldm(encoder: TextEncoder, checkpoint: Mapping[str, torch.Tensor],
                           layers: int) -> dict[str, torch.Tensor]:
     """One text encoder's transformers weights from a single file (the first `layers` OpenCLIP layers)."""
+    if encoder.layout == "t5":
+        return ldm_to_t5(checkpoint, encoder.ldm_prefix)
     if encoder.layout == "clip_l":
         return ldm_to_clip_l(checkpoint, encoder.ldm_prefix)
     return ldm_to_open_clip(checkpoint, encoder.ldm_prefix, layers, encoder.with_projection)

@@ -19,8 +19,9 @@ import torch
 
 from ..atomic import save_safetensors, write_text
 from ..errors import ModelError
-from .components import Components
-from .convert import text_encoder_to_ldm, unet_to_ldm, vae_to_ldm
+from ..families.base import V_PRED_KEY, ZTSNR_KEY
+from .components import Components, uses_zero_terminal_snr
+from .convert import text_encoder_to_ldm, vae_to_ldm
 
 logger = logging.getLogger(__name__)
 
@@ -32,14 +33,16 @@ LOSS_WARNING_FRACTION = 0.5
 def text_encoders_to_ldm(components: Components) -> dict[str, torch.Tensor]:
     converted: dict[str, torch.Tensor] = {}
     for spec, encoder in zip(components.model_family.text_encoders, components.text_encoders, strict=True):
-        converted.update(text_encoder_to_ldm(spec, encoder.state_dict()))
+        if encoder is not None:
+            converted.update(text_encoder_to_ldm(spec, encoder.state_dict()))
     return converted
 
 
 def model_to_ldm(components: Components) -> dict[str, torch.Tensor]:
-    """UNet, VAE and text encoder weights under their original keys (no extras)."""
+    """Denoiser, VAE and text encoder weights under their original keys (no extras)."""
     family = components.model_family
-    return {**unet_to_ldm(components.unet.state_dict(), family.unet_table(components.unet.config)),
+    denoiser = components.denoiser
+    return {**family.denoiser_to_original(denoiser.state_dict(), denoiser.config),
             **vae_to_ldm(components.vae.state_dict(), family.vae_table(components.vae.config)),
             **text_encoders_to_ldm(components)}
 
@@ -65,9 +68,13 @@ def ldm_scheduler_tables(beta_start: float = 0.00085, beta_end: float = 0.012,
 
 
 def extra_tensors(components: Components) -> dict[str, torch.Tensor]:
-    """The base file's other keys, the family's variant markers, and the standard schedule tables when the
-    family's files carry them (SD1/SD2; SDXL's do not) and the base file had none."""
-    extras = {**components.extras, **components.model_family.marker_tensors(components.prediction_type)}
+    """The base file's other keys, the markers of what the model is now (the base file's are dropped: training
+    may have changed its prediction type or schedule), and the standard schedule tables when the family's
+    files carry them (SD1/SD2; SDXL's do not) and the base file had none."""
+    markers = components.model_family.marker_tensors(components.prediction_type,
+                                                     uses_zero_terminal_snr(components))
+    kept = {key: value for key, value in components.extras.items() if key not in (V_PRED_KEY, ZTSNR_KEY)}
+    extras = {**kept, **markers}
     if "alphas_cumprod" in extras or not components.model_family.schedule_tables:
         return extras
     config = components.noise_scheduler.config
@@ -119,7 +126,7 @@ def precision_warning(components: Components, base: Components | Mapping[str, to
 
 def component_configs(components: Components) -> dict[str, dict[str, Any]]:
     """The diffusers and transformers configs of the model's parts, as plain JSON values."""
-    configs = {"unet": dict(components.unet.config), "vae": dict(components.vae.config)}
+    configs = {components.model_family.denoiser_folder: dict(components.denoiser.config), "vae": dict(components.vae.config)}
     for spec, encoder in zip(components.model_family.text_encoders, components.text_encoders, strict=True):
         configs[spec.folder] = encoder.config.to_dict()
     return json.loads(json.dumps(configs, default=str))
@@ -148,6 +155,7 @@ def architecture_metadata(components: Components) -> dict[str, str]:
 
 def checkpoint_metadata(components: Components, metadata: Mapping[str, Any] | None) -> dict[str, str]:
     combined = {"dreambooth_family": components.family, "dreambooth_prediction_type": components.prediction_type,
+                "dreambooth_zero_terminal_snr": str(uses_zero_terminal_snr(components)),
                 **architecture_metadata(components)}
     combined.update({str(key): value if isinstance(value, str) else json.dumps(value)
                      for key, value in (metadata or {}).items()})

@@ -21,18 +21,35 @@ import torch
 
 from ..atomic import write_json
 from ..errors import ModelError
-from ..families import EMA_UNET_PREFIX, ModelFamily, architecture_of, folder_family, get_family
+from ..families import (
+    EMA_UNET_PREFIX,
+    ModelFamily,
+    TextEncoder,
+    architecture_of,
+    folder_family,
+    get_family,
+    zero_terminal_snr_of,
+)
 from ..families import resolve_family as resolve_file_family
+from ..families.tables import UNET_PREFIX
 from ..store import ModelDir, ModelStore
-from .components import Components, load_components, save_components
-from .convert import UNET_PREFIX, match_model_keys, normalise_clip_l_keys, text_encoder_from_ldm, unet_to_ldm
-from .tokenizer import load_clip_tokenizer, load_tokenizer_folder
+from .components import Components, load_components, load_text_encoders, save_components
+from .convert import normalise_clip_l_keys, text_encoder_from_ldm
+from .flux_files import file_roles as flux_file_roles
+from .text_encoders import load_text_encoder, text_encoder_folders, with_separate_text_encoders
+from .tokenizer import (
+    load_clip_tokenizer,
+    load_t5_tokenizer,
+    load_tokenizer_folder,
+    missing_t5_tokenizer,
+    t5_search_dirs,
+)
 
 log = logging.getLogger(__name__)
 
 CONFIGS_METADATA_KEY = "dreambooth_configs"
 EMA_PREFIX = "model_ema."
-PART_NAMES = {"unet": "UNet", "vae": "VAE"}
+PART_NAMES = {"unet": "UNet", "vae": "VAE", "transformer": "transformer"}
 CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 
 # --- reading files -------------------------------------------------------------------------------------
@@ -130,27 +147,31 @@ def shipped_configs(family: str) -> dict[str, dict[str, Any]]:
 
 def _text_encoder_weights(state: Mapping[str, torch.Tensor], family: ModelFamily,
                           configs: Mapping[str, Mapping[str, Any]]) -> list[dict[str, torch.Tensor]]:
-    return [text_encoder_from_ldm(spec, state, int(configs[spec.folder]["num_hidden_layers"]))
+    return [text_encoder_from_ldm(spec, state, int(configs[spec.folder].get("num_hidden_layers", 0)))
             for spec in family.text_encoders]
 
 
-def load_text_encoder(config: Mapping[str, Any], weights: Mapping[str, torch.Tensor], with_projection: bool,
-                      dtype: torch.dtype) -> Any:
-    """A transformers CLIP text model holding exactly `weights` (created empty, then filled)."""
-    from accelerate import init_empty_weights
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+def _text_encoders(state: Mapping[str, torch.Tensor], unit: ModelFamily, configs: Mapping[str, Mapping[str, Any]],
+                   dtype: torch.dtype) -> list[Any]:
+    """The family's text encoders from a state dict; None for an optional one the state does not hold."""
+    weights = _text_encoder_weights(state, unit, configs)
+    return [None if spec.optional and not found else load_text_encoder(spec, configs[spec.folder], found, dtype)
+            for spec, found in zip(unit.text_encoders, weights, strict=True)]
 
-    cls = CLIPTextModelWithProjection if with_projection else CLIPTextModel
-    with init_empty_weights():
-        model = cls(CLIPTextConfig.from_dict(dict(config)))
-    matched = match_model_keys(weights, model.state_dict().keys())
-    missing = [name for name, param in model.named_parameters() if name not in matched]
-    if missing:
-        raise ModelError(f"The checkpoint's text encoder lacks {len(missing)} weights (e.g. {missing[0]}); "
-                         "the file is incomplete or of another architecture.")
-    model.load_state_dict({key: value for key, value in matched.items() if key in dict(model.named_parameters())},
-                          strict=False, assign=True)
-    return _to_dtype(model, dtype).eval()
+
+def t5_tokenizer(folder: Path | None, spec: TextEncoder) -> Any:
+    """T5's tokenizer from `folder` or the host's folders; a ModelError names the files and places otherwise."""
+    tokenizer = load_t5_tokenizer(folder, spec)
+    if tokenizer is None:
+        raise ModelError(missing_t5_tokenizer(t5_search_dirs(folder, spec.tokenizer_folder)))
+    return tokenizer
+
+
+def _tokenizers(unit: ModelFamily, encoders: list[Any], tokenizer_dir: Path | None) -> list[Any]:
+    """The family's tokenizers for the encoders present: CLIP's shipped ones; T5's from `tokenizer_dir` or the
+    host's folders."""
+    return [None if encoder is None else t5_tokenizer(tokenizer_dir, spec) if spec.layout == "t5"
+            else load_clip_tokenizer(spec.pad_token) for spec, encoder in zip(unit.text_encoders, encoders, strict=True)]
 
 
 def _diffusers_model(cls: Any, state: Mapping[str, torch.Tensor], config_dir: Path, name: str,
@@ -195,10 +216,13 @@ def _to_dtype(model: Any, dtype: torch.dtype) -> Any:
 
 def components_from_state_dict(state: Mapping[str, torch.Tensor], family: str, prediction_type: str,
                                configs: Mapping[str, Mapping[str, Any]], dtype: torch.dtype = torch.float32,
-                               source: str = "The checkpoint") -> Components:
+                               source: str = "The checkpoint", zero_terminal_snr: bool | None = None,
+                               tokenizer_dir: Path | None = None) -> Components:
     """Components from an original-layout state dict; keys the model does not hold become extras.
 
-    `source` names the file in error messages (the user's checkpoint, never a temporary config folder).
+    `source` names the file in error messages (the user's checkpoint, never a temporary config folder);
+    `zero_terminal_snr` is the model's schedule (default: the family's); `tokenizer_dir` is where a T5
+    tokenizer is looked for first (the checkpoint's folder).
     """
     import diffusers
 
@@ -206,29 +230,42 @@ def components_from_state_dict(state: Mapping[str, torch.Tensor], family: str, p
 
     unit = get_family(family)
     state = normalise_clip_l_keys(state)
+    denoiser_name = unit.denoiser_folder
     with tempfile.TemporaryDirectory(prefix="dreambooth-configs-") as tmp:
-        config_dir = write_config_dir({k: v for k, v in configs.items() if k in ("unet", "vae")}, Path(tmp))
-        unet = _diffusers_model(getattr(diffusers, unit.unet_class), state, config_dir, "unet", dtype, source, family)
+        config_dir = write_config_dir({k: v for k, v in configs.items() if k in (denoiser_name, "vae")}, Path(tmp))
+        denoiser = _diffusers_model(getattr(diffusers, unit.denoiser_class), state, config_dir, denoiser_name, dtype,
+                                    source, family)
         vae = _diffusers_model(getattr(diffusers, unit.vae_class), state, config_dir, "vae", dtype, source, family)
-    weights = _text_encoder_weights(state, unit, configs)
-    encoders = [load_text_encoder(configs[spec.folder], w, spec.with_projection, dtype)
-                for spec, w in zip(unit.text_encoders, weights, strict=True)]
-    components = Components(family=family, unet=unet, vae=vae, text_encoders=encoders, tokenizers=unit.tokenizers(),
-                            noise_scheduler=unit.make_noise_scheduler(prediction_type), prediction_type=prediction_type)
+    encoders = _text_encoders(state, unit, configs, dtype)
+    components = Components(family=family, denoiser=denoiser, vae=vae, text_encoders=encoders,
+                            tokenizers=_tokenizers(unit, encoders, tokenizer_dir),
+                            noise_scheduler=unit.make_noise_scheduler(prediction_type, zero_terminal_snr),
+                            prediction_type=prediction_type)
     held = set(model_to_ldm(components))
     components.extras = {key: value for key, value in state.items() if key not in held}
     return components
 
 
 def load_checkpoint(path: str | Path, family: str | None = None, prediction_type: str | None = None,
-                    dtype: torch.dtype = torch.float32) -> Components:
-    """Components from an original single-file checkpoint (.safetensors or .ckpt), offline."""
+                    dtype: torch.dtype = torch.float32, models_dir: Path | None = None) -> Components:
+    """Components from an original single-file checkpoint (.safetensors or .ckpt), offline. Text encoders the
+    file lacks are read from separate files beside it or in `models_dir`'s text-encoder folders; a Flux
+    transformer file takes its text encoders and VAE from there too (models/text_encoder, models/VAE)."""
     path = Path(path)
+    if path.suffix.lower() == ".safetensors" and "transformer" in flux_file_roles(path):
+        from .flux_loading import load_flux_file
+
+        return load_flux_file(path, models_dir, family)
     state, metadata = read_checkpoint(path)
     family, prediction = resolve_family(path, state, metadata, family, prediction_type)
-    configs = embedded_configs(metadata) or shipped_configs(family)
-    state = with_ema_unet(state, family, configs["unet"], path)
-    return components_from_state_dict(state, family, prediction, configs, dtype, f"Checkpoint {path}")
+    unit = get_family(family)
+    configs = embedded_configs(metadata) or unit.configs_for(state)
+    rescaled = zero_terminal_snr_of(unit, state, metadata)
+    state = with_ema_unet(state, family, configs[unit.denoiser_folder], path)
+    state = with_separate_text_encoders(state, unit, configs, text_encoder_folders(path, models_dir),
+                                        f"Checkpoint {path}")
+    return components_from_state_dict(state, family, prediction, configs, dtype, f"Checkpoint {path}",
+                                      zero_terminal_snr=rescaled, tokenizer_dir=path.parent)
 
 
 # --- EMA-only checkpoints -------------------------------------------------------------------------------
@@ -247,8 +284,8 @@ def ldm_unet_keys(family: str, unet_config: Mapping[str, Any]) -> list[str]:
 
     unit = get_family(family)
     with init_empty_weights():
-        unet = getattr(diffusers, unit.unet_class).from_config(dict(unet_config))
-    return list(unet_to_ldm(unet.state_dict(), unit.unet_table(unet.config)))
+        denoiser = getattr(diffusers, unit.denoiser_class).from_config(dict(unet_config))
+    return list(unit.denoiser_to_original(denoiser.state_dict(), denoiser.config))
 
 
 def with_ema_unet(state: Mapping[str, torch.Tensor], family: str, unet_config: Mapping[str, Any],
@@ -271,10 +308,13 @@ def with_ema_unet(state: Mapping[str, torch.Tensor], family: str, unet_config: M
 # --- diffusers folders ----------------------------------------------------------------------------------
 
 
-def _folder_tokenizers(folder: Path, family: ModelFamily) -> list[Any]:
-    tokenizers = []
-    for spec in family.text_encoders:
+def _folder_tokenizers(folder: Path, family: ModelFamily, encoders: list[Any]) -> list[Any]:
+    tokenizers: list[Any] = []
+    for spec, encoder in zip(family.text_encoders, encoders, strict=True):
         name = spec.tokenizer_folder
+        if spec.layout == "t5":
+            tokenizers.append(None if encoder is None else t5_tokenizer(folder, spec))
+            continue
         has_files = (folder / name / "vocab.json").is_file() and (folder / name / "merges.txt").is_file()
         tokenizers.append(load_tokenizer_folder(folder / name) if has_files else load_clip_tokenizer(spec.pad_token))
     return tokenizers
@@ -284,29 +324,34 @@ def load_diffusers_folder(folder: str | Path, family: str | None = None, predict
                           dtype: torch.dtype = torch.float32) -> Components:
     """Components from a diffusers pipeline folder (ours or any other), local files only."""
     import diffusers
-    import transformers
 
     folder = Path(folder)
     if (folder / "family.json").is_file():
         return load_components(folder, dtype)
     index = json.loads((folder / "model_index.json").read_text())
+    if index.get("_class_name") == "FluxPipeline":
+        from .flux_loading import load_flux_folder
+
+        return load_flux_folder(folder, family)
     text_config = json.loads((folder / "text_encoder" / "config.json").read_text())
     scheduler = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
     detected, prediction = folder_family(index, text_config, scheduler.get("prediction_type"), family,
                                          prediction_type)
-    encoders = [getattr(transformers, index[spec.folder][1]).from_pretrained(
-                    str(folder / spec.folder), torch_dtype=dtype, local_files_only=True)
-                for spec in detected.text_encoders]
+    encoders = load_text_encoders(folder, detected, index, dict.fromkeys(
+        (spec.folder for spec in detected.text_encoders), dtype))
     load = {part: getattr(diffusers, cls).from_pretrained(str(folder / part), torch_dtype=dtype, local_files_only=True)
-            for part, cls in (("unet", detected.unet_class), ("vae", detected.vae_class))}
-    return Components(family=detected.name, unet=load["unet"], vae=load["vae"], text_encoders=encoders,
-                      tokenizers=_folder_tokenizers(folder, detected),
-                      noise_scheduler=detected.make_noise_scheduler(prediction), prediction_type=prediction)
+            for part, cls in ((detected.denoiser_folder, detected.denoiser_class), ("vae", detected.vae_class))}
+    return Components(family=detected.name, denoiser=load[detected.denoiser_folder], vae=load["vae"],
+                      text_encoders=encoders,
+                      tokenizers=_folder_tokenizers(folder, detected, encoders),
+                      noise_scheduler=detected.make_noise_scheduler(prediction, scheduler.get("rescale_betas_zero_snr")),
+                      prediction_type=prediction)
 
 
 def load_source(source: str | Path, family: str | None = None, prediction_type: str | None = None,
-                dtype: torch.dtype = torch.float32) -> Components:
-    """Components from a checkpoint file or a diffusers folder."""
+                dtype: torch.dtype = torch.float32, models_dir: Path | None = None) -> Components:
+    """Components from a checkpoint file or a diffusers folder (`models_dir`: the host's models folder, whose
+    text-encoder and VAE folders hold the parts a checkpoint may lack)."""
     source = Path(source)
     if source.is_dir():
         if not (source / "model_index.json").is_file():
@@ -316,7 +361,7 @@ def load_source(source: str | Path, family: str | None = None, prediction_type: 
             return load_diffusers_folder(source, family, prediction_type, dtype)
         except (OSError, ValueError, KeyError) as error:
             raise ModelError(f"Diffusers folder {source} cannot be loaded ({error}); it is incomplete.") from None
-    return load_checkpoint(source, family, prediction_type, dtype)
+    return load_checkpoint(source, family, prediction_type, dtype, models_dir)
 
 
 # --- the model store ------------------------------------------------------------------------------------
@@ -326,15 +371,17 @@ def create_model(store: ModelStore, name: str, source: str | Path, family: str |
                  prediction_type: str | None = None) -> ModelDir:
     """Create model `name` in the store from a checkpoint or diffusers folder: working/ + db_config.json."""
     from ..config import TrainingConfig
+    from .components import uses_zero_terminal_snr
 
     model = store.model(name)
     if model.exists():
         raise ModelError(f"Model {name!r} already exists in {model.root.parent}; delete it or choose another name.")
     if family is not None:
         get_family(family)
-    components = load_source(source, family, prediction_type)
+    components = load_source(source, family, prediction_type, models_dir=store.layout.models_dir)
     save_components(components, model.working)
     config = TrainingConfig(model_name=name, base_checkpoint=str(source),
-                            **components.model_family.config_defaults(components.prediction_type))
+                            **components.model_family.config_defaults(components.prediction_type,
+                                                                      uses_zero_terminal_snr(components)))
     model.save_config(config)
     return model

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ..atomic import write_json, write_text
+from ..errors import ModelError
 
 TOKENIZER_DIR = Path(__file__).resolve().parent.parent / "resources" / "tokenizer"
 MAX_LENGTH = 77
@@ -98,3 +99,72 @@ def load_tokenizer_folder(folder: str | Path, pad_token: str | None = None) -> A
 def load_clip_tokenizer(pad_token: str | None = None) -> Any:
     """The real CLIP tokenizer from the shipped files. SD2's and SDXL's second tokenizer pad with "!"."""
     return load_tokenizer_folder(TOKENIZER_DIR, pad_token)
+
+
+# --- T5 (SD3's third text encoder, Flux's second): SentencePiece, never fetched ---------------------------
+# No package ships T5's tokenizer. It is read from the model's own folder (a diffusers folder has it in its
+# tokenizer folder), else from the folders a host ships it in (registered by the host adapter).
+T5_FILES = ("tokenizer.json", "spiece.model")
+T5_SIDE_FILES = ("tokenizer_config.json", "special_tokens_map.json")
+_host_t5_dirs: list[Path] = []
+
+
+def register_t5_tokenizer_dirs(folders: list[Path]) -> None:
+    """Folders that hold T5 tokenizer files a host ships (searched after the model's own folder)."""
+    _host_t5_dirs[:] = [Path(folder) for folder in folders]
+
+
+def t5_search_dirs(model_folder: Path | None, tokenizer_folder: str) -> list[Path]:
+    """Where T5's tokenizer is looked for, in order: the model's tokenizer folder, the model folder, the host's."""
+    own = [model_folder / tokenizer_folder, model_folder] if model_folder is not None else []
+    return [*own, *_host_t5_dirs]
+
+
+def t5_tokenizer_dir(folders: list[Path]) -> Path | None:
+    """The first folder with tokenizer.json or spiece.model."""
+    return next((folder for folder in folders if any((folder / name).is_file() for name in T5_FILES)), None)
+
+
+def missing_t5_tokenizer(folders: list[Path]) -> str:
+    places = ", ".join(str(folder) for folder in folders) or "nowhere (no model folder and no host folder)"
+    return (f"T5's tokenizer is missing: none of {places} holds tokenizer.json or spiece.model. Copy the "
+            "T5 tokenizer folder of the model's diffusers release (SD3: tokenizer_3, Flux: tokenizer_2; its "
+            "tokenizer.json or spiece.model) into the model folder; tokenizers are never downloaded.")
+
+
+def read_t5_tokenizer(folder: Path) -> Any:
+    """T5's tokenizer from spiece.model (SentencePiece) or tokenizer.json, whichever this installation reads:
+    tokenizer.json files written by recent `tokenizers` fail to parse in the old one A1111 1.10 pins, and
+    spiece.model needs the sentencepiece package."""
+    from transformers import T5Tokenizer, T5TokenizerFast
+
+    failures = []
+    for name, cls in (("spiece.model", T5Tokenizer), ("tokenizer.json", T5TokenizerFast)):
+        if not (folder / name).is_file():
+            continue
+        try:
+            return cls.from_pretrained(str(folder), local_files_only=True)
+        except Exception as error:  # noqa: BLE001 - missing sentencepiece, a tokenizer.json of a newer format
+            failures.append(f"{name}: {str(error).strip().splitlines()[-1] if str(error).strip() else error!r}")
+    raise ModelError(f"T5's tokenizer in {folder} cannot be read by this installation ({'; '.join(failures)}); "
+                     "install the sentencepiece package, or provide the other file (spiece.model or tokenizer.json).")
+
+
+def load_t5_tokenizer(model_folder: Path | None, encoder: Any) -> Any | None:
+    """The tokenizer of a T5 `encoder` (a families.TextEncoder); None when no folder holds its files."""
+    found = t5_tokenizer_dir(t5_search_dirs(model_folder, encoder.tokenizer_folder))
+    return None if found is None else read_t5_tokenizer(found)
+
+
+def copy_t5_tokenizer(tokenizer: Any, out_dir: Path) -> Path:
+    """Write the files the tokenizer was read from into `out_dir` unchanged (readable by every transformers)."""
+    source = Path(tokenizer.name_or_path)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    copied = False
+    for name in (*T5_FILES, *T5_SIDE_FILES):
+        if (source / name).is_file():
+            (out_dir / name).write_bytes((source / name).read_bytes())
+            copied = True
+    if not copied:
+        tokenizer.save_pretrained(str(out_dir))
+    return out_dir

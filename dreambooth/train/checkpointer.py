@@ -16,7 +16,7 @@ import torch
 
 from .. import atomic
 from ..config.schema import training_resolutions
-from . import runtime, snapshots
+from . import runtime, snapshots, textcache
 from .optim import set_training_mode
 from .sampling import render_samples, sample_prompts
 
@@ -121,7 +121,7 @@ class Checkpointer:
         """The weights to sample or save: EMA's when configured, schedule-free's averaged sequence."""
         s = self.session
         set_training_mode(s.optimizer, False)
-        modes = [(m, m.training) for m in (s.components.unet, *s.components.text_encoders)]
+        modes = [(m, m.training) for m in (s.components.denoiser, *s.components.present_text_encoders())]
         for module, _ in modes:
             module.eval()
         use_ema = s.ema is not None and s.config.ema_for_output
@@ -149,7 +149,8 @@ class Checkpointer:
             from ..models.components import build_pipeline
 
             s.callbacks.on_status(f"Sampling at step {step}")
-            with self.output_weights(), torch.no_grad(), runtime.autocast(s.config, s.device):
+            with self.output_weights(), textcache.encoders_on_device(s), torch.no_grad(), \
+                    runtime.autocast(s.config, s.device):
                 pipeline = build_pipeline(s.components, s.config.sample_scheduler)
                 paths = render_samples(pipeline, prompts, s.model_dir.samples, step, s.device)
             s.callbacks.on_sample(step, paths, [p.prompt for p in prompts])

@@ -146,8 +146,8 @@ class TrainLoop:
     def _no_sync(self, skip_sync: bool) -> Iterator[None]:
         with contextlib.ExitStack() as stack:
             if skip_sync and self.session.ranks.world_size > 1:
-                for module in (self.session.unet, *self.session.text_encoders):
-                    if hasattr(module, "no_sync"):
+                for module in (self.session.denoiser, *self.session.text_encoders):
+                    if module is not None and hasattr(module, "no_sync"):
                         stack.enter_context(module.no_sync())
             yield
 

@@ -17,7 +17,6 @@ plain components, which is how the tests prove the files load as trained.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import hashlib
 import json
@@ -33,16 +32,17 @@ from ..atomic import save_safetensors
 from ..config.schema import TrainingConfig, base_checkpoint_name
 from ..errors import ConfigError, ModelError, TrainingError
 from ..families import get_family
-from ..families.tables import HF_LAYER_PREFIX, hf_text_name
-from . import lora_keys
+from ..families.base import DENOISER_PART
+from ..families.sizes import text_lora_targets, unet_lora_targets
+from ..models.components import uses_zero_terminal_snr
+from . import lora_fuse, lora_keys
+from .runtime import text_parts
 
 ADAPTER = "default"
-PART_NAMES = ("unet", "text_encoder", "text_encoder_2")
+PART_NAMES = (DENOISER_PART, "text_encoder", "text_encoder_2")
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # Fraction of the LoRA's change that may be lost to rounding before the export warns.
 PRECISION_WARNING_FRACTION = 0.5
-TE_TARGET_SUFFIXES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj",
-                      "mlp.fc1", "mlp.fc2")
 # LoCon conv names: resnet conv1/conv2, down/upsampler conv. peft matches rank/alpha patterns as the
 # last dotted name parts (0.13: '.*\.key$', 0.21: '(.*\.)?key$'), so plain suffixes work in both.
 CONV_PATTERN_SUFFIXES = ("conv1", "conv2", "conv")
@@ -55,34 +55,19 @@ class PrecisionWarning(UserWarning):
 # --- injection -----------------------------------------------------------------------------------------
 
 def model_parts(components: Any) -> dict[str, Any]:
-    """The trainable models of `components` by part name (unet, text_encoder, text_encoder_2)."""
-    parts = {"unet": components.unet}
-    parts.update(zip(PART_NAMES[1:], components.text_encoders, strict=False))
-    return parts
+    """The models of `components` LoRA may adapt, by part name: the denoiser ('unet', whatever its class) and
+    each trainable text encoder ('text_encoder', 'text_encoder_2'; SD3's T5 is never adapted)."""
+    return {DENOISER_PART: components.denoiser, **dict(text_parts(components, trainable_only=True))}
 
 
 def unet_target_names(unet: Any, with_conv: bool) -> list[str]:
     """Linear and 1x1 conv layers of the attention blocks; with LoCon also the 3x3 convs of the resnets
-    and samplers (conv_in/conv_out stay frozen, as in kohya's LoCon)."""
-    names = []
-    for name, module in unet.named_modules():
-        in_attention = ".attentions." in name
-        is_linear_like = isinstance(module, torch.nn.Linear) or _is_conv(module, (1, 1))
-        is_locon_conv = _is_conv(module, (3, 3)) and (".resnets." in name or "samplers." in name)
-        if (in_attention and is_linear_like) or (with_conv and is_locon_conv):
-            names.append(name)
-    return names
-
-
-def _is_conv(module: Any, kernel: tuple[int, int]) -> bool:
-    return isinstance(module, torch.nn.Conv2d) and tuple(module.kernel_size) == kernel
+    and samplers (the rule lives with the families, which the memory estimate reads too)."""
+    return unet_lora_targets(unet, with_conv)
 
 
 def text_encoder_target_names(encoder: Any) -> list[str]:
-    return [name for name, module in encoder.named_modules()
-            if isinstance(module, torch.nn.Linear)
-            and hf_text_name(name).startswith(HF_LAYER_PREFIX)
-            and name.endswith(TE_TARGET_SUFFIXES)]
+    return text_lora_targets(encoder)
 
 
 def peft_config(config: TrainingConfig, targets: list[str], conv_targets: bool) -> Any:
@@ -98,6 +83,7 @@ def peft_config(config: TrainingConfig, targets: list[str], conv_targets: bool) 
 
 
 def _check_lora_settings(config: TrainingConfig) -> None:
+    get_family(config.model_family).check_lora_settings(config)
     if not (config.train_unet or config.train_text_encoder):
         raise ConfigError("Settings 'train_unet' and 'train_text_encoder' are both off: a LoRA needs at least "
                           "one of them; turn one on.")
@@ -114,22 +100,21 @@ def add_lora(components: Any, config: TrainingConfig) -> dict[str, list[torch.nn
     from peft import inject_adapter_in_model
 
     _check_lora_settings(config)
-    for module in (components.unet, components.vae, *components.text_encoders):
-        if module is not None:
-            module.requires_grad_(False)
+    for module in components.modules():
+        module.requires_grad_(False)
     params: dict[str, list[torch.nn.Parameter]] = {}
     for part, model in model_parts(components).items():
         params[part] = []
         if _part_is_trained(part, config):
-            with_conv = part == "unet" and config.lora_conv_rank > 0
-            targets = unet_target_names(model, with_conv) if part == "unet" else text_encoder_target_names(model)
+            with_conv = part == DENOISER_PART and config.lora_conv_rank > 0
+            targets = components.model_family.lora_target_names(part, model, with_conv)
             inject_adapter_in_model(peft_config(config, targets, with_conv), model, adapter_name=ADAPTER)
             params[part] = _unfreeze_adapter(model)
     return params
 
 
 def _part_is_trained(part: str, config: TrainingConfig) -> bool:
-    return config.train_unet if part == "unet" else config.train_text_encoder
+    return config.train_unet if part == DENOISER_PART else config.train_text_encoder
 
 
 def _unfreeze_adapter(model: torch.nn.Module) -> list[torch.nn.Parameter]:
@@ -204,31 +189,65 @@ def merge_lora(components: Any) -> None:
 
 def _dora_difference(module: Any) -> torch.Tensor:
     """W_merged - W of a DoRA layer, merged by peft itself on a copy of the layer."""
-    merged = copy.deepcopy(module)
-    merged.merge(adapter_names=[ADAPTER])
-    return (merged.get_base_layer().weight - module.get_base_layer().weight).detach().float()
+    difference = lora_fuse.layer_factors(module, ADAPTER).diff
+    assert difference is not None
+    return difference
 
 
-def _module_tensors(key: str, module: Any) -> dict[str, torch.Tensor]:
+def _module_tensors(key: str, module: Any, alpha_key: bool = True) -> dict[str, torch.Tensor]:
+    """The layer's file tensors: down, up and alpha (the host applies alpha / rank), or with `alpha_key` False
+    down and the up weights times the strength (loaders then apply scale 1)."""
     if module.use_dora.get(ADAPTER, False):
         return {f"{key}.diff": _dora_difference(module)}
     down = module.lora_A[ADAPTER].weight.detach().float()
-    alpha = module.scaling[ADAPTER] * down.shape[0]  # the host applies alpha / rank
-    return {f"{key}.lora_down.weight": down, f"{key}.lora_up.weight": module.lora_B[ADAPTER].weight.detach().float(),
+    up = module.lora_B[ADAPTER].weight.detach().float()
+    if not alpha_key:
+        return {f"{key}.lora_down.weight": down, f"{key}.lora_up.weight": up * module.scaling[ADAPTER]}
+    alpha = module.scaling[ADAPTER] * down.shape[0]
+    return {f"{key}.lora_down.weight": down, f"{key}.lora_up.weight": up,
             f"{key}.alpha": torch.tensor(alpha, dtype=torch.float32)}
 
 
-def host_tensors(components: Any) -> dict[str, torch.Tensor]:
-    """All adapters as fp32 tensors under the host's key names."""
+def denoiser_keys(components: Any, names: list[str]) -> dict[str, str]:
+    """The exported key of each adapted denoiser module: the family's, or kohya's UNet keys."""
+    denoiser = components.denoiser
+    keys = components.model_family.denoiser_lora_keys(names, denoiser)
+    if keys is not None:
+        return keys
+    ldm_names = lora_keys.unet_ldm_names(denoiser, components.family)
+    return {name: lora_keys.unet_key(components.family, name, ldm_names[name]) for name in names}
+
+
+def _factors(modules: dict[str, Any]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """(down, up x strength) of each LoRA layer: the change it makes is up @ down."""
+    return {name: (module.lora_A[ADAPTER].weight.detach().float(),
+                   module.lora_B[ADAPTER].weight.detach().float() * module.scaling[ADAPTER])
+            for name, module in modules.items()}
+
+
+def host_tensors(components: Any, key_format: str = "original") -> dict[str, torch.Tensor]:
+    """All adapters as fp32 tensors under the host's key names (`key_format`: 'lora_key_format')."""
     tensors: dict[str, torch.Tensor] = {}
-    for index, (part, model) in enumerate(model_parts(components).items()):
-        ldm_names = lora_keys.unet_ldm_names(model, components.family) if part == "unet" else {}
-        for name, module in lora_modules(model):
-            if part == "unet":
-                key = lora_keys.unet_key(components.family, name, ldm_names[name])
-            else:
-                key = lora_keys.te_key(components.family, index - 1, name)
-            tensors.update(_module_tensors(key, module))
+    family = components.model_family
+    encoder_index = {spec.folder: index for index, spec in enumerate(family.text_encoders)}
+    for part, model in model_parts(components).items():
+        modules = dict(lora_modules(model))
+        slots = family.denoiser_lora_slots(model) if part == DENOISER_PART and key_format == "original" else None
+        fused = None
+        if slots is not None:  # the host fuses layers: one LoRA per fused layer (train/lora_fuse.py)
+            fused = lora_fuse.host_tensors({name: lora_fuse.layer_factors(module, ADAPTER)
+                                            for name, module in modules.items()}, slots, str)
+        elif part == DENOISER_PART and modules:
+            fused = family.denoiser_lora_tensors(_factors(modules), components.denoiser, key_format)
+        if fused is not None:
+            tensors.update(fused)
+            continue
+        if part == DENOISER_PART:
+            keys = denoiser_keys(components, list(modules))
+        else:
+            keys = {name: lora_keys.te_key(components.family, encoder_index[part], name) for name in modules}
+        for name, module in modules.items():
+            tensors.update(_module_tensors(keys[name], module, components.model_family.lora_alpha_keys))
     return tensors
 
 
@@ -240,7 +259,7 @@ def _delta(tensors: dict[str, torch.Tensor], base: str) -> torch.Tensor:
 
 
 def _part_of_key(key: str) -> str:
-    return "unet" if key.startswith("lora_unet_") else key.split("_text_model", 1)[0]
+    return key.split("_text_model", 1)[0] if "_text_model" in key else DENOISER_PART
 
 
 def lost_fraction(tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> float:
@@ -300,8 +319,8 @@ def default_metadata(components: Any, config: TrainingConfig) -> dict[str, str]:
     metadata = {
         "ss_network_module": "networks.lora", "ss_network_dim": str(config.lora_rank),
         "ss_network_alpha": str(config.lora_alpha), "ss_network_dropout": str(config.lora_dropout),
-        **get_family(components.family).lora_markers(),
-        "ss_v_parameterization": str(components.prediction_type == "v_prediction"),
+        **get_family(components.family).lora_markers(components.prediction_type,
+                                                     uses_zero_terminal_snr(components)),
         "ss_sd_model_name": base_checkpoint_name(config) or config.model_name,
         "ss_resolution": f"({resolution}, {resolution})", "ss_max_train_steps": str(config.max_train_steps),
         "ss_learning_rate": str(config.learning_rate), "ss_unet_lr": str(config.learning_rate),
@@ -340,7 +359,7 @@ def export_lora(components: Any, config: TrainingConfig, out_path: Path, metadat
     ss_tag_frequency as JSON, ...); ss_output_name always gets a content hash appended to stay unique.
     """
     out_path = Path(out_path)
-    tensors = host_tensors(components)
+    tensors = host_tensors(components, config.lora_key_format)
     if not tensors:
         raise ModelError(f"{out_path}: the model carries no LoRA layers to export; call add_lora first.")
     tensors = cast_for_save(tensors, config.save_precision)
@@ -449,7 +468,7 @@ def apply_host_lora(components: Any, path: Path, weight: float = 1.0) -> list[st
     if any(True for model in model_parts(components).values() for _ in lora_modules(model)):
         raise ModelError("apply_host_lora needs plain components; these carry peft LoRA layers (merge_lora them "
                          "or load fresh ones).")
-    mapping = lora_keys.host_layer_mapping(components.family, components.unet, list(components.text_encoders))
+    mapping = lora_keys.host_layer_mapping(components.family, components.denoiser, list(components.text_encoders))
     groups, unmatched = _group_by_host_module(load_file(str(path)), mapping, lora_keys.host_is_sd2(mapping))
     with torch.no_grad():
         unmatched += _apply_groups(groups, mapping, weight)

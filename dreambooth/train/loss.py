@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -28,6 +29,20 @@ def min_snr_weights(snr: torch.Tensor, gamma: float, prediction_type: str) -> to
     weights = clipped / snr.clamp(min=1e-12)
     # With a zero-terminal-SNR schedule the last step has SNR 0; give it weight 1 instead of 0/0.
     return torch.where(snr > 0, weights, torch.ones_like(weights))
+
+
+def flow_loss_weights(sigmas: torch.Tensor, scheme: str) -> torch.Tensor:
+    """Per-sample weights of the velocity loss by noise level (the SD3 paper's weightings, with the formulas
+    of diffusers.training_utils.compute_loss_weighting_for_sd3): sigma_sqrt 1/sigma^2, cosmap
+    2 / (pi (1 - 2 sigma + 2 sigma^2)), none 1."""
+    sigmas = sigmas.float()
+    if scheme == "sigma_sqrt":
+        return sigmas.clamp(min=1e-6) ** -2.0
+    if scheme == "cosmap":
+        return 2.0 / (math.pi * (1.0 - 2.0 * sigmas + 2.0 * sigmas**2))
+    if scheme == "none":
+        return torch.ones_like(sigmas)
+    raise ConfigError(f"Setting 'flow_loss_weighting': {scheme!r} is not supported; use none, sigma_sqrt or cosmap.")
 
 
 def elementwise_loss(prediction: torch.Tensor, wanted: torch.Tensor, loss_type: str,

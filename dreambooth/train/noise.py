@@ -1,5 +1,6 @@
 """Training noise: per-sample seeded Gaussian noise, offset (zero-frequency) noise, pyramid noise,
-input perturbation, timestep sampling and the zero-terminal-SNR rescale of the schedule.
+input perturbation, timestep sampling (DDPM steps; flow matching's noise levels) and the zero-terminal-SNR
+rescale of the schedule.
 
 Noise is drawn per sample from that sample's own seed, so a sample gets the same noise whether it is
 trained alone, in a bigger batch, on another rank or after a resume.
@@ -7,6 +8,7 @@ trained alone, in a bigger batch, on another rank or after a resume.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -69,6 +71,43 @@ def batch_noise(latent_shape: tuple[int, ...], seeds: list[int], step: int, conf
     return torch.stack(noises), torch.stack(inputs), torch.tensor(steps, dtype=torch.long)
 
 
+def flow_timestep(generator: torch.Generator, sampling: str, logit_mean: float, logit_std: float,
+                  mode_scale: float) -> float:
+    """A flow-matching noise level t in (0, 1) (t = 1: pure noise) from the densities of the SD3 paper
+    (Esser et al. 2024, section 3.1): logit-normal, 'mode' with scale s, or uniform. The same formulas as
+    diffusers.training_utils.compute_density_for_timestep_sampling, drawn from the sample's own generator
+    (diffusers' draws from the global one, and diffusers 0.31 takes no generator)."""
+    if sampling == "logit_normal":
+        return float(torch.sigmoid(torch.randn((1,), generator=generator) * logit_std + logit_mean))
+    u = float(torch.rand((1,), generator=generator))
+    if sampling == "mode":
+        return 1.0 - u - mode_scale * (math.cos(math.pi * u / 2) ** 2 - 1.0 + u)
+    return u
+
+
+def shift_timestep(t: float, shift: float) -> float:
+    """The paper's resolution shift of a noise level, t' = s t / (1 + (s - 1) t), as FlowMatchEulerDiscreteScheduler
+    shifts its sigmas."""
+    return shift * t / (1.0 + (shift - 1.0) * t)
+
+
+def flow_batch_noise(latent_shape: tuple[int, ...], seeds: list[int], step: int, config: Any,
+                     shift: float | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(noise, input noise, sigmas) for a flow-matching batch, each sample from its own seed as batch_noise;
+    `shift` is the model's for this latent size (default: 'flow_shift')."""
+    noises, inputs, sigmas = [], [], []
+    for seed in seeds:
+        generator = sample_generator(seed, step)
+        t = flow_timestep(generator, config.flow_timestep_sampling, config.flow_logit_mean, config.flow_logit_std,
+                          config.flow_mode_scale)
+        sigmas.append(shift_timestep(t, config.flow_shift if shift is None else shift))
+        noise = sample_noise(latent_shape, generator, config.offset_noise, config.pyramid_noise_iterations,
+                             config.pyramid_noise_discount)
+        noises.append(noise)
+        inputs.append(perturb(noise, config.input_perturbation, generator))
+    return torch.stack(noises), torch.stack(inputs), torch.tensor(sigmas, dtype=torch.float32)
+
+
 def perturb(noise: torch.Tensor, amount: float, generator: torch.Generator) -> torch.Tensor:
     """Input perturbation (Ning et al.): the noisy input gets extra noise, the target keeps the original."""
     if amount <= 0:
@@ -77,7 +116,8 @@ def perturb(noise: torch.Tensor, amount: float, generator: torch.Generator) -> t
 
 
 def training_scheduler(scheduler: Any, zero_terminal_snr: bool) -> Any:
-    """The noise scheduler used for training: a copy with rescaled zero-terminal-SNR betas when asked."""
-    if not zero_terminal_snr:
+    """The noise scheduler used for training: the model's, or a copy whose betas are (or are no longer)
+    rescaled to zero terminal SNR where the setting differs from the model's schedule."""
+    if bool(scheduler.config.get("rescale_betas_zero_snr", False)) == zero_terminal_snr:
         return scheduler
-    return type(scheduler).from_config(scheduler.config, rescale_betas_zero_snr=True)
+    return type(scheduler).from_config(scheduler.config, rescale_betas_zero_snr=zero_terminal_snr)

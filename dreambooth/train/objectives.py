@@ -2,8 +2,9 @@
 
 An objective takes the session and a loaded batch and returns one loss per sample (prior and mask weighting
 happen outside). Epsilon and v-prediction share the DDPM forward process and differ in the target and the
-min-SNR weighting; a new kind (flow matching) is a new class behind `Objective`, chosen by `objective_for`,
-with no change to the loop.
+min-SNR weighting; flow matching (SD3, Flux) interpolates linearly between image and noise and predicts the
+velocity. `objective_for` chooses by prediction type; the family's `predict` calls its denoiser, so the loop
+knows neither.
 """
 
 from __future__ import annotations
@@ -55,12 +56,9 @@ class DiffusionObjective:
         input_noise = input_noise.to(device) if batch.perturb_input else noise
         noisy = losses.add_noise(session.noise_scheduler, batch.latents, input_noise, timesteps)
         wanted = self.target(session.noise_scheduler, batch.latents, noise, timesteps)
-        with runtime.autocast(config, device):
-            hidden, added = conditioning(session, batch)
-            prediction = session.unet(noisy, timesteps, encoder_hidden_states=hidden, added_cond_kwargs=added).sample
-        elements = losses.elementwise_loss(prediction, wanted, config.loss_type, config.huber_c)
-        per_sample = losses.per_sample_loss(elements, batch.pixel_weights, config.normalize_masked_area_loss)
+        per_sample = compared(session, batch, predict(session, batch, noisy, timesteps), wanted)
         if config.min_snr_gamma > 0:
+            assert session.alphas_cumprod is not None  # DDPM schedules have one
             snr = losses.compute_snr(session.alphas_cumprod, timesteps)
             per_sample = per_sample * self.snr_weights(snr, config.min_snr_gamma)
         return per_sample
@@ -94,10 +92,33 @@ class VPredictionObjective(DiffusionObjective):
         return scheduler.get_velocity(latents, noise, timesteps)
 
 
-OBJECTIVES: dict[str, type[DiffusionObjective]] = {"epsilon": EpsilonObjective, "v_prediction": VPredictionObjective}
+class FlowMatchingObjective:
+    """Rectified flow (SD3, SD 3.5, Flux): x_t = (1 - t) x0 + t eps at a noise level t drawn by the run's
+    timestep sampling and shift; the denoiser predicts the velocity eps - x0 at timestep t x 1000 (the
+    convention of FlowMatchEulerDiscreteScheduler); the loss is weighted per sample by 'flow_loss_weighting'."""
+
+    name = "flow_matching"
+
+    def per_sample_losses(self, session: Session, batch: Batch) -> torch.Tensor:
+        config, device = session.config, session.device
+        seeds = [item.seed for item in batch.items]
+        shape = tuple(batch.latents.shape[1:])
+        shift = session.family.flow_shift(config, shape, session.noise_scheduler.config)
+        noise, input_noise, sigmas = noises.flow_batch_noise(shape, seeds, batch.step, config, shift)
+        noise, sigmas = noise.to(device), sigmas.to(device)
+        input_noise = input_noise.to(device) if batch.perturb_input else noise
+        level = sigmas.view(-1, *[1] * (batch.latents.dim() - 1))
+        noisy = (1.0 - level) * batch.latents + level * input_noise
+        timesteps = sigmas * session.noise_scheduler.config.num_train_timesteps
+        per_sample = compared(session, batch, predict(session, batch, noisy, timesteps), noise - batch.latents)
+        return per_sample * losses.flow_loss_weights(sigmas, config.flow_loss_weighting)
 
 
-def objective_for(prediction_type: str) -> DiffusionObjective:
+OBJECTIVES: dict[str, type[Objective]] = {"epsilon": EpsilonObjective, "v_prediction": VPredictionObjective,
+                                          "flow_matching": FlowMatchingObjective}
+
+
+def objective_for(prediction_type: str) -> Objective:
     if prediction_type not in OBJECTIVES:
         raise ConfigError(f"Setting 'prediction_type': {prediction_type!r} is not supported; use "
                           + " or ".join(OBJECTIVES) + ".")
@@ -139,21 +160,34 @@ def encode_pixels(session: Session, pixels: torch.Tensor) -> torch.Tensor:
     vae = session.components.vae
     pixels = pixels.to(session.device, next(vae.parameters()).dtype)
     # The distribution's mean: deterministic, so cached and uncached runs train the same latents.
-    latent = vae.encode(pixels).latent_dist.mean * vae.config.scaling_factor
+    latent = session.family.normalise_latents(vae.encode(pixels).latent_dist.mean, vae.config)
     return latent.float()
 
 
-# --- conditioning --------------------------------------------------------------------------------------
+# --- prediction and conditioning ---------------------------------------------------------------------------
 
-def conditioning(session: Session, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
-    """The UNet's text conditioning: hidden states, plus what the family adds (SDXL: pooled text and sizes)."""
+def predict(session: Session, batch: Batch, noisy: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    """The denoiser's output for the batch, called by the family (its conditioning, its arguments)."""
+    with runtime.autocast(session.config, session.device):
+        encoded = conditioning(session, batch)
+        return session.family.predict(session.denoiser, noisy, timesteps, encoded, batch.items, session.device,
+                                      encoded.hidden.dtype)
+
+
+def compared(session: Session, batch: Batch, prediction: torch.Tensor, wanted: torch.Tensor) -> torch.Tensor:
+    """Per-sample loss of a prediction against its target: the loss type, masks and area normalisation."""
+    config = session.config
+    elements = losses.elementwise_loss(prediction, wanted, config.loss_type, config.huber_c)
+    return losses.per_sample_loss(elements, batch.pixel_weights, config.normalize_masked_area_loss)
+
+
+def conditioning(session: Session, batch: Batch) -> EncodedText:
+    """The batch's captions encoded for the denoiser (observers see the captions of training batches)."""
     captions = [data_api.build_caption(item, session.config) for item in batch.items]
     if batch.training:
         for observer in session.observers:
             observer.on_captions(batch.step, list(captions))
-    encoded = encode_text(session, captions)
-    return encoded.hidden, session.family.added_conditioning(encoded, batch.items, session.device,
-                                                             encoded.hidden.dtype)
+    return encode_text(session, captions)
 
 
 def _encode(session: Session, captions: list[str]) -> EncodedText:

@@ -11,7 +11,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..config.schema import base_checkpoint_name
+from ..families.base import DENOISER_PART
 from ..store import unused_path
+from .runtime import TEXT_GROUPS
 
 if TYPE_CHECKING:
     from .session import Session
@@ -30,8 +32,9 @@ def output_components(session: Session) -> Any:
     base = load_components(session.model_dir.working, torch.float32)
     trained = session.trained_parts
     encoders = [live_encoder if name in trained else base_encoder for name, live_encoder, base_encoder
-                in zip(("text_encoder", "text_encoder_2"), live.text_encoders, base.text_encoders, strict=False)]
-    return Components(family=live.family, unet=live.unet if "unet" in trained else base.unet, vae=base.vae,
+                in zip(TEXT_GROUPS, live.text_encoders, base.text_encoders, strict=False)]
+    denoiser = live.denoiser if DENOISER_PART in trained else base.denoiser
+    return Components(family=live.family, denoiser=denoiser, vae=base.vae,
                       text_encoders=encoders, tokenizers=live.tokenizers, noise_scheduler=live.noise_scheduler,
                       prediction_type=live.prediction_type, extras=live.extras)
 

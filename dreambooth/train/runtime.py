@@ -13,9 +13,20 @@ from typing import Any
 import torch
 
 from ..errors import ConfigError
+from ..families import get_family
+from ..families.base import DENOISER_PART
 
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-TEXT_GROUPS = ("text_encoder", "text_encoder_2")
+# Part names of the text encoders: each encoder's diffusers folder, in the family's order.
+TEXT_GROUPS = ("text_encoder", "text_encoder_2", "text_encoder_3")
+
+
+def text_parts(components: Any, trainable_only: bool = False) -> list[tuple[str, Any]]:
+    """(part name, encoder) of each text encoder the model holds; with `trainable_only`, of those that
+    'train_text_encoder' may train (SD3's T5 never does)."""
+    specs = components.model_family.text_encoders
+    return [(spec.folder, encoder) for spec, encoder in zip(specs, components.text_encoders, strict=True)
+            if encoder is not None and (spec.trainable or not trainable_only)]
 
 
 def compute_dtype(config: Any) -> torch.dtype:
@@ -39,7 +50,7 @@ def set_tf32(allowed: bool) -> None:
     torch.backends.cudnn.allow_tf32 = allowed
 
 
-def setup_attention(unet: Any, config: Any, device: torch.device, warn: Callable[[str], None]) -> str:
+def setup_attention(denoiser: Any, config: Any, device: torch.device, warn: Callable[[str], None]) -> str:
     """'xformers' when asked, on CUDA, and importable; otherwise PyTorch SDPA (diffusers' default)."""
     if config.attention != "xformers":
         return "sdpa"
@@ -48,7 +59,7 @@ def setup_attention(unet: Any, config: Any, device: torch.device, warn: Callable
         reason = "it needs a CUDA GPU"
     else:
         try:
-            unet.enable_xformers_memory_efficient_attention()
+            denoiser.enable_xformers_memory_efficient_attention()
             return "xformers"
         except Exception as error:  # not installed or built for another torch/CUDA
             reason = f"it cannot be used here ({error})"
@@ -58,26 +69,27 @@ def setup_attention(unet: Any, config: Any, device: torch.device, warn: Callable
 
 
 def full_trainable(components: Any, config: Any) -> dict[str, list[torch.nn.Parameter]]:
-    """Full fine-tune: every UNet weight and/or every text-encoder weight trains."""
+    """Full fine-tune: every denoiser weight and/or every trainable text-encoder weight trains."""
     groups: dict[str, list[torch.nn.Parameter]] = {}
     if config.train_unet:
-        groups["unet"] = list(components.unet.parameters())
+        groups[DENOISER_PART] = list(components.denoiser.parameters())
     if config.train_text_encoder:
-        for name, encoder in zip(TEXT_GROUPS, components.text_encoders, strict=False):
-            groups[name] = list(encoder.parameters())
+        specs = {spec.folder: spec for spec in components.model_family.text_encoders}
+        for name, encoder in text_parts(components, trainable_only=True):
+            frozen = "text_projection.weight" if specs[name].identity_projection else None
+            groups[name] = [param for key, param in encoder.named_parameters() if key != frozen]
     return groups
 
 
 def trainable_parameters(components: Any, config: Any) -> dict[str, list[torch.nn.Parameter]]:
-    modules = [components.unet, components.vae, *components.text_encoders]
-    for module in modules:
+    for module in components.modules():
         module.requires_grad_(False)
     if config.method == "lora":
         from .lora import add_lora
 
         groups = add_lora(components, config)
         groups = {name: params for name, params in groups.items()
-                  if params and (config.train_unet if name == "unet" else config.train_text_encoder)}
+                  if params and (config.train_unet if name == DENOISER_PART else config.train_text_encoder)}
     else:
         groups = full_trainable(components, config)
     for params in groups.values():
@@ -98,20 +110,26 @@ def load_dtypes(config: Any) -> dict[str, torch.dtype]:
     compute = compute_dtype(config)
     lora = config.method == "lora"  # LoRA trains adapters only: every base weight is frozen
     text = compute if lora or not config.train_text_encoder else torch.float32
-    return {"unet": compute if lora or not config.train_unet else torch.float32,
-            "vae": vae_dtype(compute),
-            "text_encoder": text, "text_encoder_2": text}
+    # An encoder that never trains (SD3's T5-XXL) loads in the compute dtype: 19 GB in fp32.
+    encoders = {spec.folder: text if spec.trainable else compute for spec in get_family(config.model_family).text_encoders}
+    return {DENOISER_PART: compute if lora or not config.train_unet else torch.float32,
+            "vae": vae_dtype(compute), **dict.fromkeys(TEXT_GROUPS, text), **encoders}
 
 
 def cast_frozen(components: Any, trainable: dict[str, list[torch.nn.Parameter]], dtype: torch.dtype,
                 device: torch.device) -> None:
     """Frozen weights in the compute dtype (half the memory, faster); trained ones stay fp32 masters."""
+    from .quantize import is_quantized
+
     trained = {id(p) for params in trainable.values() for p in params}
-    for module in (components.unet, components.vae, *components.text_encoders):
+    for module in components.modules():
         frozen_dtype = vae_dtype(dtype) if module is components.vae else dtype
         module.to(device)
         for param in module.parameters():
-            param.data = param.data.float() if id(param) in trained else param.data.to(frozen_dtype)
+            if id(param) in trained:
+                param.data = param.data.float()
+            elif not is_quantized(param):  # a quantized base keeps its storage ('base_quantization')
+                param.data = param.data.to(frozen_dtype)
 
 
 def use_channels_last(device: torch.device) -> bool:
@@ -121,10 +139,10 @@ def use_channels_last(device: torch.device) -> bool:
 
 
 def set_memory_format(components: Any, channels_last: bool) -> None:
-    """UNet and VAE convolution weights in channels_last (or back to contiguous for saving: safetensors
+    """Denoiser and VAE convolution weights in channels_last (or back to contiguous for saving: safetensors
     writes contiguous tensors only). Parameters keep their identity, so the optimizer is unaffected."""
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    for module in (components.unet, components.vae):
+    for module in (components.denoiser, components.vae):
         module.to(memory_format=memory_format)
 
 
@@ -154,7 +172,7 @@ def own_memory(components: Any) -> int:
     ranges = file_mapped_ranges()
     starts = [low for low, _ in ranges]
     copied = 0
-    for module in (components.unet, components.vae, *components.text_encoders):
+    for module in components.modules():
         for tensor in (*module.parameters(), *module.buffers()):
             index = bisect.bisect_right(starts, tensor.data_ptr()) - 1
             if index >= 0 and tensor.data_ptr() < ranges[index][1]:
@@ -213,6 +231,6 @@ def freeze(params: list[torch.nn.Parameter]) -> None:
 def set_train_mode(components: Any, trainable: dict[str, list[torch.nn.Parameter]]) -> None:
     """Trained modules in train mode (LoRA dropout acts), the rest in eval mode."""
     components.vae.eval()
-    components.unet.train("unet" in trainable)
-    for name, encoder in zip(TEXT_GROUPS, components.text_encoders, strict=False):
+    components.denoiser.train(DENOISER_PART in trainable)
+    for name, encoder in text_parts(components):
         encoder.train(name in trainable)

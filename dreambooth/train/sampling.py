@@ -63,10 +63,12 @@ def sample_prompts(config: Any, run_seed: int, resolution: int) -> list[Generati
 
 
 def render(pipeline: Any, prompt: GenerationRequest, device: torch.device) -> Any:
+    from ..models.components import call_options
+
     generator = torch.Generator(device="cpu").manual_seed(prompt.seed)
     result = pipeline(prompt=prompt.prompt, negative_prompt=prompt.negative_prompt or None, width=prompt.width,
                       height=prompt.height, num_inference_steps=prompt.steps, guidance_scale=prompt.cfg_scale,
-                      generator=generator, output_type="pil")
+                      generator=generator, output_type="pil", **call_options(pipeline))
     return result.images[0]
 
 

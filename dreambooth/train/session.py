@@ -19,6 +19,7 @@ import torch
 from ..config.schema import TrainingConfig, caches_text_outputs, run_settings, text_cache_blockers
 from ..errors import ConfigError, TrainingError
 from ..families import ModelFamily, get_family
+from ..families.base import DENOISER_PART
 from ..quiet import shown
 from ..store import ModelDir
 from . import data as data_api
@@ -103,10 +104,10 @@ class Session:
     resume: ResumeDecision         # which run this is and the snapshot it continues from, if any
     run_settings: dict[str, Any]   # the training settings that make a run (config.schema.run_settings)
     components: Any                # models.components.Components
-    unet: Any                      # the UNet the loop calls (DDP-wrapped on several ranks)
-    text_encoders: list[Any]       # likewise for the text encoders
+    denoiser: Any                  # the UNet or transformer the loop calls (DDP-wrapped on several ranks)
+    text_encoders: list[Any]       # likewise for the text encoders (None for an absent optional one)
     noise_scheduler: Any
-    alphas_cumprod: torch.Tensor
+    alphas_cumprod: torch.Tensor | None  # the DDPM schedule's (min-SNR); None for flow matching
     trainable: dict[str, list[torch.nn.Parameter]]  # part -> parameters training now
     trained_parts: set[str]        # parts trained at any time of the run (kept after stop_text_encoder)
     trained_ids: set[int]          # ids of every parameter trained at any time of the run
@@ -155,8 +156,7 @@ class Session:
                                       self.ranks.rank)
 
     def named_modules(self) -> dict[str, torch.nn.Module]:
-        return {"unet": self.components.unet,
-                **dict(zip(runtime.TEXT_GROUPS, self.components.text_encoders, strict=False))}
+        return {DENOISER_PART: self.components.denoiser, **dict(runtime.text_parts(self.components))}
 
     def trained_tensors(self) -> dict[str, torch.Tensor]:
         """'<part>.<parameter>' -> tensor of every parameter the run trains or trained (snapshots hold these)."""
@@ -195,7 +195,7 @@ def resolve_seed(seed: int) -> int:
 @dataclass
 class _Models:
     components: Any
-    unet: Any
+    denoiser: Any
     text_encoders: list[Any]
     noise_scheduler: Any
     trainable: dict[str, list[torch.nn.Parameter]]
@@ -230,8 +230,8 @@ def build_session(config: TrainingConfig, model_dir: ModelDir, host: Any, callba
         config=config, model_dir=model_dir, host=host, callbacks=callbacks, warn=warn,
         observers=list(observers or []), ranks=ranks, seed=seed, resume=decision,
         run_settings=settings,
-        components=models.components, unet=models.unet, text_encoders=models.text_encoders,
-        noise_scheduler=models.noise_scheduler, alphas_cumprod=models.noise_scheduler.alphas_cumprod.to(ranks.device),
+        components=models.components, denoiser=models.denoiser, text_encoders=models.text_encoders,
+        noise_scheduler=models.noise_scheduler, alphas_cumprod=_alphas_cumprod(models.noise_scheduler, ranks.device),
         trainable=models.trainable, trained_parts=set(models.trainable),
         trained_ids={id(p) for p in params}, compute_dtype=models.compute_dtype,
         channels_last=models.channels_last, heap_reuse=heap_reuse, plan=plan, run=run,
@@ -241,6 +241,11 @@ def build_session(config: TrainingConfig, model_dir: ModelDir, host: Any, callba
         lr_scheduler=build_scheduler(optimizer, config, run.total_steps),
         scaler=torch.amp.GradScaler("cuda") if config.mixed_precision == "fp16" else None,
         ema=EMA(params, config.ema_decay, config.ema_update_every) if config.use_ema else None, params=params)
+
+
+def _alphas_cumprod(scheduler: Any, device: torch.device) -> torch.Tensor | None:
+    alphas = getattr(scheduler, "alphas_cumprod", None)
+    return None if alphas is None else alphas.to(device)
 
 
 def text_encoder_stop_step(config: TrainingConfig, total_steps: int) -> int:
@@ -255,10 +260,13 @@ def _load_models(config: TrainingConfig, model_dir: ModelDir, ranks: Ranks, warn
                  lora_dir: Path) -> _Models:
     from ..models.components import load_components
     from .lora_init import apply_start_lora, read_start_lora
+    from .quantize import check_quantization, quantize_base
 
     components = load_components(model_dir.working, torch.float32, runtime.load_dtypes(config))
     check_identity(config, components, model_dir.working)
     start_lora = read_start_lora(config, components, lora_dir, warn)  # keys resolve on the unwrapped layers
+    check_quantization(config)
+    quantize_base(components.denoiser, config.base_quantization, runtime.compute_dtype(config), ranks.device)
     trainable = runtime.trainable_parameters(components, config)
     if start_lora is not None:
         apply_start_lora(components, start_lora, warn)
@@ -267,14 +275,16 @@ def _load_models(config: TrainingConfig, model_dir: ModelDir, ranks: Ranks, warn
     channels_last = runtime.use_channels_last(ranks.device)
     runtime.set_memory_format(components, channels_last)
     runtime.own_memory(components)
-    runtime.setup_attention(components.unet, config, ranks.device, warn)
+    runtime.setup_attention(components.denoiser, config, ranks.device, warn)
     if config.gradient_checkpointing:
         _enable_checkpointing(components, trainable)
     runtime.set_train_mode(components, trainable)
-    unet = ranks.prepare(components.unet) if "unet" in trainable else components.unet
-    encoders = [ranks.prepare(e) if n in trainable else e
+    denoiser = ranks.prepare(components.denoiser) if DENOISER_PART in trainable else components.denoiser
+    encoders = [ranks.prepare(e) if n in trainable and e is not None else e
                 for n, e in zip(runtime.TEXT_GROUPS, components.text_encoders, strict=False)]
-    return _Models(components, unet, encoders, noises.training_scheduler(components.noise_scheduler,
+    # The model trains with the run's schedule from now on: samples, working/ and exports follow it.
+    components.noise_scheduler = noises.training_scheduler(components.noise_scheduler, config.zero_terminal_snr)
+    return _Models(components, denoiser, encoders, noises.training_scheduler(components.noise_scheduler,
                                                                          config.zero_terminal_snr),
                    trainable, dtype, channels_last)
 
@@ -287,6 +297,10 @@ def check_identity(config: TrainingConfig, components: Any, working: Path) -> No
                           f"{components.family}; set it to {components.family}.")
     if components.prediction_type == config.prediction_type:
         return
+    if "flow_matching" in (components.prediction_type, config.prediction_type):
+        raise ConfigError(f"Setting 'prediction_type' is {config.prediction_type} but the weights in {working} were "
+                          f"recorded as {components.prediction_type}; flow matching and the DDPM objectives need "
+                          f"different models, so it cannot be forced: set it to {components.prediction_type}.")
     if not config.force_prediction_type:
         raise ConfigError(
             f"Setting 'prediction_type' is {config.prediction_type} but the weights in {working} were recorded as "
@@ -296,9 +310,9 @@ def check_identity(config: TrainingConfig, components: Any, working: Path) -> No
 
 
 def _enable_checkpointing(components: Any, trainable: dict[str, list[torch.nn.Parameter]]) -> None:
-    if "unet" in trainable:
-        components.unet.enable_gradient_checkpointing()
-    for name, encoder in zip(runtime.TEXT_GROUPS, components.text_encoders, strict=False):
+    if DENOISER_PART in trainable:
+        components.denoiser.enable_gradient_checkpointing()
+    for name, encoder in runtime.text_parts(components):
         if name in trainable:
             _checkpoint_text_encoder(encoder)
 

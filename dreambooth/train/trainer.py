@@ -28,7 +28,7 @@ from ..config.schema import TrainingConfig, validate
 from ..errors import DreamboothError, TrainingError
 from ..store import ModelDir, ModelStore
 from . import data as data_api
-from . import runtime
+from . import runtime, textcache
 from .checkpointer import Checkpointer, State
 from .data.class_images import base_checkpoint_path
 from .data.concepts import prior_active
@@ -99,6 +99,9 @@ class Trainer:
         session = build_session(config, model_dir, self.host, self.callbacks, self.resume, warn=self.warn,
                                 observers=self.observers, heap_reuse=self.heap_reuse)
         self.session = session
+        if session.text_cache is not None:
+            session.callbacks.on_status("Encoding captions")
+        textcache.fill_and_offload(session)
         state = State()
         if session.resume_from is not None:
             state = Checkpointer(session).restore(session.resume_from)

@@ -170,14 +170,17 @@ class TabController:
 
     # --- guidance -----------------------------------------------------------------------------------
     def wizard_plan(self, images_text: str, te: bool, mode: str, strength: str, lr: float | None, batch: Any,
-                    accumulation: Any, resolution: Any, base_resolution: Any, scheduler: str) -> Any:
+                    accumulation: Any, resolution: Any, base_resolution: Any, scheduler: str,
+                    family: str | None = None) -> Any:
+        """The wizard's plan; resolution and base resolution 0 (or empty) mean the family's native one."""
         wizard = importlib.import_module("dreambooth.guide.wizard")
         counts = parse_counts(images_text)
         use_lr = mode == "learning rate"
         inp = wizard.WizardInput(images=counts, te=bool(te), lr=float(lr) if use_lr and lr else None,
                                  strength=None if use_lr else strength, batch=int(batch or 1),
-                                 accumulation=int(accumulation or 1), resolution=int(resolution or 512),
-                                 base_resolution=int(base_resolution or 512), scheduler=scheduler)
+                                 accumulation=int(accumulation or 1), resolution=int(resolution or 0),
+                                 base_resolution=int(base_resolution or 0), scheduler=scheduler,
+                                 family=family or "sd1")
         return wizard.plan(inp)
 
     def wizard_apply(self, result: Any, values: list[Any]) -> TrainingConfig:

@@ -253,8 +253,10 @@ class GuidancePanel:
         with gr.Row():
             self.wiz_batch = gr.Number(value=1, precision=0, label="Batch size", elem_id="db_wiz_batch")
             self.wiz_accum = gr.Number(value=1, precision=0, label="Accumulation", elem_id="db_wiz_accum")
-            self.wiz_resolution = gr.Number(value=512, precision=0, label="Resolution", elem_id="db_wiz_res")
-            self.wiz_base = gr.Number(value=512, precision=0, label="Base resolution", elem_id="db_wiz_base")
+            self.wiz_resolution = gr.Number(value=0, precision=0, label="Resolution (0: the model family's)",
+                                            elem_id="db_wiz_res")
+            self.wiz_base = gr.Number(value=0, precision=0, label="Base resolution (0: the model family's)",
+                                      elem_id="db_wiz_base")
         with gr.Row():
             self.wiz_plan_button = compat.button("Plan", "db_wizard_plan")
             self.wiz_apply_button = compat.button("Apply to settings", "db_wizard_apply", variant="primary")
@@ -270,7 +272,9 @@ class GuidancePanel:
 
     def wire(self, event: EventWirer, message: Any) -> None:
         wizard_inputs = [self.wiz_images, self.wiz_te, self.wiz_mode, self.wiz_strength, self.wiz_lr,
-                         self.wiz_batch, self.wiz_accum, self.wiz_resolution, self.wiz_base, self.wiz_scheduler]
+                         self.wiz_batch, self.wiz_accum, self.wiz_resolution, self.wiz_base, self.wiz_scheduler,
+                         self.fields.settings["model_family"]]
+        self.wizard_inputs = wizard_inputs
         form, form_out = self.fields.components, self.fields.outputs + [message]
         event(self.wiz_plan_button.click, self.on_wizard_plan, wizard_inputs, [self.wiz_result, message],
               "db_wizard_plan")
@@ -283,8 +287,9 @@ class GuidancePanel:
         return [wizard_markdown(self.ctl.wizard_plan(*inputs)), ""]
 
     def on_wizard_apply(self, *inputs_and_values: Any) -> list[Any]:
-        result = self.ctl.wizard_plan(*inputs_and_values[:10])
-        config = self.ctl.wizard_apply(result, list(inputs_and_values[10:]))
+        count = len(self.wizard_inputs)
+        result = self.ctl.wizard_plan(*inputs_and_values[:count])
+        config = self.ctl.wizard_apply(result, list(inputs_and_values[count:]))
         return [wizard_markdown(result)] + self.fields.updates(config) + [
             output.notice_html("Wizard values applied; press Save config or Train to keep them.")]
 
@@ -327,8 +332,10 @@ class RunPanel:
         self.progress = gr.HTML(output.progress_html({}), elem_id="db_progress")
         self.status = gr.Markdown("Idle.", elem_id="db_status")
         self.run_error = gr.HTML("", elem_id="db_run_error")
-        self.plot = gr.Image(value=output.render_loss_plot([]), label="Loss and learning rate", type="pil",
-                             interactive=False, elem_id="db_loss_plot")
+        # No image while the page is built: the first poll (on load) draws the plot. An initial image is saved
+        # into the host's temp folder at build time, which Forge Neo has not created yet on a fresh install.
+        self.plot = gr.Image(value=None, label="Loss and learning rate", type="pil", interactive=False,
+                             elem_id="db_loss_plot")
         self.gallery = compat.gallery("Latest samples", "db_samples", columns=3)
         self.signature = gr.State(None)
 

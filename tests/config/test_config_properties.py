@@ -10,9 +10,19 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from dreambooth.config import io
-from dreambooth.config.schema import MAX_EPOCHS, MAX_STEPS, Concept, TrainingConfig, field_type, validate
+from dreambooth.config.schema import (
+    DDPM_ONLY_SETTINGS,
+    FLOW_SETTINGS,
+    MAX_EPOCHS,
+    MAX_STEPS,
+    Concept,
+    TrainingConfig,
+    field_type,
+    validate,
+)
 from dreambooth.config.schema import settings as schema_settings
 from dreambooth.errors import ConfigError
+from dreambooth.families import get_family
 
 
 def valid_value(f: dataclasses.Field, cls: type) -> st.SearchStrategy[Any]:
@@ -34,9 +44,40 @@ def valid_value(f: dataclasses.Field, cls: type) -> st.SearchStrategy[Any]:
 
 
 def _resolution_safe(config: TrainingConfig) -> TrainingConfig:
-    # Resolutions must also be multiples of 8: a cross-field rule the per-field metadata cannot express.
-    config.resolution -= config.resolution % 8
+    # Resolutions must also be multiples of 8 (16 for Flux): a cross-field rule the per-field metadata cannot express.
+    family = get_family(config.model_family)
+    config.resolution -= config.resolution % family.pixel_multiple
+    if family.pixel_multiple > 8:
+        config.bucket_step = max(family.pixel_multiple, config.bucket_step - config.bucket_step % family.pixel_multiple)
     config.extra_resolutions = ""
+    return _family_safe(_objective_safe(config))
+
+
+def _family_safe(config: TrainingConfig) -> TrainingConfig:
+    # The family's own rules: the resolution shift only where the model samples with one (and then no fixed
+    # shift beside it), and the methods it trains with (Flux: LoRA only).
+    family = get_family(config.model_family)
+    if not family.scheduler_config().get("use_dynamic_shifting", False):
+        config.flow_resolution_shift = False
+    if config.flow_resolution_shift:
+        config.flow_shift = TrainingConfig.__dataclass_fields__["flow_shift"].default
+    try:
+        family.check_config(config)
+    except ConfigError:
+        config.method = "lora"
+    return config
+
+
+def _objective_safe(config: TrainingConfig) -> TrainingConfig:
+    # Another cross-field rule: settings of the other objective (DDPM or flow matching) stay off.
+    if get_family(config.model_family).denoiser_folder == "unet":
+        config.lora_key_format = "original"
+    if config.prediction_type == "flow_matching":
+        for name, off in DDPM_ONLY_SETTINGS.items():
+            setattr(config, name, off)
+    else:
+        for name in FLOW_SETTINGS:
+            setattr(config, name, TrainingConfig.__dataclass_fields__[name].default)
     return config
 
 

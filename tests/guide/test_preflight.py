@@ -252,3 +252,24 @@ def test_epoch_length_counts_images_not_their_masks(tmp_path: Path) -> None:
         Image.new("L", (64, 64), 255).save(folder / f"img{index}{MASK_SUFFIX}")
     concept = Concept(instance_data_dir=str(folder), instance_prompt="photo of sks thing", repeats=2)
     assert images_per_epoch(concept, None) == 6
+
+
+def test_resolution_limits_and_multiples_come_from_the_family(good: TrainingConfig, monkeypatch) -> None:
+    """Pre-flight reads each family's native resolution, range and pixel multiple from its unit."""
+    import importlib
+
+    from dreambooth.families import get_family
+
+    preflight_module = importlib.import_module("dreambooth.guide.preflight")  # the package exports the function
+
+    sdxl = dataclasses.replace(good, model_family="sdxl", resolution=384, enable_bucketing=False)
+    finding = about(preflight(sdxl), "resolution")
+    assert len(finding) == 1 and finding[0].level == "warning"
+    assert "SDXL works between 512 and 2048 px (native 1024)" in finding[0].message and "384" in finding[0].message
+    assert not about(preflight(dataclasses.replace(sdxl, resolution=1024)), "resolution")
+    assert about(preflight(dataclasses.replace(good, resolution=1536)), "resolution")[0].level == "warning"
+    # A family whose latents are patched in 2x2 (an MMDiT) needs multiples of 16.
+    patched = dataclasses.replace(get_family("sd1"), pixel_multiple=16)
+    monkeypatch.setattr(preflight_module, "get_family", lambda name: patched)
+    message = about(preflight(dataclasses.replace(good, enable_bucketing=False, resolution=520)), "resolution")
+    assert "multiples of 16 for SD 1.x: change 520 -> 512" in message[0].message

@@ -193,3 +193,23 @@ def test_cli_prints_formulas(capsys: pytest.CaptureFixture[str]) -> None:
         parser.parse_args(["--images", "3", "--lr", "1e-6", "--strength", "hard"])
 
 
+
+
+@pytest.mark.parametrize(("family", "native"), [("sd1", 512), ("sd2v", 768), ("sdxl", 1024), ("sdxlv", 1024)])
+def test_reference_resolution_is_the_family_native_one(family: str, native: int) -> None:
+    """At its native resolution every family gets the parameter study's steps per image; at another one the
+    steps scale with the pixel count relative to the native one."""
+    result = plan(WizardInput(images=10, family=family))
+    assert result.steps_per_frame == wizard.SPF_WITHOUT_TE
+    assert f"({native} / {native})^2" in result.text()
+    doubled = plan(WizardInput(images=10, family=family, resolution=2 * native))
+    assert doubled.steps_per_frame == 4 * wizard.SPF_WITHOUT_TE
+    kept = plan(WizardInput(images=10, family=family, resolution=640, base_resolution=512))
+    assert kept.steps_per_frame == wizard.SPF_WITHOUT_TE * (640 / 512) ** 2
+
+
+def test_cli_takes_the_family(capsys: pytest.CaptureFixture[str]) -> None:
+    parser = argparse.ArgumentParser()
+    wizard.add_arguments(parser)
+    assert wizard.run_cli(parser.parse_args(["--images", "10", "--family", "sdxl", "--resolution", "768"])) == 0
+    assert "(768 / 1024)^2" in capsys.readouterr().out

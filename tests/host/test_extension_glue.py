@@ -75,3 +75,26 @@ def test_extension_root_comes_from_the_files_path(webui, tmp_path):
     assert glue.EXTENSION_ROOT == renamed.parent.resolve()
     assert str(renamed.parent.resolve()) in sys.path
     sys.path.remove(str(renamed.parent.resolve()))
+
+
+def test_sdnext_api_needs_its_auth_users(tmp_path, monkeypatch):
+    """SD.Next protects its API with --auth (its --api-auth is unused): ours takes the same users."""
+    fastapi = pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    purge_fakes()
+    monkeypatch.syspath_prepend(str(HERE / "fake_sdnext"))
+    monkeypatch.chdir(tmp_path)
+    try:
+        import modules.shared
+
+        modules.shared.cmd_opts.auth = "admin:secret"
+        load_glue(GLUE)
+        app = fastapi.FastAPI()
+        importlib.import_module("modules.script_callbacks").registered["app_started"][0](None, app)
+        client = TestClient(app)
+        assert client.get("/dreambooth/status").status_code == 401
+        token = base64.b64encode(b"admin:secret").decode()
+        assert client.get("/dreambooth/status", headers={"Authorization": f"Basic {token}"}).status_code == 200
+    finally:
+        purge_fakes()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import threading
+import time
 import types
 from pathlib import Path
 
@@ -14,12 +15,16 @@ from tests_host_support import HERE, purge_fakes
 from dreambooth.host.base import GenerationRequest, Host
 from dreambooth.host.webui import (
     A1111,
+    A1111_T5_CACHE,
+    CLASSIC,
     FORGE,
+    FORGE_T5_TOKENIZERS,
     SDNEXT,
     HostError,
     WebuiHost,
     call_tolerant,
     detect_flavour,
+    host_t5_tokenizer_dirs,
     torch_swaps,
 )
 from dreambooth.service import TrainingService
@@ -171,7 +176,7 @@ def test_training_through_the_service_never_takes_queue_lock_twice(webui):
     store.model("m").save_config(TrainingConfig())
     service = TrainingService(host, store, trainer_factory=SamplingTrainer)
     service.start("m")
-    status = service.wait(5)
+    status = service.wait(60)  # returns as soon as the run ends; 60 s only for a loaded CI machine
     assert status.state == "finished", status.error
     assert webui.call_queue.queue_lock.acquisitions == 1
     assert webui.shared.state.textinfo and webui.shared.sd_model is not None  # restored after the run
@@ -210,23 +215,37 @@ def test_forge_selects_checkpoints_through_main_entry_and_releases_lazily(forge)
     assert forge.main_entry.refreshes and "load_model" not in names(forge.sd_models.calls)
 
 
-def test_sdnext_folders_from_opts_and_unload_reload(webui):
-    webui.shared.opts.ckpt_dir = str(webui.tmp / "sdnext-ckpt")
-    webui.shared.opts.lora_dir = str(webui.tmp / "sdnext-lora")
-    host = WebuiHost(flavour=SDNEXT)
-    assert host.layout.checkpoints_dir == webui.tmp / "sdnext-ckpt"
-    assert host.layout.lora_dir == webui.tmp / "sdnext-lora"
-    host.release_model()
+@pytest.fixture
+def neo(webui, monkeypatch):
+    monkeypatch.syspath_prepend(str(HERE / "fake_forge"))
+    monkeypatch.syspath_prepend(str(HERE / "fake_neo"))
+    webui.main_entry = importlib.import_module("modules_forge.main_entry")
+    webui.memory = importlib.import_module("backend.memory_management")
+    return webui
+
+
+def test_forge_neo_gets_the_preset_its_checkpoint_change_requires(neo):
+    host = WebuiHost()
+    assert host.flavour == FORGE and host.name == "Forge neo"
+    checkpoint = neo.models / "Stable-diffusion" / "base.safetensors"
+    host.generate(GenerationRequest("x", count=1, checkpoint=checkpoint))
+    assert neo.main_entry.changes == [("base.safetensors [abc]", None, False, True),
+                                      ("base.safetensors [abc]", None, False, True)]  # chosen, then chosen back
+    assert neo.processing.created[0].checkpoint_during_processing == "base.safetensors [abc]"
+    neo.sd_models.model_data.sd_model = object()
+    host.release_model()  # Neo has no send_model_to_trash or state-dict cache
     host.restore_model()
-    assert webui.sd_models.calls[-2:] == [("unload_model_weights", "model"), ("reload_model_weights", "model")]
+    assert neo.sd_models.model_data.sd_model is None and neo.memory.calls == ["unload_all_models", "soft_empty_cache"]
+    assert neo.main_entry.refreshes == [True]
 
 
 def test_detect_flavour_markers(monkeypatch):
     import importlib.util as util
 
     real = util.find_spec
-    for marker, expected in (("modules_forge", FORGE), ("modules.modeldata", SDNEXT), (None, A1111)):
-        monkeypatch.setattr(util, "find_spec", lambda name, *a, m=marker: object() if name == m else None)
+    for markers, expected in ((("modules_forge",), FORGE), (("modules_forge", "ldm_patched"), CLASSIC),
+                              (("modules.modeldata",), SDNEXT), ((), A1111)):
+        monkeypatch.setattr(util, "find_spec", lambda name, *a, m=markers: object() if name in m else None)
         assert detect_flavour() == expected
     monkeypatch.setattr(util, "find_spec", real)
 
@@ -292,3 +311,115 @@ def test_gpu_lock_gives_up_with_a_clear_error_when_torch_stays_swapped(webui, mo
     with pytest.raises(HostError, match=r"replaced torch\.nn\.Module\.load_state_dict"), host.gpu_lock():
         pass
     assert webui.call_queue.queue_lock.owner is None  # the host's queue is free again
+
+
+
+def test_host_t5_tokenizer_folders_are_registered(webui, monkeypatch):
+    """Forge's bundled SD3/Flux tokenizer folders and A1111's hub-cache copy are searched for T5's tokenizer."""
+    import huggingface_hub.constants
+
+    from dreambooth.models import tokenizer as tokenizers
+
+    root = webui.tmp / "forge"
+    (root / "modules_forge").mkdir(parents=True)
+    (root / "modules_forge" / "__init__.py").write_text("")
+    bundled = [root / relative for relative in FORGE_T5_TOKENIZERS]
+    for folder in bundled:
+        folder.mkdir(parents=True)
+    snapshot = webui.tmp / "hub" / A1111_T5_CACHE / "snapshots" / "abc123"
+    snapshot.mkdir(parents=True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(webui.tmp / "hub"))
+    monkeypatch.syspath_prepend(str(root))
+    assert host_t5_tokenizer_dirs(FORGE) == [*bundled, snapshot]
+    assert host_t5_tokenizer_dirs(A1111) == [snapshot]
+    try:
+        WebuiHost(A1111)
+        assert tokenizers.t5_search_dirs(None, "tokenizer_3") == [snapshot]
+    finally:
+        tokenizers.register_t5_tokenizer_dirs([])
+def test_gpu_lock_waits_while_accelerate_builds_a_model_on_the_meta_device(webui):
+    """diffusers' loaders (SD.Next's, or any host's pipeline) build under accelerate's init_empty_weights, which
+    swaps Module.register_parameter for all threads: a model we built then would have meta weights."""
+    accelerate = pytest.importorskip("accelerate")
+    inside, leave = threading.Event(), threading.Event()
+
+    def host_loader():
+        with accelerate.init_empty_weights():
+            inside.set()
+            leave.wait(5)
+
+    loader = threading.Thread(target=host_loader)
+    loader.start()
+    inside.wait(5)
+    assert torch_swaps() == ["torch.nn.Module.register_parameter"]
+    threading.Timer(0.3, leave.set).start()
+    with WebuiHost().gpu_lock():
+        layer = torch.nn.Linear(2, 2)
+    loader.join()
+    assert not layer.weight.is_meta and torch_swaps() == []
+
+
+def test_gpu_lock_waits_for_a_first_model_load_in_progress_without_keeping_the_lock(webui):
+    """A1111 and Forge Classic load their first model under model_data.lock from a start-up thread; a model we
+    loaded meanwhile swapped Module.register_parameter under it (Forge Classic's load then failed with meta
+    weights). gpu_lock waits for such a load, then lets the lock go (A1111 blocks shared.sd_model readers on it)."""
+    lock, order = threading.Lock(), []
+    webui.sd_models.model_data.lock = lock
+
+    def host_startup_load():
+        with lock:
+            time.sleep(0.3)
+            order.append("host loaded")
+
+    loader = threading.Thread(target=host_startup_load)
+    loader.start()
+    time.sleep(0.05)
+    with WebuiHost().gpu_lock():
+        order.append("we build")
+        assert not lock.locked()
+    loader.join()
+    assert order == ["host loaded", "we build"]
+
+
+@pytest.fixture
+def classic(tmp_path, monkeypatch):
+    """The fake Forge Classic (A1111's loading over ldm_patched) with one checkpoint loaded at start-up."""
+    purge_fakes()
+    monkeypatch.syspath_prepend(str(HERE / "fake_webui"))
+    monkeypatch.syspath_prepend(str(HERE / "fake_classic"))
+    models = tmp_path / "models"
+    (models / "Stable-diffusion").mkdir(parents=True)
+    (models / "Stable-diffusion" / "base.safetensors").write_bytes(b"x")
+    shared = importlib.import_module("modules.shared")
+    shared.models_path = str(models)
+    sd_models = importlib.import_module("modules.sd_models")
+    info = sd_models.CheckpointInfo(str(models / "Stable-diffusion" / "base.safetensors"))
+    sd_models.load_model(info)
+    yield types.SimpleNamespace(shared=shared, sd_models=sd_models, info=info, models=models,
+                                processing=importlib.import_module("modules.processing"),
+                                memory=importlib.import_module("ldm_patched.modules.model_management"))
+    purge_fakes()
+
+
+def test_forge_classic_releases_through_ldm_patched_and_loads_its_model_back(classic):
+    host = WebuiHost()
+    assert host.flavour == CLASSIC and host.name == "Forge classic"
+    host.release_model()
+    assert classic.sd_models.model_data.sd_model is None and classic.sd_models.model_data.loaded_sd_models == []
+    assert classic.memory.calls == ["unload_all_models", "soft_empty_cache"]
+    host.generate(GenerationRequest("x", count=1, checkpoint=classic.info.filename))  # class images after release
+    created = classic.processing.created[0].kwargs
+    assert "scheduler" not in created and created["override_settings"] == {"sd_model_checkpoint": classic.info.title}
+    assert ("reload_model_weights",) in classic.sd_models.calls  # loaded again first: Classic would not
+    host.release_model()
+    host.restore_model()
+    name, loaded = classic.sd_models.calls[-1]
+    assert name == "load_model" and loaded.filename == classic.info.filename
+
+
+def test_torch_swaps_sees_a1111_initialize_on_meta(monkeypatch):
+    """A1111's InitializeOnMeta replaces layer constructors and Module.to rather than whole classes."""
+    original_init = torch.nn.Linear.__init__
+    monkeypatch.setattr(torch.nn.Linear, "__init__", lambda *args, **kwargs: original_init(*args, **kwargs))
+    monkeypatch.setattr(torch.nn.Module, "to", lambda *args, **kwargs: None)
+    assert torch_swaps() == ["torch.nn.Module.to", "torch.nn.Linear.__init__"]

@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).parent
-FAKE_PACKAGES = ("modules", "networks", "modules_forge", "backend")
+FAKE_PACKAGES = ("modules", "networks", "modules_forge", "backend", "installer", "ldm_patched")
 
 
 def purge_fakes() -> None:

@@ -30,7 +30,7 @@ def _pristine(family: str) -> Any:
 def fresh(family: str) -> Any:
     """A private copy of the tiny model of `family` (building is the slow part, copying is cheap)."""
     pristine = _pristine(family)
-    return dataclasses.replace(pristine, unet=copy.deepcopy(pristine.unet), vae=copy.deepcopy(pristine.vae),
+    return dataclasses.replace(pristine, denoiser=copy.deepcopy(pristine.denoiser), vae=copy.deepcopy(pristine.vae),
                                text_encoders=[copy.deepcopy(encoder) for encoder in pristine.text_encoders],
                                extras=dict(pristine.extras))
 

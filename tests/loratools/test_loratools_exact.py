@@ -84,8 +84,8 @@ def test_merge_is_w_plus_scaled_up_down(tmp_path: Path) -> None:
     merged, table = fresh("sd1"), components_key_table(fresh("sd1"))
     merge_into_components(merged, [(load_lora(path), 1.0)], table)
     target = table.targets[key]
-    before = fresh("sd1").unet.get_submodule(target.module).weight
-    torch.testing.assert_close(merged.unet.get_submodule(target.module).weight, before + expected_change)
+    before = fresh("sd1").denoiser.get_submodule(target.module).weight
+    torch.testing.assert_close(merged.denoiser.get_submodule(target.module).weight, before + expected_change)
 
 
 def test_dora_scale_files_merge_as_the_host_applies_them(tmp_path: Path) -> None:

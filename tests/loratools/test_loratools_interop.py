@@ -43,7 +43,7 @@ def expected_weight_key(components: Any, ldm_names: dict[str, str], part: str, n
 
 
 def check_comfy(components: Any, keys: dict[str, tuple[str, str]], forge: bool) -> None:
-    ldm_names = lora_keys.unet_ldm_names(components.unet)
+    ldm_names = lora_keys.unet_ldm_names(components.denoiser)
     unet_keys, clip_keys = rules.comfy_model_keys(components.family, ldm_names.values(), list(components.text_encoders))
     unet_map = rules.comfy_unet_key_map(unet_keys, forge=forge)
     # Forge matches the UNet first and gives what is left to the CLIP map; ComfyUI merges both maps.
@@ -55,9 +55,9 @@ def check_comfy(components: Any, keys: dict[str, tuple[str, str]], forge: bool) 
 
 
 def check_a1111(components: Any, keys: dict[str, tuple[str, str]]) -> None:
-    mapping = lora_keys.host_layer_mapping(components.family, components.unet, list(components.text_encoders))
+    mapping = lora_keys.host_layer_mapping(components.family, components.denoiser, list(components.text_encoders))
     is_sd2 = lora_keys.host_is_sd2(mapping)
-    parts = {"unet": components.unet, "text_encoder": components.text_encoders[0],
+    parts = {"unet": components.denoiser, "text_encoder": components.text_encoders[0],
              "text_encoder_2": components.text_encoders[-1]}
     fused: dict[str, set[str]] = {}
     for key, (part, name) in keys.items():
@@ -78,7 +78,7 @@ def check_a1111(components: Any, keys: dict[str, tuple[str, str]]) -> None:
 
 
 def check_sdnext(components: Any, keys: dict[str, tuple[str, str]]) -> None:
-    mapping = rules.sdnext_layer_mapping(components.unet, list(components.text_encoders))
+    mapping = rules.sdnext_layer_mapping(components.denoiser, list(components.text_encoders))
     matched = rules.sdnext_matches(keys, mapping)
     assert sorted(set(keys) - set(matched)) == []
     wrong = {key: target for key, target in matched.items() if target != ":".join(keys[key])}
@@ -112,9 +112,9 @@ def test_replayed_loaders_do_reject_foreign_keys() -> None:
     """The replays are not vacuous: a misnamed layer, and SD1 keys given to SDXL, stay unmatched."""
     components = full_size_components("sdxl")
     keys = {"lora_unet_down_blocks_9_attentions_0_proj_in.alpha": ("unet", "x")}
-    mapping = rules.sdnext_layer_mapping(components.unet, list(components.text_encoders))
+    mapping = rules.sdnext_layer_mapping(components.denoiser, list(components.text_encoders))
     assert rules.sdnext_matches(keys, mapping) == {}
-    unet_keys, clip_keys = rules.comfy_model_keys("sdxl", lora_keys.unet_ldm_names(components.unet).values(),
+    unet_keys, clip_keys = rules.comfy_model_keys("sdxl", lora_keys.unet_ldm_names(components.denoiser).values(),
                                                   list(components.text_encoders))
     assert rules.comfy_matches(keys, rules.comfy_unet_key_map(unet_keys)) == {}
     sd1_keys = written_keys(full_size_components("sd1"), "lora")

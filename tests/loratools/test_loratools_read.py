@@ -10,13 +10,14 @@ from lora_helpers import fresh, write_trained_lora
 from safetensors.torch import load_file, save_file
 
 from dreambooth.errors import ModelError
+from dreambooth.families import get_family
 from dreambooth.loratools.read import components_key_table, guess_family, load_lora, read_lora, split_key
 from dreambooth.train import lora_keys
 
 
 def respell(tensors: dict[str, torch.Tensor], table: object, style: str) -> dict[str, torch.Tensor]:
     """Our file in another trainer's spelling: 'peft' (diffusers lora_A/B), 'comfy', 'ldm' (kohya ldm names)."""
-    unet = fresh(table.family).unet
+    unet = fresh(table.family).denoiser
     ldm_names = lora_keys.unet_ldm_names(unet)
     out: dict[str, torch.Tensor] = {}
     for key, value in tensors.items():
@@ -76,4 +77,8 @@ def test_family_guess() -> None:
     assert guess_family({"lora_te2_text_model_x.alpha": None}, {}) == "sdxl"
     assert guess_family({}, {"ss_base_model_version": "sd_v1"}) == "sd1"
     assert guess_family({}, {"ss_v2": "True", "ss_v_parameterization": "True"}) == "sd2v"
+    # An SDXL v-prediction LoRA (ours, kohya's) names its objective: the sdxlv variant.
+    assert guess_family({}, get_family("sdxlv").lora_markers()) == "sdxlv"
+    assert guess_family({}, {"ss_base_model_version": "sdxl_base_v1-0", "ss_v_parameterization": "True"}) == "sdxlv"
+    assert guess_family({}, get_family("sdxl").lora_markers()) == "sdxl"
     assert guess_family({"lora_unet_x.alpha": None}, {}) is None

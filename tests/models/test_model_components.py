@@ -2,6 +2,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -13,7 +14,7 @@ FAMILIES = ("sd1", "sd2", "sd2v", "sdxl")
 
 
 def _modules(components: components_module.Components) -> list[torch.nn.Module]:
-    return [components.unet, components.vae, *components.text_encoders]
+    return [components.denoiser, components.vae, *components.text_encoders]
 
 
 def _assert_same_weights(first: components_module.Components, second: components_module.Components) -> None:
@@ -41,7 +42,7 @@ def test_tiny_structure(family: str) -> None:
     expected = "v_prediction" if family == "sd2v" else "epsilon"
     assert components.prediction_type == components.noise_scheduler.config.prediction_type == expected
     if family == "sdxl":
-        assert components.unet.config.addition_embed_type == "text_time"
+        assert components.denoiser.config.addition_embed_type == "text_time"
         assert components.tokenizers[1].pad_token == "!"
     with torch.no_grad():
         latents = components.vae.encode(torch.zeros(1, 3, 64, 64)).latent_dist.mean
@@ -51,7 +52,7 @@ def test_tiny_structure(family: str) -> None:
 def test_tiny_is_deterministic_per_seed() -> None:
     _assert_same_weights(tiny_components("sd1", seed=3), tiny_components("sd1", seed=3))
     other = tiny_components("sd1", seed=4)
-    assert not torch.equal(tiny_components("sd1", seed=3).unet.conv_in.weight, other.unet.conv_in.weight)
+    assert not torch.equal(tiny_components("sd1", seed=3).denoiser.conv_in.weight, other.denoiser.conv_in.weight)
 
 
 @pytest.mark.parametrize("family", ["sd1", "sdxl"])
@@ -111,8 +112,29 @@ def test_pipeline_samples(family: str, scheduler: str) -> None:
     assert float(images.std()) > 0
 
 
-def test_unknown_sampler_is_refused() -> None:
-    from dreambooth.errors import ModelError
+@pytest.mark.parametrize("scheduler", ["ddim", "euler", "euler_a", "dpmpp_2m"])
+def test_zero_terminal_snr_models_sample_from_the_last_timestep_with_rescaled_guidance(scheduler: str) -> None:
+    """Lin et al. 2023: a zero-terminal-SNR model samples with v-prediction, from the last timestep (trailing
+    spacing), with classifier-free guidance rescaled (phi 0.7); every sampler gives finite images."""
+    from dreambooth.models.components import call_options
 
-    with pytest.raises(ModelError, match="Sampler"):
+    components = tiny_components("sdxlv")
+    pipeline = build_pipeline(components, scheduler)
+    pipeline.set_progress_bar_config(disable=True)
+    config = pipeline.scheduler.config
+    assert (config.prediction_type, config.rescale_betas_zero_snr, config.timestep_spacing) == (
+        "v_prediction", True, "trailing")
+    assert call_options(pipeline) == {"guidance_rescale": 0.7}
+    images = pipeline("a photo of sks dog", num_inference_steps=3, height=64, width=64, output_type="np",
+                      generator=torch.Generator().manual_seed(0), **call_options(pipeline)).images
+    assert int(pipeline.scheduler.timesteps[0]) == 999
+    assert np.isfinite(images).all() and float(images.std()) > 0
+    plain = build_pipeline(tiny_components("sdxl"), scheduler)
+    assert plain.scheduler.config.timestep_spacing == "leading" and call_options(plain) == {}
+
+
+def test_unknown_sampler_is_refused() -> None:
+    from dreambooth.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="'sample_scheduler': 'plms2'"):
         build_pipeline(tiny_components("sd1"), "plms2")

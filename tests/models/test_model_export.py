@@ -30,8 +30,8 @@ def test_import_of_export_is_bit_identical(family: str, tmp_path: Path) -> None:
     original = tiny_components(family, seed=1)
     loaded = load_checkpoint(_export_tiny(family, tmp_path / "model.safetensors"))
     assert (loaded.family, loaded.prediction_type) == (family, original.prediction_type)
-    for left, right in zip([original.unet, original.vae, *original.text_encoders],
-                           [loaded.unet, loaded.vae, *loaded.text_encoders], strict=True):
+    for left, right in zip([original.denoiser, original.vae, *original.text_encoders],
+                           [loaded.denoiser, loaded.vae, *loaded.text_encoders], strict=True):
         left_state, right_state = left.state_dict(), right.state_dict()
         assert left_state.keys() == right_state.keys()
         for key, value in left_state.items():
@@ -100,7 +100,7 @@ def test_half_precision_export_warns_when_training_change_is_lost(tmp_path: Path
     base = tiny_components("sd1")
     trained = tiny_components("sd1")
     with torch.no_grad():
-        for parameter in trained.unet.parameters():
+        for parameter in trained.denoiser.parameters():
             parameter.add_(parameter.abs().clamp(min=1e-3) * 1e-5)  # an lr-5e-6-sized update
     warnings: list[str] = []
     export_checkpoint(trained, tmp_path / "half.safetensors", precision="fp16", base=base, warn=warnings.append)

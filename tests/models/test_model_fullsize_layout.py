@@ -31,10 +31,10 @@ def _shapes(state: dict[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
 
 
 def _check_unet_and_vae(components: Components, ldm: dict[str, torch.Tensor]) -> None:
-    unet = single_file_utils.convert_ldm_unet_checkpoint(ldm, components.unet.config)
+    unet = single_file_utils.convert_ldm_unet_checkpoint(ldm, components.denoiser.config)
     vae = single_file_utils.convert_ldm_vae_checkpoint(ldm, components.vae.config)
     assert {k: tuple(v.shape) for k, v in unet.items()} == {k: tuple(v.shape) for k, v in
-                                                            components.unet.state_dict().items()}
+                                                            components.denoiser.state_dict().items()}
     assert {k: tuple(v.shape) for k, v in vae.items()} == {k: tuple(v.shape) for k, v in
                                                            components.vae.state_dict().items()}
 
@@ -84,4 +84,4 @@ def test_sdxl_layout() -> None:
 def test_shipped_configs_are_consistent(family: str) -> None:
     components = _meta_components(family)
     text_width = sum(encoder.config.hidden_size for encoder in components.text_encoders)
-    assert components.unet.config.cross_attention_dim == text_width
+    assert components.denoiser.config.cross_attention_dim == text_width

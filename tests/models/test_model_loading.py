@@ -167,7 +167,7 @@ def test_a_checkpoint_with_only_ema_unet_weights_loads_them(demo_files: dict[str
         loaded = load_checkpoint(tmp_path / "ema.safetensors")
     assert "only the EMA weights" in caplog.text
     reference = load_checkpoint(demo_files["sd1"])
-    expected, got = reference.unet.state_dict(), loaded.unet.state_dict()
+    expected, got = reference.denoiser.state_dict(), loaded.denoiser.state_dict()
     assert all(torch.equal(expected[key], got[key]) for key in expected)
     del ema_only[ema_key(unet_keys[0])]
     save_file(ema_only, str(tmp_path / "cut.safetensors"), metadata=metadata)

@@ -109,6 +109,13 @@ class Env:
 
 
 @pytest.fixture
+def make_config() -> Callable[..., TrainingConfig]:
+    """`base_config` for tests that set up their own model folder (several test folders hold a conftest module,
+    so it cannot be imported by name)."""
+    return base_config
+
+
+@pytest.fixture
 def env(tmp_path: Path, tiny_working: Callable[[str], Path]) -> Env:
     torch.manual_seed(0)
     return Env(tmp_path, tiny_working("sd1"))
@@ -118,3 +125,26 @@ def env(tmp_path: Path, tiny_working: Callable[[str], Path]) -> Env:
 def sdxl_env(tmp_path: Path, tiny_working: Callable[[str], Path]) -> Env:
     torch.manual_seed(0)
     return Env(tmp_path, tiny_working("sdxl"), family="sdxl")
+
+
+@pytest.fixture
+def sdxlv_env(tmp_path: Path, tiny_working: Callable[[str], Path]) -> Env:
+    """The tiny SDXL v-prediction model, configured as creating it from a NoobAI-XL V-Pred file does."""
+    from dreambooth.families import get_family
+
+    torch.manual_seed(0)
+    env = Env(tmp_path, tiny_working("sdxlv"), family="sdxlv")
+    defaults = get_family("sdxlv").config_defaults()
+    env.config.prediction_type, env.config.zero_terminal_snr = defaults["prediction_type"], defaults["zero_terminal_snr"]
+    env.model.save_config(env.config)
+    return env
+
+
+@pytest.fixture
+def sd3_env(tmp_path: Path, tiny_working: Callable[[str], Path]) -> Env:
+    torch.manual_seed(0)
+    environment = Env(tmp_path, tiny_working("sd3"), family="sd3")
+    environment.config.prediction_type = "flow_matching"
+    environment.config.sample_scheduler = "euler"
+    environment.model.save_config(environment.config)
+    return environment

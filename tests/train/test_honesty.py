@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import hashlib
+import importlib.util
 import json
 import shutil
 from contextlib import ExitStack
@@ -125,7 +126,7 @@ class _Watcher(TrainObserver):
 
 
 def _runtime_facts(session: Any) -> dict[str, Any]:
-    unet = session.components.unet
+    unet = session.components.denoiser
     return {"tf32": torch.backends.cuda.matmul.allow_tf32,
             "checkpointing": bool(getattr(unet, "is_gradient_checkpointing", False)),
             "frozen_dtype": str(next(session.components.vae.parameters()).dtype),
@@ -272,7 +273,7 @@ class Runner:
         pristine = self._components(self.family_of[Path(working).resolve()])
         # Tokenizers are read-only and slow to copy: share them.
         components = copy.deepcopy(pristine, memo={id(t): t for t in pristine.tokenizers})
-        parts = {"unet": components.unet, "vae": components.vae,
+        parts = {"unet": components.denoiser, "vae": components.vae,
                  **dict(zip(("text_encoder", "text_encoder_2"), components.text_encoders, strict=False))}
         for name, module in parts.items():
             module.to((part_dtypes or {}).get(name, dtype))
@@ -341,12 +342,24 @@ def _nan_losses(steps: frozenset[int]) -> Any:
 
 # --- the baselines and the cases -----------------------------------------------------------------------------
 
+SD3_BASE: dict[str, Any] = {"model_family": "sd3", "prediction_type": "flow_matching", "sample_scheduler": "euler",
+                            "train_text_encoder": False, "_weights": "sd3"}
 # Minimal variants of the default baseline for settings that only act in a special setup.
 BASES: dict[str, dict[str, Any]] = {
     "default": {},
     "lora": {"method": "lora", "lora_rank": 4, "lora_alpha": 4.0},
     "locon": {"method": "lora", "lora_rank": 4, "lora_alpha": 4.0, "lora_conv_rank": 2},
     "sdxl": {"model_family": "sdxl", "_weights": "sdxl"},
+    # An SDXL v-prediction model with the zero-terminal-SNR schedule, set up as creating it does.
+    "sdxlv": {"model_family": "sdxlv", "prediction_type": "v_prediction", "zero_terminal_snr": True,
+              "_weights": "sdxlv"},
+    "flux": {"model_family": "flux-dev", "_weights": "flux-dev", "prediction_type": "flow_matching", "method": "lora",
+             "lora_rank": 4, "lora_alpha": 4.0, "flow_resolution_shift": True, "sample_scheduler": "euler"},
+    "flux_fixed_shift": {"model_family": "flux-dev", "_weights": "flux-dev", "prediction_type": "flow_matching",
+                         "method": "lora", "lora_rank": 4, "lora_alpha": 4.0, "sample_scheduler": "euler"},
+    "flux_mode": {"model_family": "flux-dev", "_weights": "flux-dev", "prediction_type": "flow_matching",
+                  "method": "lora", "lora_rank": 4, "lora_alpha": 4.0, "flow_resolution_shift": True,
+                  "sample_scheduler": "euler", "flow_timestep_sampling": "mode"},
     "forced": {"force_prediction_type": True},
     "forced_v": {"prediction_type": "v_prediction", "force_prediction_type": True},
     "export": {"save_on_end": True},
@@ -380,6 +393,10 @@ BASES: dict[str, dict[str, Any]] = {
     "samples": {"concepts.0.n_samples": 1, "sample_every_n_steps": 2},
     "generate": {"concepts.0.class_data_dir": "", "concepts.0.num_class_images": 1, "max_train_steps": 1},
     "nan": {"nan_policy": "skip", "max_nan_skips": 1, "_nan": frozenset({1})},
+    # SD3 (flow matching, tiny model with T5), text encoders frozen so captions are encoded once
+    "sd3": SD3_BASE,
+    "sd3_mode": {**SD3_BASE, "flow_timestep_sampling": "mode"},
+    "sd3_lora": {**SD3_BASE, "method": "lora", "lora_rank": 4, "lora_alpha": 4.0, "save_on_end": True},
 }
 
 
@@ -445,6 +462,7 @@ CASES = [
     Case("lora_conv_rank", 2, "weights", "lora"),
     Case("lora_conv_alpha", 8.0, "weights", "locon"),
     Case("use_dora", True, "weights", "lora"),
+    Case("lora_key_format", "diffusers", "files", "sd3_lora"),
     Case("lora_init_file", "{data}/start.safetensors", "weights", "lora"),
     # Data
     Case("resolution", 128, "batches"),
@@ -481,11 +499,30 @@ CASES = [
     Case("pyramid_noise_iterations", 2, "losses"),
     Case("pyramid_noise_discount", 0.8, "losses", "pyramid"),
     Case("zero_terminal_snr", True, "losses"),
+    Case("zero_terminal_snr", False, "losses", "sdxlv"),
     Case("input_perturbation", 0.1, "losses"),
+    # Flow matching (SD3)
+    Case("flow_timestep_sampling", "uniform", "losses", "sd3"),
+    Case("flow_logit_mean", 1.0, "losses", "sd3"),
+    Case("flow_logit_std", 0.5, "losses", "sd3"),
+    Case("flow_mode_scale", 0.5, "losses", "sd3_mode"),
+    Case("flow_shift", 1.0, "losses", "sd3"),
+    Case("flow_loss_weighting", "cosmap", "losses", "sd3"),
     # Precision and memory
     Case("mixed_precision", "bf16", "losses"),
     Case("allow_tf32", False, "runtime"),
     Case("gradient_checkpointing", True, "runtime"),
+    Case("base_quantization", "nf4", "losses", "lora"),
+    Case("flow_resolution_shift", False, "losses", "flux"),
+    # The flow-matching settings, on the tiny Flux dev model.
+    Case("flow_timestep_sampling", "uniform", "losses", "flux"),
+    Case("flow_logit_mean", 1.0, "losses", "flux"),
+    Case("flow_logit_std", 0.5, "losses", "flux"),
+    Case("flow_mode_scale", 0.5, "losses", "flux_mode"),
+    Case("flow_shift", 1.5, "losses", "flux_fixed_shift"),
+    Case("flow_loss_weighting", "cosmap", "losses", "flux"),
+    # fp8 storage needs diffusers' layerwise casting (0.32+); older diffusers refuse the setting with a message.
+    Case("base_quantization", "fp8", "losses" if importlib.util.find_spec("diffusers.hooks") else "outcome", "lora"),
     Case("cache_latents", "off", "runtime"),
     Case("cache_latents", "disk", "files"),
     Case("cache_text_encoder_outputs", "off", "runtime", "frozen_te"),

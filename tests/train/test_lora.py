@@ -41,7 +41,7 @@ def family_of(variant: str) -> str:
 def base_components(variant: str) -> Any:
     """Fresh tiny components (copies of one build per variant: building is the slow part)."""
     pristine = _pristine_components(variant)
-    return dataclasses.replace(pristine, unet=copy.deepcopy(pristine.unet),
+    return dataclasses.replace(pristine, denoiser=copy.deepcopy(pristine.denoiser),
                                text_encoders=[copy.deepcopy(encoder) for encoder in pristine.text_encoders])
 
 
@@ -59,8 +59,8 @@ def _pristine_components(variant: str, seed: int = 0) -> Any:
                            up_block_types=["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 2)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            components.unet = UNet2DConditionModel.from_config(unet_config).eval()
-        perturb_degenerate(components.unet, torch.Generator().manual_seed(seed))
+            components.denoiser = UNet2DConditionModel.from_config(unet_config).eval()
+        perturb_degenerate(components.denoiser, torch.Generator().manual_seed(seed))
     return components
 
 
@@ -87,7 +87,7 @@ def model_outputs(components: Any) -> list[torch.Tensor]:
     with torch.no_grad():
         for encoder in components.text_encoders:
             outputs.append(encoder.eval()(ids).last_hidden_state)
-        unet = components.unet.eval()
+        unet = components.denoiser.eval()
         sample = torch.randn((1, 4, 8, 8), generator=generator)
         context = torch.randn((1, 8, unet.config.cross_attention_dim), generator=generator)
         extra = {}
@@ -153,9 +153,9 @@ def test_weight_scales_the_change(tmp_path: Path) -> None:
     host, half = base_components("sd1"), base_components("sd1")
     lora.apply_host_lora(host, path, 1.0)
     lora.apply_host_lora(half, path, 0.5)
-    base_weight = base_components("sd1").unet.down_blocks[0].attentions[0].proj_in.weight
-    full_change = host.unet.down_blocks[0].attentions[0].proj_in.weight - base_weight
-    half_change = half.unet.down_blocks[0].attentions[0].proj_in.weight - base_weight
+    base_weight = base_components("sd1").denoiser.down_blocks[0].attentions[0].proj_in.weight
+    full_change = host.denoiser.down_blocks[0].attentions[0].proj_in.weight - base_weight
+    half_change = half.denoiser.down_blocks[0].attentions[0].proj_in.weight - base_weight
     torch.testing.assert_close(half_change, 0.5 * full_change, rtol=1e-4, atol=1e-7)
 
 
@@ -178,7 +178,7 @@ def test_alpha_tensor_holds_trained_scale(tmp_path: Path) -> None:
 def test_settings_change_injected_layers() -> None:
     components = base_components("sd1")
     params = lora.add_lora(components, make_config(lora_rank=3, lora_alpha=6.0, lora_dropout=0.25))
-    layers = dict(lora.lora_modules(components.unet))
+    layers = dict(lora.lora_modules(components.denoiser))
     proj_in = layers["down_blocks.0.attentions.0.proj_in"]
     assert proj_in.lora_A["default"].weight.shape[0] == 3
     assert proj_in.scaling["default"] == pytest.approx(2.0)
@@ -188,7 +188,7 @@ def test_settings_change_injected_layers() -> None:
 
     with_conv = base_components("sd1")
     lora.add_lora(with_conv, make_config(lora_rank=3, lora_conv_rank=5, lora_conv_alpha=10.0))
-    conv = dict(lora.lora_modules(with_conv.unet))["down_blocks.0.resnets.0.conv1"]
+    conv = dict(lora.lora_modules(with_conv.denoiser))["down_blocks.0.resnets.0.conv1"]
     assert conv.lora_A["default"].weight.shape == (5, 32, 3, 3)
     assert conv.lora_B["default"].weight.shape == (32, 5, 1, 1)
     assert conv.scaling["default"] == pytest.approx(2.0)
@@ -222,10 +222,10 @@ def test_only_adapters_train() -> None:
     components = base_components("sdxl")
     params = lora.add_lora(components, make_config("sdxl", train_text_encoder=False))
     assert params["text_encoder"] == [] and params["text_encoder_2"] == []
-    trainable = [p for m in (components.unet, components.vae, *components.text_encoders) for p in m.parameters()
+    trainable = [p for m in (components.denoiser, components.vae, *components.text_encoders) for p in m.parameters()
                  if p.requires_grad]
     assert {id(p) for p in trainable} == {id(p) for p in params["unet"]}
-    assert all("lora_" in name for name, p in components.unet.named_parameters() if p.requires_grad)
+    assert all("lora_" in name for name, p in components.denoiser.named_parameters() if p.requires_grad)
     with pytest.raises(ConfigError, match="train_unet"):
         lora.add_lora(base_components("sd1"), make_config(train_unet=False, train_text_encoder=False))
 
@@ -288,7 +288,7 @@ def test_fp16_keeps_change_and_warns_when_lost(tmp_path: Path) -> None:
         export(trained, config, tmp_path / "ok.safetensors")
     assert load_file(str(tmp_path / "ok.safetensors"))[next(iter(lora.host_tensors(trained)))].dtype == torch.float16
     with torch.no_grad():
-        for _, module in lora.lora_modules(trained.unet):
+        for _, module in lora.lora_modules(trained.denoiser):
             module.lora_B["default"].weight.mul_(1e-9)
             module.lora_A["default"].weight.mul_(1e-9)
     with pytest.warns(lora.PrecisionWarning, match="save_precision"):

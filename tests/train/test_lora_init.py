@@ -31,7 +31,7 @@ def _pristine(family: str) -> Any:
 
 def fresh(family: str = "sd1") -> Any:
     pristine = _pristine(family)
-    return dataclasses.replace(pristine, unet=copy.deepcopy(pristine.unet),
+    return dataclasses.replace(pristine, denoiser=copy.deepcopy(pristine.denoiser),
                                text_encoders=[copy.deepcopy(encoder) for encoder in pristine.text_encoders])
 
 

@@ -44,7 +44,7 @@ def models(family: str, size: str) -> tuple[Any, list[Any]]:
     if size == "full":
         return full_size_models(family)
     components = tiny_components(family, seed=0)
-    return components.unet, components.text_encoders
+    return components.denoiser, components.text_encoders
 
 
 FAMILY_SIZES = [(family, size) for family in ("sd1", "sd2", "sd2v", "sdxl") for size in ("full", "tiny")]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 import torch
@@ -110,3 +111,59 @@ def test_zero_terminal_snr_rescales_the_schedule() -> None:
     assert noise.training_scheduler(scheduler, False) is scheduler
     rescaled = noise.training_scheduler(scheduler, True)
     assert float(rescaled.alphas_cumprod[-1]) < 1e-6 < float(scheduler.alphas_cumprod[-1])
+
+
+# --- flow matching (SD3, Flux) -------------------------------------------------------------------------------
+
+def _diffusers_training_utils() -> Any:
+    try:
+        from diffusers import training_utils
+    except (ImportError, AttributeError, RuntimeError) as error:  # diffusers 0.31 under transformers 4.30 cannot
+        pytest.skip(f"diffusers.training_utils does not import with this transformers ({error})")
+    return training_utils
+
+
+@pytest.mark.parametrize("scheme", ["none", "sigma_sqrt", "cosmap"])
+def test_flow_loss_weights_match_diffusers(scheme: str) -> None:
+    training_utils = _diffusers_training_utils()
+    sigmas = torch.tensor([0.05, 0.3, 0.5, 0.77, 0.999])
+    expected = training_utils.compute_loss_weighting_for_sd3(scheme, sigmas)
+    torch.testing.assert_close(loss.flow_loss_weights(sigmas, scheme), expected.float().expand(5))
+
+
+@pytest.mark.parametrize(("sampling", "options"), [("logit_normal", {"logit_mean": 0.5, "logit_std": 0.7}),
+                                                   ("mode", {"mode_scale": 1.29}), ("uniform", {})])
+def test_flow_timestep_densities_match_diffusers(sampling: str, options: dict[str, float]) -> None:
+    """Same density as diffusers' sampler (which draws from the global generator): quantiles agree."""
+    training_utils = _diffusers_training_utils()
+    full = {"logit_mean": 0.0, "logit_std": 1.0, "mode_scale": 1.29, **options}
+    torch.manual_seed(0)
+    theirs = training_utils.compute_density_for_timestep_sampling(sampling, 20000, **full)
+    generator = torch.Generator().manual_seed(1)
+    ours = torch.tensor([noise.flow_timestep(generator, sampling, full["logit_mean"], full["logit_std"],
+                                             full["mode_scale"]) for _ in range(20000)])
+    quantiles = torch.tensor([0.1, 0.25, 0.5, 0.75, 0.9])
+    torch.testing.assert_close(torch.quantile(ours, quantiles), torch.quantile(theirs.float(), quantiles),
+                               atol=0.02, rtol=0)
+
+
+def test_flow_shift_is_the_schedulers() -> None:
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    shifted = FlowMatchEulerDiscreteScheduler(shift=3.0).sigmas
+    plain = FlowMatchEulerDiscreteScheduler(shift=1.0).sigmas
+    ours = torch.tensor([noise.shift_timestep(float(t), 3.0) for t in plain])
+    torch.testing.assert_close(ours, shifted.float(), atol=1e-6, rtol=0)
+
+
+def test_flow_noise_is_per_sample_and_shifted() -> None:
+    config = SimpleNamespace(flow_timestep_sampling="uniform", flow_logit_mean=0.0, flow_logit_std=1.0,
+                             flow_mode_scale=1.29, flow_shift=1.0, offset_noise=0.0, pyramid_noise_iterations=0,
+                             pyramid_noise_discount=0.3, input_perturbation=0.0)
+    alone = noise.flow_batch_noise((4, 2, 2), [7], 3, config)
+    together = noise.flow_batch_noise((4, 2, 2), [5, 7], 3, config)
+    torch.testing.assert_close(together[0][1], alone[0][0])
+    assert float(together[2][1]) == float(alone[2][0])
+    shifted = noise.flow_batch_noise((4, 2, 2), [7], 3, SimpleNamespace(**{**vars(config), "flow_shift": 3.0}))
+    assert float(shifted[2][0]) == pytest.approx(noise.shift_timestep(float(alone[2][0]), 3.0))
+    assert float(shifted[2][0]) > float(alone[2][0])

@@ -48,7 +48,7 @@ def sd15(tmp_path_factory: pytest.TempPathFactory) -> tuple[Layout, Path]:
         torch.manual_seed(0)
         unet, vae, encoders = build_models(shipped_configs("sd1"))
     scheduler = make_noise_scheduler("sd1")
-    components = Components(family="sd1", unet=unet, vae=vae, text_encoders=encoders,
+    components = Components(family="sd1", denoiser=unet, vae=vae, text_encoders=encoders,
                             tokenizers=[load_clip_tokenizer(pad) for pad in get_family("sd1").pad_tokens],
                             noise_scheduler=scheduler, prediction_type=scheduler.config.prediction_type)
     working = root / "base-working"
@@ -90,7 +90,7 @@ def test_lora_on_the_real_sd15_architecture(sd15: tuple[Layout, Path]) -> None:
     # SD1.5: 16 transformer blocks x (2 x q, k, v, out + 2 feed-forward + proj_in, proj_out); 12 CLIP layers x 6
     assert sum(k.startswith("lora_te_") and k.endswith(".alpha") for k in keys) == 12 * 6
     assert sum(k.startswith("lora_unet_") and k.endswith(".alpha") for k in keys) == 16 * 12
-    trained_up = [name for name, param in trainer.session.components.unet.named_parameters()
+    trained_up = [name for name, param in trainer.session.components.denoiser.named_parameters()
                   if "lora_B" in name and float(param.detach().abs().max()) > 0]
     assert trained_up, "the UNet LoRA did not train"
     del trainer

@@ -16,7 +16,7 @@ pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="re
 
 
 def tensors(components: object) -> list[torch.Tensor]:
-    modules = (components.unet, components.vae, *components.text_encoders)  # type: ignore[attr-defined]
+    modules = (components.denoiser, components.vae, *components.text_encoders)  # type: ignore[attr-defined]
     return [t for m in modules for t in (*m.parameters(), *m.buffers())]
 
 
@@ -49,10 +49,10 @@ def test_loaded_weights_start_in_the_file_map_and_own_memory_moves_them_out(
 
 def test_own_memory_keeps_parameters_and_optimizer_links(tiny_working: Callable[[str], Path]) -> None:
     components = load_components(tiny_working("sd1"))
-    params = list(components.unet.parameters())
+    params = list(components.denoiser.parameters())
     optimizer = torch.optim.SGD(params, lr=0.1)
     runtime.own_memory(components)
-    assert list(components.unet.parameters()) == params
+    assert list(components.denoiser.parameters()) == params
     first = params[0]
     first.grad = torch.ones_like(first)
     value = first.detach().clone()
@@ -177,7 +177,7 @@ def test_frozen_parts_load_in_the_compute_dtype_and_trained_parts_in_fp32(env: o
     dtypes = runtime.load_dtypes(config)
     assert {name: dtypes[name] for name in expected} == expected
     session, _ = env.trainer(**settings).setup()  # type: ignore[attr-defined]
-    loaded = {"unet": session.components.unet, "vae": session.components.vae,
+    loaded = {"unet": session.components.denoiser, "vae": session.components.vae,
               "text_encoder": session.components.text_encoders[0]}
     for name, module in loaded.items():
         trained = {id(p) for params in session.trainable.values() for p in params}

@@ -263,7 +263,7 @@ def test_stop_text_encoder_freezes_it_after_the_fraction(env: Any) -> None:
 def test_bf16_trains_frozen_weights_in_bf16_and_masters_in_fp32(env: Any) -> None:
     session, _ = env.trainer(mixed_precision="bf16", method="lora", lora_rank=4).setup()
     assert all(p.dtype == torch.float32 for p in session.params)
-    frozen = [p for p in session.components.unet.parameters() if not p.requires_grad]
+    frozen = [p for p in session.components.denoiser.parameters() if not p.requires_grad]
     assert frozen and all(p.dtype == torch.bfloat16 for p in frozen)
     result = env.trainer(mixed_precision="bf16", method="lora", lora_rank=4).run()
     assert result.completed and result.loss is not None and result.loss == result.loss

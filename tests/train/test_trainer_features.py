@@ -50,7 +50,7 @@ def _wide_image(folder: Path, size: tuple[int, int] = (180, 90)) -> Path:
 
 def _capture_unet_calls(session: Any) -> list[dict[str, Any]]:
     calls: list[dict[str, Any]] = []
-    real = session.unet
+    real = session.denoiser
 
     def record(sample: torch.Tensor, timesteps: torch.Tensor, **kwargs: Any) -> Any:
         output = real(sample, timesteps, **kwargs)
@@ -58,7 +58,7 @@ def _capture_unet_calls(session: Any) -> list[dict[str, Any]]:
                       **kwargs})
         return output
 
-    session.unet = record
+    session.denoiser = record
     return calls
 
 
@@ -166,7 +166,7 @@ def test_masks_weight_the_loss_through_the_trainer(env: Any) -> None:
     assert white == pytest.approx(unmasked, rel=1e-6)  # a full mask trains like no mask
     assert black == [0.0, 0.0]  # nothing outside the mask counts with unmasked_weight 0
     base = load_file(str(env.base_working / "unet" / "diffusion_pytorch_model.safetensors"))
-    trained = dict(trainer.session.components.unet.named_parameters())
+    trained = dict(trainer.session.components.denoiser.named_parameters())
     assert all(torch.equal(base[k], trained[k].detach()) for k in base)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from dreambooth.config.io import to_dict
-from dreambooth.config.schema import GROUPS, Concept, TrainingConfig, settings
+from dreambooth.config.schema import FLOW_SETTINGS, GROUPS, Concept, TrainingConfig, settings
 from dreambooth.errors import ConfigError
 from dreambooth.ui import forms
 
@@ -54,8 +54,11 @@ def _non_default_config() -> TrainingConfig:
     config = TrainingConfig()
     for spec in forms.config_specs():
         setattr(config, spec.name, _other_value(spec, getattr(config, spec.name)))
-    # Cross-field rules of the schema: resolutions are multiples of 8.
+    # Cross-field rules of the schema: resolutions are multiples of 8; the flow-matching settings and the LoRA key
+    # format belong to SD3 (test_flow_fields_round_trip_through_form_values covers them).
     config.resolution, config.extra_resolutions = 768, "384,640"
+    for name in (*FLOW_SETTINGS, "lora_key_format"):
+        setattr(config, name, TrainingConfig.__dataclass_fields__[name].default)
     config.bucket_min_resolution, config.bucket_max_resolution, config.bucket_step = 320, 1280, 32
     config.concepts = [Concept(instance_data_dir=f"/data/c{i}", instance_prompt=f"photo of sks{i} dog",
                                num_class_images=10 * i, class_guidance_scale=5.5, repeats=i + 1,
@@ -83,6 +86,16 @@ def test_every_field_round_trips_through_form_values() -> None:
     back = forms.form_to_config(values)
     assert to_dict(back) == to_dict(config)
     assert to_dict(TrainingConfig()) != to_dict(config)
+
+
+def test_flow_fields_round_trip_through_form_values() -> None:
+    config = TrainingConfig(model_family="sd3", prediction_type="flow_matching")
+    specs = {spec.name: spec for spec in forms.config_specs()}
+    # flow_resolution_shift is Flux dev's (SD3 refuses it); tests/families/test_flux_family.py covers it.
+    for name in (*(n for n in FLOW_SETTINGS if n != "flow_resolution_shift"), "lora_key_format"):
+        setattr(config, name, _other_value(specs[name], getattr(config, name)))
+    back = forms.form_to_config(forms.form_values(config))
+    assert to_dict(back) == to_dict(config)
 
 
 def test_ui_value_types_are_parsed() -> None:

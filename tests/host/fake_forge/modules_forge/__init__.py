@@ -4,29 +4,6 @@ Forge keeps one lazily loaded model in model_data (a placeholder until the first
 forge_loading_parameters / forge_hash, and has no loaded_sd_models list.
 """
 
-from modules import sd_models
+from modules_forge.shape import give_sd_models_forge_shape
 
-
-class FakeInitialModel:
-    """Forge's stand-in for extensions that read shared.sd_model before any model was loaded."""
-
-    def __init__(self):
-        self.cond_stage_model = None
-        self.chunk_length = 75
-
-
-class SdModelData:
-    def __init__(self):
-        self.sd_model = FakeInitialModel()
-        self.forge_loading_parameters = {}
-        self.forge_hash = ""
-
-    def get_sd_model(self):
-        return self.sd_model
-
-    def set_sd_model(self, value):
-        self.sd_model = value
-
-
-sd_models.FakeInitialModel = FakeInitialModel
-sd_models.model_data = SdModelData()
+give_sd_models_forge_shape()

@@ -46,18 +46,25 @@ def list_models():
                     checkpoints_list[info.title] = info
 
 
-def send_model_to_trash(model):
-    calls.append(("send_model_to_trash", model))
-    model.device = "meta"
+def send_model_to_trash(m):
+    calls.append(("send_model_to_trash", m))
+    m.device = "meta"
 
 
-def unload_model_weights(sd_model=None, info=None, op=None):
-    calls.append(("unload_model_weights", op))
+def unload_model_weights(sd_model=None, info=None):
+    calls.append(("unload_model_weights",))
     model_data.sd_model = None
 
 
-def reload_model_weights(sd_model=None, info=None, op=None):
-    calls.append(("reload_model_weights", op))
+def reload_model_weights(sd_model=None, info=None, forced_reload=False):
+    """Loads the checkpoint selected in opts (the first one when none matches), as A1111 does."""
+    calls.append(("reload_model_weights",))
+    if info is None:
+        list_models()
+        infos = list(checkpoints_list.values())
+        info = next((i for i in infos if i.title == shared.opts.sd_model_checkpoint), infos[0] if infos else None)
+    if info is not None:
+        model_data.sd_model = FakeModel(info)
 
 
 def load_model(checkpoint_info=None, already_loaded_state_dict=None):

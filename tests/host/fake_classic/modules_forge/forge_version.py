@@ -1,0 +1,3 @@
+"""Fake Forge Classic version module."""
+
+version = "classic"

@@ -1,0 +1,3 @@
+"""Fake Forge Neo version module: Neo names itself 'neo'."""
+
+version = "neo"
