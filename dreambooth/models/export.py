@@ -126,9 +126,11 @@ def precision_warning(components: Components, base: Components | Mapping[str, to
 
 def component_configs(components: Components) -> dict[str, dict[str, Any]]:
     """The diffusers and transformers configs of the model's parts, as plain JSON values."""
-    configs = {components.model_family.denoiser_folder: dict(components.denoiser.config), "vae": dict(components.vae.config)}
-    for spec, encoder in zip(components.model_family.text_encoders, components.text_encoders, strict=True):
-        configs[spec.folder] = encoder.config.to_dict()
+    family = components.model_family
+    configs = {family.denoiser_folder: dict(components.denoiser.config), "vae": dict(components.vae.config)}
+    for spec, encoder in zip(family.text_encoders, components.text_encoders, strict=True):
+        if encoder is not None:  # an absent optional encoder (SD3's T5) has no config to carry
+            configs[spec.folder] = encoder.config.to_dict()
     return json.loads(json.dumps(configs, default=str))
 
 

@@ -8,7 +8,7 @@ dots at a higher rate, so it draws what fine-tunes will ask of it); UNet and tex
 latents of captioned pictures of the six base colours, with 10 % empty captions for classifier-free guidance;
 the evaluator on drawn pictures, their VAE round trips and shapeless noise. `--quick` runs a few steps of each
 (the reproducibility test). Writes world-base.safetensors, evaluator.safetensors and world.json (the recipe,
-versions and SHA-256s) into DIR (default: the package's resources/world).
+versions and digests) into DIR (default: the package's resources/world).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import torch
 
 from .. import atomic
 from .evaluator import COLOUR_CLASSES, HEADS, NO_SHAPE, SHAPE_CLASSES, ShapeNet, pixels_of
-from .model import RESOURCE_DIR, sha256, world_configs
+from .model import RESOURCE_DIR, digest, world_configs
 from .scenes import ALL_COLOURS, BACKGROUNDS, COLOURS, Scene, caption, draw, random_scene
 
 Log = Callable[[str], None]
@@ -46,12 +46,10 @@ class Recipe:
     vae_lr: float = 3e-3
     vae_latent_noise: float = 0.1  # the decoder learns from slightly noisy latents, as diffusion gives it
     vae_shape_weight: float = 4.0  # extra loss weight on shape pixels: a fifth of the picture, all its colour
-    base_steps: int = 5000
+    base_steps: int = 3000
     base_batch: int = 32
     base_lr: float = 1e-3
-    text_lr: float = 2e-3          # the text encoder learns from scratch, through cross-attention only
     min_snr_gamma: float = 5.0
-    offset_noise: float = 0.1      # lets sampling move a picture's mean (its background) away from the seed's
     empty_caption: float = 0.1     # classifier-free guidance needs the unconditional prediction
     keep_colour: float = 0.8       # "a circle" must mean a circle of any colour
     keep_background: float = 0.5
@@ -92,9 +90,8 @@ def warmup_cosine(steps: int, warmup: int = 50) -> Callable[[int], float]:
     return lambda step: min(1.0, (step + 1) / warmup) * 0.5 * (1.0 + math.cos(math.pi * min(step, steps) / steps))
 
 
-def optimiser(parameters: list[torch.nn.Parameter], lr: float, steps: int,
-              groups: list[dict[str, Any]] | None = None) -> tuple[Any, Any]:
-    adam = torch.optim.AdamW(groups or parameters, lr, betas=(0.9, 0.99), weight_decay=0.0)
+def optimiser(parameters: list[torch.nn.Parameter], lr: float, steps: int) -> tuple[Any, Any]:
+    adam = torch.optim.AdamW(parameters, lr, betas=(0.9, 0.99), weight_decay=0.0)
     return adam, torch.optim.lr_scheduler.LambdaLR(adam, warmup_cosine(steps))
 
 
@@ -184,13 +181,6 @@ class Captions:
         return torch.stack([self.ids(self.text(self.scenes[i], d)) for i, d in zip(indices, draws, strict=True)])
 
 
-def offset_noise(shape: torch.Size, offset: float, generator: torch.Generator) -> torch.Tensor:
-    """Gaussian noise plus a per-picture, per-channel constant: without it the last sampling steps cannot change
-    the mean colour the seed's noise implies, and on 8x8 latents that mean is the whole background."""
-    noise = torch.randn(shape, generator=generator)
-    return noise + offset * torch.randn((shape[0], shape[1], 1, 1), generator=generator)
-
-
 def min_snr_weights(schedule: Any, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
     alphas = schedule.alphas_cumprod[timesteps]
     snr = alphas / (1.0 - alphas)
@@ -210,14 +200,12 @@ def train_base(recipe: Recipe, vae: Any, log: Log) -> tuple[Any, Any]:
     family = get_family("sd1")
     captions, schedule = Captions(scenes, recipe, family.tokenizers()[0]), family.make_noise_scheduler()
     parameters = [*unet.parameters(), *text_encoder.parameters()]
-    groups = [{"params": list(unet.parameters())},
-              {"params": list(text_encoder.parameters()), "lr": recipe.text_lr}]
-    adam, lr_schedule = optimiser(parameters, recipe.base_lr, recipe.base_steps, groups)
+    adam, lr_schedule = optimiser(parameters, recipe.base_lr, recipe.base_steps)
     generator, started = torch.Generator().manual_seed(recipe.seed + 4), time.monotonic()
     for step in range(recipe.base_steps):
         indices = torch.randint(0, len(scenes), (recipe.base_batch,), generator=generator)
         hidden = text_encoder(captions.batch(indices.tolist(), generator))[0]
-        noise = offset_noise(latents[indices].shape, recipe.offset_noise, generator)
+        noise = torch.randn(latents[indices].shape, generator=generator)
         timesteps = torch.randint(0, schedule.config.num_train_timesteps, (len(indices),), generator=generator)
         predicted = unet(schedule.add_noise(latents[indices], noise, timesteps), timesteps, hidden).sample
         per_sample = (predicted - noise).pow(2).mean(dim=(1, 2, 3))
@@ -297,25 +285,36 @@ def base_components(unet: Any, vae: Any, text_encoder: Any) -> Any:
     from ..models.components import Components
 
     family = get_family("sd1")
-    return Components(family="sd1", unet=unet, vae=vae, text_encoders=[text_encoder], tokenizers=family.tokenizers(),
-                      noise_scheduler=family.make_noise_scheduler(), prediction_type="epsilon")
+    return Components(family="sd1", denoiser=unet, vae=vae, text_encoders=[text_encoder],
+                      tokenizers=family.tokenizers(), noise_scheduler=family.make_noise_scheduler(),
+                      prediction_type="epsilon")
 
 
-def write_outputs(recipe: Recipe, components: Any, net: ShapeNet, out_dir: Path) -> dict[str, Any]:
-    from safetensors.torch import save_file
+BASE_NAME, EVALUATOR_NAME = "world-base.safetensors", "evaluator.safetensors"
 
+
+def write_base(components: Any, out_dir: Path) -> Path:
+    """The base model as an fp16 SD 1.x single file carrying its component configs."""
     from ..models.export import export_checkpoint
     from ..models.loading import CONFIGS_METADATA_KEY
 
-    base, evaluator = out_dir / "world-base.safetensors", out_dir / "evaluator.safetensors"
     configs = world_configs(components.vae.config.scaling_factor)
     metadata = {CONFIGS_METADATA_KEY: json.dumps(configs), "dreambooth_demo": "true",
                 "dreambooth_base_model": "shapes world (python -m dreambooth.world.build)"}
-    export_checkpoint(components, base, precision="fp16", metadata=metadata)
-    with atomic.atomic_path(evaluator) as temp:
+    return export_checkpoint(components, out_dir / BASE_NAME, precision="fp16", metadata=metadata)
+
+
+def write_evaluator(net: ShapeNet, out_dir: Path) -> Path:
+    from safetensors.torch import save_file
+
+    with atomic.atomic_path(out_dir / EVALUATOR_NAME) as temp:
         save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(temp))
+    return out_dir / EVALUATOR_NAME
+
+
+def write_record(recipe: Recipe, out_dir: Path) -> dict[str, Any]:
     record = {"recipe": asdict(recipe), "versions": versions(),
-              "sha256": {path.name: sha256(path) for path in (base, evaluator)}}
+              "digest": {name: digest(out_dir / name) for name in (BASE_NAME, EVALUATOR_NAME)}}
     atomic.write_json(out_dir / "world.json", record)
     return record
 
@@ -327,25 +326,44 @@ def versions() -> dict[str, str]:
     return {"torch": torch.__version__, "diffusers": diffusers.__version__, "transformers": transformers.__version__}
 
 
-def build(recipe: Recipe, out_dir: Path, log: Log = print) -> dict[str, Any]:
-    """Train everything from `recipe` and write it into `out_dir`; returns the record (world.json)."""
-    out_dir.mkdir(parents=True, exist_ok=True)
+def build_base(recipe: Recipe, out_dir: Path, log: Log) -> Path:
     with deterministic(recipe.seed):
         vae = train_vae(recipe, log)
         unet, text_encoder = train_base(recipe, vae, log)
-        net = train_evaluator(recipe, vae, log)
-    return write_outputs(recipe, base_components(unet, vae, text_encoder), net, out_dir)
+    return write_base(base_components(unet, vae, text_encoder), out_dir)
+
+
+def build_evaluator(recipe: Recipe, out_dir: Path, log: Log) -> Path:
+    """The evaluator, trained on round trips through the VAE as written (fp16), so that it depends only on the
+    base file and the recipe: `--evaluator-only` retrains it from a shipped base and gets the same bytes."""
+    from ..models.loading import load_checkpoint
+
+    vae = load_checkpoint(out_dir / BASE_NAME).vae  # loaded first: building the models draws random numbers
+    with deterministic(recipe.seed):
+        return write_evaluator(train_evaluator(recipe, vae, log), out_dir)
+
+
+def build(recipe: Recipe, out_dir: Path, log: Log = print, base: bool = True) -> dict[str, Any]:
+    """Train everything from `recipe` and write it into `out_dir` (with `base=False` only the evaluator, from
+    the base file already there); returns the record (world.json)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if base:
+        build_base(recipe, out_dir, log)
+    build_evaluator(recipe, out_dir, log)
+    return write_record(recipe, out_dir)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m dreambooth.world.build", description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="a few steps of each training (for tests)")
+    parser.add_argument("--evaluator-only", action="store_true",
+                        help="retrain only the evaluator, from the base model already in the output folder")
     parser.add_argument("--out", type=Path, default=RESOURCE_DIR, help="output folder (default: %(default)s)")
     args = parser.parse_args(argv)
     recipe = Recipe().quick() if args.quick else Recipe()
     started = time.monotonic()
-    record = build(recipe, args.out, lambda text: print(text, flush=True))
-    print(f"built in {time.monotonic() - started:.0f} s: {json.dumps(record['sha256'], indent=1)}")
+    record = build(recipe, args.out, lambda text: print(text, flush=True), base=not args.evaluator_only)
+    print(f"built in {time.monotonic() - started:.0f} s: {json.dumps(record['digest'], indent=1)}")
     return 0
 
 

@@ -2,7 +2,7 @@
 
 `resources/world/world-base.safetensors` is an original-layout single file (fp16) with its component configs
 in the metadata, so it loads, trains and exports like any SD 1.x checkpoint; `resources/world/world.json`
-records the recipe that built it and the SHA-256 of each shipped file. `python -m dreambooth.world.build`
+records the recipe that built it and the digest of each shipped file. `python -m dreambooth.world.build`
 rebuilds them.
 """
 
@@ -41,25 +41,29 @@ def world_configs(scaling_factor: float = 1.0) -> dict[str, dict[str, Any]]:
     return configs
 
 
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
+def digest(path: Path) -> str:
+    """SHA-256 of a safetensors file with its header's keys sorted: the library writes the metadata in a
+    random order, so two writes of the same tensors and metadata differ in bytes but not in digest."""
     with open(path, "rb") as handle:
+        size = int.from_bytes(handle.read(8), "little")
+        header = json.loads(handle.read(size))
+        hashed = hashlib.sha256(json.dumps(header, sort_keys=True).encode("utf-8"))
         for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+            hashed.update(block)
+    return hashed.hexdigest()
 
 
 def shipped_record() -> dict[str, Any]:
-    """world.json: the recipe, the versions that built it and the SHA-256 of each shipped file."""
+    """world.json: the recipe, the versions that built it and the digest of each shipped file."""
     if not RECORD_FILE.is_file():
         raise ModelError(f"{RECORD_FILE} is missing; rebuild the world with python -m dreambooth.world.build.")
     return json.loads(RECORD_FILE.read_text(encoding="utf-8"))
 
 
 def verified(path: Path) -> Path:
-    """`path` if its SHA-256 is the recorded one; a damaged or swapped file is one clear error."""
-    recorded = shipped_record()["sha256"].get(path.name)
-    if not path.is_file() or recorded != sha256(path):
+    """`path` if its digest is the recorded one; a damaged or swapped file is one clear error."""
+    recorded = shipped_record()["digest"].get(path.name)
+    if not path.is_file() or recorded != digest(path):
         raise ModelError(f"{path} is missing or differs from the recorded build (world.json); reinstall the "
                          "extension or rebuild the world with python -m dreambooth.world.build.")
     return path

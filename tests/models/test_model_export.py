@@ -178,9 +178,9 @@ def test_export_of_a_small_architecture_loads_back_without_help(family: str, tmp
     """A trained demo model's export carries its configs, so it loads as itself (not as a full-size model)."""
     original = tiny_components(family, seed=2)
     loaded = load_checkpoint(export_checkpoint(original, tmp_path / "trained.safetensors"))
-    assert loaded.unet.config.block_out_channels == original.unet.config.block_out_channels
-    for key, value in original.unet.state_dict().items():
-        assert torch.equal(loaded.unet.state_dict()[key], value), key
+    assert loaded.denoiser.config.block_out_channels == original.denoiser.config.block_out_channels
+    for key, value in original.denoiser.state_dict().items():
+        assert torch.equal(loaded.denoiser.state_dict()[key], value), key
 
 
 @pytest.mark.parametrize("family", ["sd1", "sd2", "sdxl"])
@@ -196,10 +196,10 @@ def test_full_size_exports_carry_no_configs(family: str) -> None:
     unit = get_family(family)
     configs = unit.shipped_configs()
     with init_empty_weights():
-        unet = getattr(diffusers, unit.unet_class).from_config(configs["unet"])
+        unet = getattr(diffusers, unit.denoiser_class).from_config(configs[unit.denoiser_folder])
         vae = getattr(diffusers, unit.vae_class).from_config(configs["vae"])
         encoders = [getattr(transformers, spec.model_class)(transformers.CLIPTextConfig.from_dict(configs[spec.folder]))
                     for spec in unit.text_encoders]
-    components = Components(family=family, unet=unet, vae=vae, text_encoders=encoders, tokenizers=[],
+    components = Components(family=family, denoiser=unet, vae=vae, text_encoders=encoders, tokenizers=[],
                             noise_scheduler=unit.make_noise_scheduler())
     assert architecture_metadata(components) == {}
