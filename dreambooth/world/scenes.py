@@ -120,8 +120,10 @@ def varied(scene: Scene, rng: np.random.Generator, background: str) -> Scene:
     return replace(placed, shape=scene.shape, colour=scene.colour, dot=scene.dot, background=background)
 
 
-# The DreamBooth subject of the demo and of the measured outcomes: one particular circle.
-SUBJECT = Scene(shape="circle", colour="orange", background="grey", dot=True)
+# The DreamBooth subject of the demo and of the measured outcomes: one particular circle. Green, because green
+# lies far from every other colour in the world VAE's latents; red, orange, yellow and pink lie on one short line
+# there, and a fine-tune's samples of an orange subject land on its neighbours.
+SUBJECT = Scene(shape="circle", colour="green", background="grey", dot=True)
 
 
 def subject_images(count: int, seed: int = 0) -> list[tuple[Scene, Image.Image]]:

@@ -26,7 +26,7 @@ def test_pictures_are_deterministic_and_show_their_colours() -> None:
 
 
 def test_captions_name_what_is_drawn() -> None:
-    assert caption(SUBJECT) == "an orange circle with a white dot on grey"
+    assert caption(SUBJECT) == "a green circle with a white dot on grey"
     assert caption(SUBJECT, colour=False, background=False) == "a circle with a white dot"
     assert caption(Scene("star", "red", "black"), background=False) == "a red star"
 
@@ -41,5 +41,5 @@ def test_random_scenes_cover_the_world_for_a_seed() -> None:
 
 def test_subject_pictures_vary_only_place_size_and_background() -> None:
     pictures = subject_images(6)
-    assert {(s.shape, s.colour, s.dot) for s, _ in pictures} == {("circle", "orange", True)}
+    assert {(s.shape, s.colour, s.dot) for s, _ in pictures} == {("circle", "green", True)}
     assert {s.background for s, _ in pictures} == set(BACKGROUNDS) and len({s.x for s, _ in pictures}) == 6
