@@ -1,6 +1,7 @@
 """Rebuild the shapes world's base model and evaluator (dreambooth/resources/world): python tools/build_world.py
 
-The same as `python -m dreambooth.world.build`; `--quick` builds a few steps of each training only.
+The same as `python -m dreambooth.world.build`; `--quick` builds a few steps of each training only,
+`--evaluator-only` retrains the evaluator from the base model already in the output folder.
 """
 
 import sys

@@ -67,9 +67,9 @@ def test_measures_over_judgements() -> None:
     def seen(colour: str, dot: bool, shape: str = "circle") -> Judgement:
         return Judgement(shape=shape, colour=colour, background="grey", dot=dot, confidence=0.9)
 
-    subject, red, blob = seen("orange", True), seen("red", False), seen("red", False, "none")
-    assert rate([subject, red, subject, blob]) == 0.5 and SUBJECT.dot
-    assert appearance([subject, red, blob]) == {"orange+dot": 0.5, "red": 0.5}
+    subject, red, blob = seen(SUBJECT.colour, True), seen("red", False), seen("red", False, "none")
+    assert rate([subject, red, subject, blob]) == 0.5 and SUBJECT.dot and SUBJECT.shape == "circle"
+    assert appearance([subject, red, blob]) == {f"{SUBJECT.colour}+dot": 0.5, "red": 0.5}
     assert total_variation({"red": 1.0}, {"red": 1.0}) == 0.0
     assert total_variation({"red": 1.0}, {"orange+dot": 1.0}) == 1.0
     assert total_variation({"red": 0.5, "blue": 0.5}, {"red": 1.0}) == 0.5

@@ -42,7 +42,7 @@ def test_b_prior_preservation_keeps_the_class_and_its_absence_drifts(outcomes: O
 
 
 def test_c_lora_learns_the_subject(outcomes: Outcomes) -> None:
-    assert outcomes.subject_rate("lora") >= BOUNDS.subject
+    assert outcomes.subject_rate("lora") >= BOUNDS.lora
 
 
 def test_c_a_fine_tune_on_captions_learns_a_new_colour_word(outcomes: Outcomes) -> None:
