@@ -35,6 +35,7 @@ _.frame  # signal handler parameter, required by signal.signal's calling convent
 _.should_exit  # uvicorn.Server's stop flag, read by uvicorn's serving loop
 _.known_incumbent_keys  # every incumbent field the importer knows: tests check docs/INCUMBENT_FIELDS.md lists them
 _._body  # starlette's cache of a request body: set after a bounded read so fastapi reads the body again
+_.write_demo_checkpoint  # the demo-model command calls it by name through cli._helper (a tiny random model per family)
 _.module_names  # ModelFamily.denoiser_lora_keys argument: the UNet families' default ignores it, transformer families read it
 _.embed_tokens  # T5 encoder stack attribute assigned to tie it to the shared embedding (transformers reads it)
 _.memory_facts  # flux_model: counts Flux's activation memory from the released shapes; a test keeps the units' activation_gib equal to it

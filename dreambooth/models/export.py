@@ -124,9 +124,41 @@ def precision_warning(components: Components, base: Components | Mapping[str, to
             f"(the rest round back to the base model); export in fp32 to keep them all.")
 
 
+def component_configs(components: Components) -> dict[str, dict[str, Any]]:
+    """The diffusers and transformers configs of the model's parts, as plain JSON values."""
+    family = components.model_family
+    configs = {family.denoiser_folder: dict(components.denoiser.config), "vae": dict(components.vae.config)}
+    for spec, encoder in zip(family.text_encoders, components.text_encoders, strict=True):
+        if encoder is not None:  # an absent optional encoder (SD3's T5) has no config to carry
+            configs[spec.folder] = encoder.config.to_dict()
+    return json.loads(json.dumps(configs, default=str))
+
+
+# Config keys that describe the file, not the architecture.
+NOT_ARCHITECTURE = ("architectures", "torch_dtype", "dtype", "transformers_version")
+
+
+def _differs(own: Mapping[str, Any], shipped: Mapping[str, Any]) -> bool:
+    return any(own.get(key) != value for key, value in shipped.items()
+               if not key.startswith("_") and key not in NOT_ARCHITECTURE)
+
+
+def architecture_metadata(components: Components) -> dict[str, str]:
+    """The model's configs, for a model that is not its family's full-size architecture (a demo or world
+    model): loading reads them from the file instead of the shipped configs, so every export loads back."""
+    from .loading import CONFIGS_METADATA_KEY
+
+    own = component_configs(components)
+    shipped = components.model_family.shipped_configs()
+    if not any(_differs(own[name], json.loads(json.dumps(shipped.get(name, {})))) for name in own):
+        return {}
+    return {CONFIGS_METADATA_KEY: json.dumps(own)}
+
+
 def checkpoint_metadata(components: Components, metadata: Mapping[str, Any] | None) -> dict[str, str]:
     combined = {"dreambooth_family": components.family, "dreambooth_prediction_type": components.prediction_type,
-                "dreambooth_zero_terminal_snr": str(uses_zero_terminal_snr(components))}
+                "dreambooth_zero_terminal_snr": str(uses_zero_terminal_snr(components)),
+                **architecture_metadata(components)}
     combined.update({str(key): value if isinstance(value, str) else json.dumps(value)
                      for key, value in (metadata or {}).items()})
     return combined

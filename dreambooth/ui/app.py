@@ -1,8 +1,8 @@
 """The standalone app: the training tab and the REST API on one local server over the embedded host.
 
-`serve(layout)` is what `python -m dreambooth serve` runs. On first start it creates a tiny demo model
-and a few generated images of simple shapes, configured so that pressing Train shows samples within
-minutes on a small CPU.
+`serve(layout)` is what `python -m dreambooth serve` runs. On first start it creates the demo: the shapes
+world's pretrained model (dreambooth/world) and six pictures of one subject in that world, configured so that
+pressing Train shows the model learning the subject within about two minutes on a small CPU.
 """
 
 from __future__ import annotations
@@ -16,79 +16,39 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from PIL import Image, ImageDraw
-
-from .. import atomic
 from ..errors import DreamboothError
 from ..store import Layout, ModelStore
 
 log = logging.getLogger(__name__)
 
 DEMO_MODEL = "demo"
-DEMO_CHECKPOINT = "demo-sd1.safetensors"
+DEMO_CHECKPOINT = "demo-world.safetensors"
 DEMO_DATA_FOLDER = "demo-data"
-# (shape, colour name, RGB): the demo dataset, one 64 px image each with a matching caption.
-DEMO_SHAPES = (("circle", "red", (220, 40, 40)), ("square", "blue", (40, 80, 220)),
-               ("triangle", "green", (40, 170, 60)), ("circle", "orange", (240, 150, 30)),
-               ("square", "purple", (140, 60, 190)), ("triangle", "black", (20, 20, 20)))
-# Settings that make the demo train in a couple of minutes on 2 CPU cores and sample every few steps.
-DEMO_SETTINGS: dict[str, Any] = {
-    "method": "dreambooth", "train_text_encoder": False, "with_prior_preservation": False,
-    "max_train_steps": 60, "train_batch_size": 1, "learning_rate": 1e-4, "lr_scheduler": "constant",
-    "resolution": 64, "enable_bucketing": False, "mixed_precision": "no", "cache_latents": "memory",
-    "sample_every_n_steps": 10, "sample_scheduler": "ddim", "save_on_end": True, "save_precision": "fp16",
-}
-DEMO_CONCEPT: dict[str, Any] = {"instance_prompt": "[filewords]", "instance_token": "shp", "class_token": "shape",
-                                "sample_prompt": "a red shp circle", "n_samples": 1, "sample_steps": 8,
-                                "sample_seed": 7}
 
 
 # --- demo content -----------------------------------------------------------------------------------
 
-def draw_shape(shape: str, rgb: tuple[int, int, int], size: int = 64) -> Image.Image:
-    image = Image.new("RGB", (size, size), "white")
-    draw = ImageDraw.Draw(image)
-    box = (size * 0.2, size * 0.2, size * 0.8, size * 0.8)
-    if shape == "circle":
-        draw.ellipse(box, fill=rgb)
-    elif shape == "square":
-        draw.rectangle(box, fill=rgb)
-    else:
-        draw.polygon([(size * 0.5, size * 0.15), (size * 0.85, size * 0.8), (size * 0.15, size * 0.8)], fill=rgb)
-    return image
-
-
-def write_demo_dataset(folder: Path) -> Path:
-    """Six shape images with .txt captions (written atomically); returns the folder."""
-    folder.mkdir(parents=True, exist_ok=True)
-    for index, (shape, colour, rgb) in enumerate(DEMO_SHAPES):
-        stem = folder / f"{index:02d}-{colour}-{shape}"
-        with atomic.atomic_path(stem.with_suffix(".png")) as temp:
-            draw_shape(shape, rgb).save(temp, format="PNG")
-        with atomic.atomic_path(stem.with_suffix(".txt")) as temp:
-            Path(temp).write_text(f"a {colour} shp {shape}", encoding="utf-8")
-    return folder
-
-
 def demo_data_folder(layout: Layout) -> Path:
-    return layout.models_dir / DEMO_DATA_FOLDER / "shapes"
+    return layout.models_dir / DEMO_DATA_FOLDER / "sks-circle"
 
 
 def ensure_demo(layout: Layout, store: ModelStore) -> str | None:
-    """On first run (no models yet) create the demo model and dataset; returns the model name or None."""
+    """On first run (no models yet) create the demo model (the shapes world's pretrained base model) and its
+    dataset (pictures of the world's subject); returns the model name or None."""
     if store.names():
         return None
     from ..config.overrides import apply_overrides
     from ..config.schema import Concept
-    from ..models.demo import write_demo_checkpoint
     from ..models.loading import create_model
+    from ..world.demo import DEMO_CONCEPT, DEMO_SETTINGS, write_subject_dataset
+    from ..world.model import write_world_checkpoint
 
     checkpoint = layout.checkpoints_dir / DEMO_CHECKPOINT
     if not checkpoint.is_file():
-        write_demo_checkpoint("sd1", checkpoint)
+        write_world_checkpoint(checkpoint)
     model = create_model(store, DEMO_MODEL, checkpoint, family="sd1")
     config = apply_overrides(model.load_config(), DEMO_SETTINGS)
-    folder = write_demo_dataset(demo_data_folder(layout))
+    folder = write_subject_dataset(demo_data_folder(layout))
     config.concepts = [Concept(instance_data_dir=str(folder), **DEMO_CONCEPT)]
     model.save_config(config)
     log.info("Created the demo model %r and its dataset in %s", DEMO_MODEL, folder)

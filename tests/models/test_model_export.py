@@ -191,3 +191,35 @@ def test_working_folder_exports_the_same_bytes_loaded_in_the_export_precision(fa
             assert loaded.dtype == value.dtype and torch.equal(loaded, value), key
     with pytest.raises(ModelError, match="fp8"):
         export_working(working, tmp_path / "bad.safetensors", "fp8")
+
+
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+def test_export_of_a_small_architecture_loads_back_without_help(family: str, tmp_path: Path) -> None:
+    """A trained demo model's export carries its configs, so it loads as itself (not as a full-size model)."""
+    original = tiny_components(family, seed=2)
+    loaded = load_checkpoint(export_checkpoint(original, tmp_path / "trained.safetensors"))
+    assert loaded.denoiser.config.block_out_channels == original.denoiser.config.block_out_channels
+    for key, value in original.denoiser.state_dict().items():
+        assert torch.equal(loaded.denoiser.state_dict()[key], value), key
+
+
+@pytest.mark.parametrize("family", ["sd1", "sd2", "sdxl"])
+def test_full_size_exports_carry_no_configs(family: str) -> None:
+    import diffusers
+    import transformers
+    from accelerate import init_empty_weights
+
+    from dreambooth.families import get_family
+    from dreambooth.models.components import Components
+    from dreambooth.models.export import architecture_metadata
+
+    unit = get_family(family)
+    configs = unit.shipped_configs()
+    with init_empty_weights():
+        unet = getattr(diffusers, unit.denoiser_class).from_config(configs[unit.denoiser_folder])
+        vae = getattr(diffusers, unit.vae_class).from_config(configs["vae"])
+        encoders = [getattr(transformers, spec.model_class)(transformers.CLIPTextConfig.from_dict(configs[spec.folder]))
+                    for spec in unit.text_encoders]
+    components = Components(family=family, denoiser=unet, vae=vae, text_encoders=encoders, tokenizers=[],
+                            noise_scheduler=unit.make_noise_scheduler())
+    assert architecture_metadata(components) == {}

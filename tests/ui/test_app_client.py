@@ -6,6 +6,7 @@ import json
 import time
 import urllib.request
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -72,11 +73,19 @@ def test_page_api_and_named_endpoints(running: Any, service: Any, model: str) ->
     assert "db-error" in created[-1]
 
 
-def test_demo_dataset_has_captioned_shapes(tmp_path) -> None:
-    folder = standalone.write_demo_dataset(tmp_path / "shapes")
-    images = sorted(folder.glob("*.png"))
-    assert len(images) == len(standalone.DEMO_SHAPES)
-    for image in images:
-        caption = image.with_suffix(".txt").read_text(encoding="utf-8")
-        colour, shape = image.stem.split("-")[1:]
-        assert caption == f"a {colour} shp {shape}"
+def test_the_demo_is_the_world_model_and_its_subject(tmp_path) -> None:
+    from dreambooth.store import Layout, ModelStore
+    from dreambooth.world.demo import SUBJECT_IMAGES, SUBJECT_PROMPT
+    from dreambooth.world.evaluator import load_evaluator, rate
+
+    layout = Layout.under(tmp_path).ensure()
+    store = ModelStore(layout)
+    assert standalone.ensure_demo(layout, store) == standalone.DEMO_MODEL
+    config = store.existing(standalone.DEMO_MODEL).load_config()
+    [concept] = config.concepts
+    assert concept.instance_prompt == SUBJECT_PROMPT and config.resolution == 64
+    from PIL import Image
+
+    images = [Image.open(path) for path in sorted(Path(concept.instance_data_dir).glob("*.png"))]
+    assert len(images) == SUBJECT_IMAGES and rate(load_evaluator().judge(images)) == 1.0
+    assert standalone.ensure_demo(layout, store) is None  # only on a first run
