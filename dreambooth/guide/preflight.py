@@ -10,11 +10,13 @@ close to flip-equivariant and a cache holds (or flips) both orientations, as koh
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 from ..config.schema import (
     Concept,
@@ -104,8 +106,9 @@ def check_latent_cache_augmentation(config: TrainingConfig) -> list[Finding]:
                    "set 'cache_latents' to off.")]
 
 
-def check_resolutions(config: TrainingConfig, family: str = "sd1") -> list[Finding]:
-    """Resolutions the VAE (and the denoiser's patches) can take, and within what the family handles well."""
+def check_resolutions(config: TrainingConfig, family: str = "sd1", native: int | None = None) -> list[Finding]:
+    """Resolutions the VAE (and the denoiser's patches) can take, and within what the model handles well
+    (`native`: the model's own native resolution, when its architecture is not the family's released one)."""
     try:
         resolutions = training_resolutions(config)
     except ConfigError as error:
@@ -118,17 +121,36 @@ def check_resolutions(config: TrainingConfig, family: str = "sd1") -> list[Findi
         fixes = ", ".join(f"{r} -> {max(multiple, round(r / multiple) * multiple)}" for r in bad)
         return [_error(("resolution", "extra_resolutions"), f"Training resolutions must be multiples of "
                        f"{multiple} {reason}: change {fixes}.")]
-    return _resolution_range(resolutions, unit)
+    return _resolution_range(resolutions, unit, native)
 
 
-def _resolution_range(resolutions: list[int], unit: ModelFamily) -> list[Finding]:
+def _resolution_range(resolutions: list[int], unit: ModelFamily, native: int | None) -> list[Finding]:
     low, high = unit.resolution_range
+    name = unit.label
+    if native is not None and native != unit.resolution:
+        # A model of its own size (the demo's, the shapes world's) works around its own native size.
+        low, high, name = native // 2, native * 2, f"This {unit.label} model"
     outside = [r for r in resolutions if not low <= r <= high]
     if not outside:
         return []
-    return [_warning(("resolution", "extra_resolutions"), f"{unit.label} works between {low} and {high} px "
-                     f"(native {unit.resolution}); {', '.join(map(str, outside))} px trains poorly or wastes "
-                     "memory: choose a resolution in that range.")]
+    return [_warning(("resolution", "extra_resolutions"), f"{name} works between {low} and {high} px "
+                     f"(native {native or unit.resolution}); {', '.join(map(str, outside))} px trains poorly or "
+                     "wastes memory: choose a resolution in that range.")]
+
+
+def model_native_resolution(working: Path, family: str) -> int | None:
+    """The native resolution a saved model's own configs give (denoiser sample size times the VAE's
+    downscale), or None when they do not say."""
+    unit = get_family(family)
+    try:
+        denoiser = json.loads((working / unit.denoiser_folder / "config.json").read_text(encoding="utf-8"))
+        vae = json.loads((working / "vae" / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    size, blocks = denoiser.get("sample_size"), vae.get("block_out_channels")
+    if not isinstance(size, int) or not blocks:
+        return None
+    return size * 2 ** (len(blocks) - 1)
 
 
 def check_concepts(config: TrainingConfig, dataset_info: Mapping[str, int] | None) -> list[Finding]:
@@ -341,18 +363,19 @@ def check_sample_prompts(config: TrainingConfig) -> list[Finding]:
 
 
 def preflight(config: TrainingConfig, family: str | None = None, device: str = "cpu",
-              dataset_info: Mapping[str, int] | None = None) -> list[Finding]:
+              dataset_info: Mapping[str, int] | None = None, native: int | None = None) -> list[Finding]:
     """Every finding for a config about to train on `device` ('cpu' or 'cuda').
 
     `dataset_info` maps a folder to its image count, to skip reading the disk for folders already
-    counted (the tab does this); other folders are listed.  `family` defaults to the config's.
+    counted (the tab does this); other folders are listed.  `family` defaults to the config's; `native` is the
+    model's own native resolution (model_native_resolution) when known.
     """
     family = family or config.model_family
     findings = []
     findings += check_text_encoder_cache(config, family)
     findings += check_device(config, device)
     findings += check_latent_cache_augmentation(config)
-    findings += check_resolutions(config, family)
+    findings += check_resolutions(config, family, native)
     findings += check_concepts(config, dataset_info)
     findings += check_image_sizes(config)
     findings += check_prior_preservation(config)

@@ -181,7 +181,8 @@ class Trainer:
         except ImportError:
             return
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        findings = checks.preflight(config, device=device)
+        native = checks.model_native_resolution(model_dir.working, config.model_family)
+        findings = checks.preflight(config, device=device, native=native)
         for finding in findings:
             if finding.level != "error":
                 self.warn(finding.message)

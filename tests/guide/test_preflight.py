@@ -273,3 +273,23 @@ def test_resolution_limits_and_multiples_come_from_the_family(good: TrainingConf
     monkeypatch.setattr(preflight_module, "get_family", lambda name: patched)
     message = about(preflight(dataclasses.replace(good, enable_bucketing=False, resolution=520)), "resolution")
     assert "multiples of 16 for SD 1.x: change 520 -> 512" in message[0].message
+
+
+def test_a_model_of_its_own_size_is_checked_against_its_own_native_resolution(good: TrainingConfig,
+                                                                              tmp_path: Path) -> None:
+    """A small model (the demo's, the shapes world's) says its native size in its configs: 64 px is right for
+    it, not outside SD 1.x's range; a resolution far from its own size is still warned about."""
+    from dreambooth.guide.preflight import model_native_resolution
+    from dreambooth.models.components import save_components
+    from dreambooth.models.tiny import tiny_components
+
+    working = save_components(tiny_components("sd1", seed=0), tmp_path / "working")
+    native = model_native_resolution(working, "sd1")
+    unet_size = tiny_components("sd1", seed=0).denoiser.config.sample_size
+    assert native is not None and native != 512 and native % unet_size == 0
+    small = dataclasses.replace(good, resolution=native, enable_bucketing=False)
+    assert about(preflight(small), "resolution")  # against the family's range: warned
+    assert not about(preflight(small, native=native), "resolution")
+    far = about(preflight(dataclasses.replace(small, resolution=native * 8), native=native), "resolution")
+    assert far and f"native {native}" in far[0].message
+    assert model_native_resolution(tmp_path / "missing", "sd1") is None
