@@ -25,6 +25,7 @@ tests/host/facts/<host>.json; tests/host/test_host_facts.py keeps this module an
 from __future__ import annotations
 
 import contextlib
+import gc
 import importlib
 import importlib.util
 import inspect
@@ -565,6 +566,7 @@ class ClassicKeeper(ModelKeeper):
         model_data = self.host.need(sd_models, "model_data")
         if model_data.sd_model is not None:
             self.released_checkpoint = getattr(model_data.sd_model, "sd_checkpoint_info", None)
+        forget_task_results([model_data.sd_model, *model_data.loaded_sd_models])
         model_data.sd_model = None
         model_data.loaded_sd_models = []
         with contextlib.suppress(ImportError):  # the weights live in ldm_patched's memory manager
@@ -574,6 +576,25 @@ class ClassicKeeper(ModelKeeper):
                 if function is not None:
                     function()
         clear_state_dict_cache(sd_models)
+
+
+def forget_task_results(models: list[Any]) -> None:
+    """Forge Classic's main thread keeps what its tasks returned: the start-up load's task (queued without a
+    waiter, so never taken off finished_list) and the last task it ran hold a loaded model, which then outlives
+    every unload. On CPU an SDXL stayed in RAM and a second one was loaded beside it (killed at 22.6 GiB)."""
+    try:
+        main_thread = importlib.import_module("modules_forge.main_thread")
+    except ImportError:
+        return
+    task_class = getattr(main_thread, "Task", None)
+    if task_class is None:
+        return
+    tasks = list(getattr(main_thread, "finished_list", []))
+    tasks += [ref for model in models if model is not None for ref in gc.get_referrers(model)
+              if isinstance(ref, task_class)]
+    for task in tasks:
+        if isinstance(task, task_class) and hasattr(task.result, "sd_checkpoint_info"):
+            task.result = None
 
 
 class SDNextKeeper(ModelKeeper):

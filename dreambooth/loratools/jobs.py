@@ -156,12 +156,16 @@ def _weighted(layout: Layout, loras: Sequence[tuple[str, float]], restrict: bool
 def merge_to_checkpoint(layout: Layout, checkpoint: str, loras: Sequence[tuple[str, float]],
                         out_name: str | None = None, precision: str = "fp16", restrict: bool = True) -> ToolResult:
     """Merge the LoRAs at their weights into a checkpoint, exported in the host's single-file format."""
+    from ..models.export import PRECISIONS as DTYPES
     from ..models.export import export_checkpoint
-    from ..models.loading import load_source
+    from ..models.loading import file_precision, load_source
 
     check_precision(precision)
     source = checkpoint_path(layout, checkpoint, restrict)
-    components = load_source(source)
+    # A file already in the output's half precision merges in it: each changed weight is still added in fp32 and
+    # rounded once, so the result is the same as through fp32, in half the memory (SDXL: 7 GiB, not 14)
+    same = file_precision(source) == DTYPES[precision]
+    components = load_source(source, dtype=None if same else DTYPES["fp32"])
     table = components_key_table(components)
     weighted = _weighted(layout, loras, restrict, table)
     changed = merge_into_components(components, weighted, table)

@@ -427,6 +427,29 @@ def test_forge_classic_releases_through_ldm_patched_and_loads_its_model_back(cla
     assert name == "load_model" and loaded.filename == classic.info.filename
 
 
+def test_forge_classic_release_lets_go_of_models_its_main_thread_kept(classic):
+    """Classic's main thread keeps each task's result: the start-up load's task stays on finished_list and the
+    loop keeps the last task it ran. Released, the model must be free (on CPU an SDXL stayed beside a new one)."""
+    import gc
+    import weakref
+
+    main_thread = importlib.import_module("modules_forge.main_thread")
+    start_up = main_thread.Task(1, lambda: classic.sd_models.model_data.sd_model, (), {})
+    start_up.work()
+    main_thread.finished_list.append(start_up)  # queued by async_run at start-up: nobody takes it off
+    last_run = main_thread.Task(2, lambda: classic.sd_models.model_data.sd_model, (), {})
+    last_run.work()  # taken off finished_list by its waiter, still held by the loop
+    unrelated = main_thread.Task(3, lambda: "an image", (), {})
+    unrelated.work()
+    main_thread.finished_list.append(unrelated)
+    model = weakref.ref(classic.sd_models.model_data.sd_model)
+    WebuiHost().release_model()
+    gc.collect()
+    assert model() is None
+    assert start_up.result is None and last_run.result is None and unrelated.result == "an image"
+    main_thread.finished_list.clear()
+
+
 def test_torch_swaps_sees_a1111_initialize_on_meta(monkeypatch):
     """A1111's InitializeOnMeta replaces layer constructors and Module.to rather than whole classes."""
     original_init = torch.nn.Linear.__init__

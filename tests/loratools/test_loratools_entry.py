@@ -130,3 +130,42 @@ def test_tool_waits_for_the_gpu_slot(trained_world: Any) -> None:
     release.set()
     worker.join(5)
     assert not service.is_busy()
+
+
+def test_half_precision_merge_equals_the_fp32_merge_rounded(trained_world: Any,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """A checkpoint stored in fp16 merges into fp16 in its own precision (half the RAM: an SDXL merge beside a
+    web UI's loaded SDXL on a 24 GiB machine) and gives the fp32 merge's weights, rounded once."""
+    from safetensors.torch import load_file, save_file
+
+    from dreambooth.loratools import jobs
+    from dreambooth.models import loading
+
+    world = trained_world
+    demo = world.layout.checkpoints_dir / "demo-sd1.safetensors"
+    tensors, metadata = loading.read_checkpoint(demo)
+    save_file({key: value.half() if value.is_floating_point() else value for key, value in tensors.items()},
+              str(world.layout.checkpoints_dir / "half.safetensors"), metadata=metadata)
+    assert run(world, "lora-extract", "--from", "model:dog", "--rank", "2", "--conv-rank", "2", "--out", "h") == 0
+    loaded: list[torch.dtype] = []
+
+    def spy(*args: Any, **options: Any) -> Any:
+        components = real_load_source(*args, **options)
+        loaded.append(next(components.denoiser.parameters()).dtype)
+        return components
+
+    real_load_source = loading.load_source
+    monkeypatch.setattr(loading, "load_source", spy)
+    for precision in ("fp16", "fp32"):
+        jobs.merge_to_checkpoint(world.layout, "half.safetensors", [("h.safetensors", 1.0)], f"m-{precision}",
+                                 precision)
+    assert loaded == [torch.float16, torch.float32]
+    half = load_file(str(world.layout.checkpoints_dir / "m-fp16.safetensors"))
+    wide = load_file(str(world.layout.checkpoints_dir / "m-fp32.safetensors"))
+    assert half.keys() == wide.keys()
+    changed = 0
+    for key, value in wide.items():
+        expected = value.half() if value.is_floating_point() else value
+        assert torch.equal(half[key], expected), key
+        changed += int(value.is_floating_point() and not torch.equal(half[key], tensors[key].half()))
+    assert changed > 0  # the LoRA did change weights

@@ -187,3 +187,44 @@ def test_mismatch_summary_reads_torch_and_both_diffusers_formats(text: str) -> N
 
     assert mismatch_summary(RuntimeError(text)) == ("weight conv_in.weight has shape [32, 4, 3, 3] in the file, "
                                                     "[320, 4, 3, 3] in the model")
+
+
+def _cast_floats(source: Path, target: Path, dtype: torch.dtype, keep_fp32: str | None = None) -> Path:
+    """`source` with every floating tensor cast to `dtype` (but `keep_fp32`), its metadata kept."""
+    tensors, metadata = read_checkpoint(source)
+    cast = {key: value.to(dtype) if value.is_floating_point() and key != keep_fp32 else value
+            for key, value in tensors.items()}
+    save_file(cast, str(target), metadata=metadata)
+    return target
+
+
+def _floating_dtypes(working: Path) -> set[torch.dtype]:
+    """The precisions of the model parts' weights in a working folder."""
+    from safetensors.torch import load_file
+
+    parts = [path for path in working.rglob("*.safetensors") if path.name != "extras.safetensors"]  # kept as read
+    return {value.dtype for path in parts for value in load_file(str(path)).values() if value.is_floating_point()}
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_create_keeps_a_half_precision_file_in_its_precision(dtype: torch.dtype, demo_files: dict[str, Path],
+                                                             tmp_path: Path) -> None:
+    half = _cast_floats(demo_files["sdxl"], tmp_path / "half.safetensors", dtype)
+    store = ModelStore(Layout.under(tmp_path / "models").ensure())
+    model = create_model(store, "half", half)
+    assert _floating_dtypes(model.working) == {dtype}  # half the memory and disk of float32, nothing lost
+    created = load_components(model.working, torch.float32)
+    wide = load_checkpoint(half, dtype=torch.float32)
+    assert next(created.denoiser.parameters()).dtype == torch.float32  # training still gets float32
+    for part, wanted in ((created.denoiser, wide.denoiser), (created.text_encoders[1], wide.text_encoders[1])):
+        for (name, value), expected in zip(part.state_dict().items(), wanted.state_dict().values(), strict=True):
+            assert torch.equal(value, expected), name
+
+
+def test_create_keeps_float32_when_a_file_mixes_precisions(demo_files: dict[str, Path], tmp_path: Path) -> None:
+    tensors, _ = read_checkpoint(demo_files["sdxl"])
+    first_float = next(key for key, value in tensors.items() if value.is_floating_point())
+    mixed = _cast_floats(demo_files["sdxl"], tmp_path / "mixed.safetensors", torch.float16, keep_fp32=first_float)
+    store = ModelStore(Layout.under(tmp_path / "models").ensure())
+    model = create_model(store, "mixed", mixed)
+    assert _floating_dtypes(model.working) == {torch.float32}
