@@ -4,7 +4,9 @@ The formulas are those of the community parameter study, sd_dreambooth_extension
 (https://github.com/d8ahazard/sd_dreambooth_extension/discussions/547); a "frame" is one training image:
 
 * Steps per frame (SPF): 200 at LR 1e-5 without text-encoder training, 100 with it; inversely
-  proportional to the LR; multiplied by RC = (resolution / base resolution)^2.
+  proportional to the LR; multiplied by RC = (resolution / base resolution)^2.  The 200 is what SD 1.5
+  needed in the parameter study (the model's reference SPF); a model of another scale gives its own (the shapes world's
+  tiny model, trained from scratch in minutes, needs about 100x more), and the rest of the formulas hold.
 * Strength F (low_end 0.20 ... high_end 5.00): the number of frames one concept can absorb at LR 1e-5.
   Frames for a strength at an LR: (1e-5 / LR) x F.  LR for frames and a strength: 1e-5 / (FN / F).
 * Class images: FN x 200, or FN x 100 with text-encoder training.
@@ -62,11 +64,15 @@ def resolution_factor(resolution: int, base_resolution: int) -> float:
     return (resolution / base_resolution) ** 2
 
 
+def reference_steps(reference_spf: float, te: bool) -> float:
+    """Steps per frame at LR 1e-5: the model's reference SPF, halved with the text encoder (200 -> 100)."""
+    return reference_spf * SPF_WITH_TE / SPF_WITHOUT_TE if te else reference_spf
+
+
 def steps_per_frame(lr: float = REFERENCE_LR, te: bool = False, resolution: int = 512,
-                    base_resolution: int = 512) -> float:
-    """SPF = (200 | 100 with TE) x (1e-5 / LR) x RC."""
-    base = SPF_WITH_TE if te else SPF_WITHOUT_TE
-    return base * (REFERENCE_LR / lr) * resolution_factor(resolution, base_resolution)
+                    base_resolution: int = 512, reference_spf: float = SPF_WITHOUT_TE) -> float:
+    """SPF = (200 | 100 with TE) x (1e-5 / LR) x RC, for a model whose reference SPF is 200 (SD 1.5)."""
+    return reference_steps(reference_spf, te) * (REFERENCE_LR / lr) * resolution_factor(resolution, base_resolution)
 
 
 def incremental_steps_per_frame(spf: float, te: bool) -> int | float:
@@ -166,6 +172,7 @@ class WizardInput:
     extra_resolutions: tuple[int, ...] = ()
     scale_lr: str = "none"
     family: str = "sd1"
+    reference_spf: float = SPF_WITHOUT_TE  # the model's steps per image at LR 1e-5 without the text encoder
 
     def __post_init__(self) -> None:
         self.resolution = self.resolution or reference_resolution(self.family)
@@ -224,6 +231,9 @@ def _check_input(inp: WizardInput) -> list[int]:
         raise ConfigError("Wizard: give either a learning rate or a strength, not both.")
     if inp.lr is not None and inp.lr <= 0:
         raise ConfigError("Wizard: the learning rate must be above 0, e.g. 1e-6.")
+    if not inp.reference_spf > 0:
+        raise ConfigError(f"Wizard: the model's steps per image at LR 1e-5 must be above 0 ({SPF_WITHOUT_TE} for "
+                          "SD 1.5, from the parameter study).")
     for name, value in (("batch", inp.batch), ("accumulation", inp.accumulation),
                         ("resolution", inp.resolution), ("base resolution", inp.base_resolution)):
         if value < 1:
@@ -276,9 +286,9 @@ def _learning_rate(inp: WizardInput, frames: int, lines: list[Line], notes: list
 
 
 def _steps_per_frame_line(inp: WizardInput, spf_lr: float, lines: list[Line]) -> float:
-    spf = steps_per_frame(spf_lr, inp.te, inp.resolution, inp.base_resolution)
-    base = SPF_WITH_TE if inp.te else SPF_WITHOUT_TE
-    lines.append(Line("steps per frame", spf, f"SPF = {base} x (1e-5 / {spf_lr:g}) x ({inp.resolution} / "
+    spf = steps_per_frame(spf_lr, inp.te, inp.resolution, inp.base_resolution, inp.reference_spf)
+    base = reference_steps(inp.reference_spf, inp.te)
+    lines.append(Line("steps per frame", spf, f"SPF = {_fmt(base)} x (1e-5 / {spf_lr:g}) x ({inp.resolution} / "
                       f"{inp.base_resolution})^2" + (" (with text encoder)" if inp.te else "")))
     return spf
 
@@ -382,6 +392,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--base-resolution", type=int, default=0,
                         help=f"Resolution the steps of {PARAMETER_STUDY} refer to (default: the family's native "
                         "one, e.g. 512 for SD 1.x, 1024 for SDXL).")
+    parser.add_argument("--reference-spf", type=float, default=SPF_WITHOUT_TE,
+                        help=f"The model's steps per image at LR 1e-5 without the text encoder (default "
+                        f"{SPF_WITHOUT_TE}: SD 1.5's in {PARAMETER_STUDY}); the shapes world's demo model needs "
+                        "its own, see README.")
     parser.add_argument("--scheduler", default="constant", choices=list(SCHEDULERS),
                         help="LR scheduler; decaying ones need about 2x the steps of constant.")
     parser.add_argument("--scale-lr", default="none", choices=("none", "linear", "sqrt"),
@@ -393,6 +407,7 @@ def run_cli(args: argparse.Namespace) -> int:
     images = args.images if len(args.images) > 1 else args.images[0]
     inp = WizardInput(images=images, te=args.te, lr=args.lr, strength=args.strength, batch=args.batch,
                       accumulation=args.accum, resolution=args.resolution, base_resolution=args.base_resolution,
-                      scheduler=args.scheduler, scale_lr=args.scale_lr, family=args.family)
+                      scheduler=args.scheduler, scale_lr=args.scale_lr, family=args.family,
+                      reference_spf=args.reference_spf)
     print(plan(inp).text())
     return 0

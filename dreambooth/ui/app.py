@@ -2,7 +2,7 @@
 
 `serve(layout)` is what `python -m dreambooth serve` runs. On first start it creates the demo: the shapes
 world's pretrained model (dreambooth/world) and six pictures of one subject in that world, configured so that
-pressing Train shows the model learning the subject within about two minutes on a small CPU.
+pressing Train shows the model learning the subject within two to three minutes on a small CPU.
 """
 
 from __future__ import annotations

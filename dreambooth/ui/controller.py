@@ -171,8 +171,9 @@ class TabController:
     # --- guidance -----------------------------------------------------------------------------------
     def wizard_plan(self, images_text: str, te: bool, mode: str, strength: str, lr: float | None, batch: Any,
                     accumulation: Any, resolution: Any, base_resolution: Any, scheduler: str,
-                    family: str | None = None) -> Any:
-        """The wizard's plan; resolution and base resolution 0 (or empty) mean the family's native one."""
+                    family: str | None = None, reference_spf: float | None = None) -> Any:
+        """The wizard's plan; resolution and base resolution 0 (or empty) mean the family's native one, an empty
+        reference SPF the parameter study's (SD 1.5's)."""
         wizard = importlib.import_module("dreambooth.guide.wizard")
         counts = parse_counts(images_text)
         use_lr = mode == "learning rate"
@@ -180,7 +181,8 @@ class TabController:
                                  strength=None if use_lr else strength, batch=int(batch or 1),
                                  accumulation=int(accumulation or 1), resolution=int(resolution or 0),
                                  base_resolution=int(base_resolution or 0), scheduler=scheduler,
-                                 family=family or "sd1")
+                                 family=family or "sd1",
+                                 reference_spf=float(reference_spf or wizard.SPF_WITHOUT_TE))
         return wizard.plan(inp)
 
     def wizard_apply(self, result: Any, values: list[Any]) -> TrainingConfig:

@@ -257,6 +257,8 @@ class GuidancePanel:
                                             elem_id="db_wiz_res")
             self.wiz_base = gr.Number(value=0, precision=0, label="Base resolution (0: the model family's)",
                                       elem_id="db_wiz_base")
+            self.wiz_reference = gr.Number(value=200, label="Model's steps per image at LR 1e-5 (200: SD 1.5's)",
+                                           elem_id="db_wiz_reference")
         with gr.Row():
             self.wiz_plan_button = compat.button("Plan", "db_wizard_plan")
             self.wiz_apply_button = compat.button("Apply to settings", "db_wizard_apply", variant="primary")
@@ -273,7 +275,7 @@ class GuidancePanel:
     def wire(self, event: EventWirer, message: Any) -> None:
         wizard_inputs = [self.wiz_images, self.wiz_te, self.wiz_mode, self.wiz_strength, self.wiz_lr,
                          self.wiz_batch, self.wiz_accum, self.wiz_resolution, self.wiz_base, self.wiz_scheduler,
-                         self.fields.settings["model_family"]]
+                         self.fields.settings["model_family"], self.wiz_reference]
         self.wizard_inputs = wizard_inputs
         form, form_out = self.fields.components, self.fields.outputs + [message]
         event(self.wiz_plan_button.click, self.on_wizard_plan, wizard_inputs, [self.wiz_result, message],

