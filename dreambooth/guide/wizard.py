@@ -6,7 +6,7 @@ The formulas are those of the community parameter study, sd_dreambooth_extension
 * Steps per frame (SPF): 200 at LR 1e-5 without text-encoder training, 100 with it; inversely
   proportional to the LR; multiplied by RC = (resolution / base resolution)^2.  The 200 is what SD 1.5
   needed in the parameter study (the model's reference SPF); a model of another scale gives its own (the shapes world's
-  tiny model, trained from scratch in minutes, needs about 100x more), and the rest of the formulas hold.
+  tiny model, trained from scratch in minutes, needs about 170x more), and the rest of the formulas hold.
 * Strength F (low_end 0.20 ... high_end 5.00): the number of frames one concept can absorb at LR 1e-5.
   Frames for a strength at an LR: (1e-5 / LR) x F.  LR for frames and a strength: 1e-5 / (FN / F).
 * Class images: FN x 200, or FN x 100 with text-encoder training.

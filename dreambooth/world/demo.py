@@ -29,17 +29,6 @@ DEMO_SETTINGS: dict[str, Any] = {
 }
 
 
-def reference_spf(settings: dict[str, Any], images: int) -> float:
-    """The wizard's reference SPF (steps per image at LR 1e-5 without the text encoder) of a run that learns:
-    its steps x LR / 1e-5 per image, doubled when it trains the text encoder (the wizard halves the steps then)."""
-    steps_per_image = settings["max_train_steps"] * settings["learning_rate"] / 1e-5 / images
-    return steps_per_image * (2 if settings["train_text_encoder"] else 1)
-
-
-# The world model's reference SPF: the demo's run, measured to learn the subject (README, outcome a). About
-# 100x SD 1.5's 200: a tiny model trained from scratch in minutes moves less per step at the same LR.
-WORLD_REFERENCE_SPF = reference_spf(DEMO_SETTINGS, SUBJECT_IMAGES)
-
 DEMO_CONCEPT: dict[str, Any] = {
     "instance_prompt": SUBJECT_PROMPT, "instance_token": "sks", "class_token": "circle",
     "class_prompt": CLASS_PROMPT, "sample_prompt": SUBJECT_PROMPT, "n_samples": 2, "sample_steps": 20,
