@@ -29,7 +29,16 @@ import torch
 
 from .. import atomic
 from .evaluator import COLOUR_CLASSES, HEADS, NO_SHAPE, SHAPE_CLASSES, ShapeNet, pixels_of
-from .model import RESOURCE_DIR, digest, world_configs
+from .model import (
+    RESOURCE_DIR,
+    compact_embedding,
+    digest,
+    full_embedding,
+    is_compact,
+    rewrite,
+    world_configs,
+    world_token_ids,
+)
 from .scenes import ALL_COLOURS, BACKGROUNDS, COLOURS, Scene, caption, draw, random_scene
 
 Log = Callable[[str], None]
@@ -355,12 +364,31 @@ def build_base(recipe: Recipe, out_dir: Path, log: Log) -> Path:
     return write_base(base_components(recipe, unet, vae, text_encoder), out_dir)
 
 
+def compact_base(out_dir: Path) -> Path:
+    """The base file rewritten in place with only the world's rows of its token embedding (see world.model)."""
+    from ..families import get_family
+
+    keep = world_token_ids(get_family("sd1").tokenizers()[0])
+    path = out_dir / BASE_NAME
+    return rewrite(path, path, lambda tensors: compact_embedding(tensors, keep))
+
+
+def base_vae(path: Path) -> Any:
+    """The VAE of a base file, compact or not (the VAE does not depend on the token embedding)."""
+    import tempfile
+
+    from ..models.loading import load_checkpoint
+
+    if not is_compact(path):
+        return load_checkpoint(path).vae
+    with tempfile.TemporaryDirectory() as folder:
+        return load_checkpoint(rewrite(path, Path(folder) / BASE_NAME, full_embedding)).vae
+
+
 def build_evaluator(recipe: Recipe, out_dir: Path, log: Log) -> Path:
     """The evaluator, trained on round trips through the VAE as written (fp16), so that it depends only on the
     base file and the recipe: `--evaluator-only` retrains it from a shipped base and gets the same bytes."""
-    from ..models.loading import load_checkpoint
-
-    vae = load_checkpoint(out_dir / BASE_NAME).vae  # loaded first: building the models draws random numbers
+    vae = base_vae(out_dir / BASE_NAME)  # loaded first: building the models draws random numbers
     with deterministic(recipe.seed):
         return write_evaluator(train_evaluator(recipe, vae, log), out_dir)
 
@@ -372,6 +400,8 @@ def build(recipe: Recipe, out_dir: Path, log: Log = print, base: bool = True) ->
     if base:
         build_base(recipe, out_dir, log)
     build_evaluator(recipe, out_dir, log)
+    if base:
+        compact_base(out_dir)
     return write_record(recipe, out_dir)
 
 

@@ -16,7 +16,10 @@ import torch
 from safetensors import safe_open
 
 from dreambooth.errors import ModelError
+from dreambooth.families import get_family
 from dreambooth.world import build, model
+from dreambooth.world.demo import DEMO_CONCEPT
+from dreambooth.world.scenes import ALL_COLOURS, BACKGROUNDS, SHAPES, Scene, caption
 
 
 def test_the_shipped_files_are_the_recorded_build_of_todays_recipe() -> None:
@@ -59,3 +62,51 @@ def test_a_changed_shipped_file_is_one_clear_error(tmp_path: Path, monkeypatch: 
     with pytest.raises(ModelError, match="differs from the recorded build"):
         model.write_world_checkpoint(tmp_path / "out.safetensors")
     assert not (tmp_path / "out.safetensors").exists()
+
+
+def every_world_prompt() -> list[str]:
+    """Every caption the world writes (each shape, colour, background, with and without dot, colour and background
+    left out or not), the demo's prompts and the empty prompt classifier-free guidance uses."""
+    scenes = [Scene(shape=shape, colour=colour, background=background, dot=dot) for shape in SHAPES
+              for colour in ALL_COLOURS for background in BACKGROUNDS for dot in (False, True)]
+    captions = {caption(scene, colour, background) for scene in scenes for colour in (False, True)
+                for background in (False, True)}
+    return sorted(captions | {DEMO_CONCEPT[key] for key in ("instance_prompt", "class_prompt", "sample_prompt")} | {""})
+
+
+def test_the_compact_base_keeps_every_row_a_world_prompt_reads() -> None:
+    tokenizer = get_family("sd1").tokenizers()[0]
+    with safe_open(str(model.BASE_FILE), framework="pt") as handle:
+        kept = set(handle.get_tensor(model.ROWS_KEY).tolist())
+        assert model.EMBEDDING_KEY not in handle.keys()
+    for prompt in every_world_prompt():
+        used = set(tokenizer(prompt, padding="max_length").input_ids)
+        assert used <= kept, f"{prompt!r} reads rows {sorted(used - kept)} the shipped base does not keep"
+
+
+def test_the_written_checkpoint_has_the_kept_rows_and_the_same_fill_every_time(tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    first = load_file(model.write_world_checkpoint(tmp_path / "first.safetensors"))
+    second = load_file(model.write_world_checkpoint(tmp_path / "second.safetensors"))
+    with safe_open(str(model.BASE_FILE), framework="pt") as handle:
+        rows, values = handle.get_tensor(model.ROWS_KEY), handle.get_tensor(model.VALUES_KEY)
+        others = {key: handle.get_tensor(key) for key in handle.keys() if not key.startswith("world_token_")}
+    embedding = first[model.EMBEDDING_KEY]
+    assert embedding.shape == (49408, 32) and embedding.dtype == values.dtype
+    assert torch.equal(embedding[rows], values)
+    assert first.keys() == second.keys() and all(torch.equal(first[key], second[key]) for key in first)
+    assert all(torch.equal(first[key], tensor) for key, tensor in others.items())
+    # The drawn rows have CLIP's initial spread, not zeros or copies of one row.
+    drawn = embedding[[index for index in range(len(embedding)) if index not in set(rows.tolist())]].float()
+    assert 0.015 < drawn.std().item() < 0.025 and len(torch.unique(drawn[:100], dim=0)) == 100
+
+
+def test_compact_and_full_embedding_are_inverse_on_the_kept_rows() -> None:
+    tensors = {model.EMBEDDING_KEY: torch.randn(10, 4), "other": torch.ones(3)}
+    compact = model.compact_embedding(dict(tensors), [0, 3, 9])
+    assert model.EMBEDDING_KEY not in compact and torch.equal(compact["other"], tensors["other"])
+    full = model.full_embedding(compact)[model.EMBEDDING_KEY]
+    assert full.shape == (10, 4)
+    assert torch.equal(full[[0, 3, 9]], tensors[model.EMBEDDING_KEY][[0, 3, 9]])
+    assert not torch.equal(full[1], tensors[model.EMBEDDING_KEY][1])

@@ -26,11 +26,11 @@ def held_out() -> list[Scene]:
 
 
 @pytest.fixture(scope="module")
-def world_vae() -> Any:
+def world_vae(tmp_path_factory: pytest.TempPathFactory) -> Any:
     from dreambooth.models.loading import load_checkpoint
-    from dreambooth.world.model import BASE_FILE
+    from dreambooth.world.model import write_world_checkpoint
 
-    return load_checkpoint(BASE_FILE).vae
+    return load_checkpoint(write_world_checkpoint(tmp_path_factory.mktemp("world") / "world.safetensors")).vae
 
 
 def accuracy(judged: list[Judgement], scenes: list[Scene]) -> dict[str, float]:
