@@ -20,6 +20,7 @@ for set_name in latest host forge sdnext neo; do
   # build, evaluator and scene tests, which exercise the same code under A1111's pins.
   if [ "$set_name" = host ]; then tests=(--ignore=tests/world/test_world_outcomes.py); fi
   echo "=== tests with the '$set_name' dependency set"
-  ".venv-$set_name/bin/python" -m pytest -q -p no:cacheprovider "${tests[@]}" "$@" || status=1
+  # pytest-xdist: one worker per core (a module's tests stay on one worker, so its fixtures are built once).
+  ".venv-$set_name/bin/python" -m pytest -q -p no:cacheprovider -n auto --dist loadfile "${tests[@]}" "$@" || status=1
 done
 exit $status
