@@ -25,6 +25,9 @@ ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts" / "browser"
 TIMEOUT = 120.0
 # The demo run takes two to three minutes on 2 free cores; a busy CI machine gets more.
 DEMO_TIMEOUT = 600.0
+# The full demo run (and the subject in its gallery) is checked once; tools/test.sh sets a short run for the other
+# dependency sets, where what differs is gradio's front end: the steps typed into the form must reach the run.
+SHORT_RUN_STEPS = int(os.environ.get("DB_BROWSER_TRAIN_STEPS", "0"))
 
 
 def _need(what: str) -> None:
@@ -193,6 +196,9 @@ def _scenario(driver: Any, app: Any) -> None:
     wait_for(lambda: "a sks circle on white" in values(driver, "db_c0_sample_prompt"), "the imported sample prompt")
     click_text(driver, "Parameters")
     click_text(driver, "Steps")
+    steps = SHORT_RUN_STEPS or DEMO_SETTINGS["max_train_steps"]
+    if SHORT_RUN_STEPS:
+        type_into(driver, "#db_max_train_steps input[type=number]", str(steps))
     shot(driver, "02-parameters")
 
     # Train with the demo's settings: the bar moves, and at the end the gallery shows the subject.
@@ -210,14 +216,14 @@ def _scenario(driver: Any, app: Any) -> None:
     wait_for(lambda: driver.find_elements("css selector", "#db_samples img"), "a sample in the gallery")
     shot(driver, "03-training")
     wait_for(lambda: progress(driver)["state"] == "finished", "the run to finish", timeout=DEMO_TIMEOUT)
-    print(f"demo run: {time.monotonic() - started:.0f} s from Train to finished")
-    steps = DEMO_SETTINGS["max_train_steps"]
+    print(f"demo run: {time.monotonic() - started:.0f} s from Train to finished ({steps} steps)")
     assert str(steps) == progress(driver)["total"]
     assert not find(driver, "#db_run_error").get_attribute("textContent").strip()
-    # The gallery shows the last sampling (its files are served under other names): the evaluator must see the
-    # subject in at least two of its three pictures.
-    evaluator = load_evaluator()
-    wait_for(lambda: rate(evaluator.judge(gallery_images(driver)[:3])) >= 2 / 3, "the subject in the gallery")
+    if not SHORT_RUN_STEPS:
+        # The gallery shows the last sampling (its files are served under other names): the evaluator must see
+        # the subject in at least two of its three pictures.
+        evaluator = load_evaluator()
+        wait_for(lambda: rate(evaluator.judge(gallery_images(driver)[:3])) >= 2 / 3, "the subject in the gallery")
     shot(driver, "04-finished")
 
     # A second run: reload while it runs (the page resumes showing it), then cancel it.
@@ -229,7 +235,7 @@ def _scenario(driver: Any, app: Any) -> None:
     find(driver, "#db_cancel").click()
     wait_for(lambda: progress(driver)["state"] == "finished", "the cancelled run to stop")
     wait_for(lambda: "Stopped" in find(driver, "#db_status").get_attribute("textContent"), "the stopped status")
-    assert int(progress(driver)["step"]) < DEMO_SETTINGS["max_train_steps"]
+    assert int(progress(driver)["step"]) < steps
     shot(driver, "06-cancelled")
 
     # Create a model from the host's checkpoint list.
