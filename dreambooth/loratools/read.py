@@ -160,13 +160,18 @@ def _te_aliases(family: str, encoders: list[Any]) -> tuple[dict[str, str], dict[
     return aliases, targets
 
 
-def key_table(family: str, unet: Any, text_encoders: list[Any]) -> KeyTable:
-    """The table of a model's layers (plain diffusers/transformers modules; meta tensors are fine)."""
+def check_table_family(family: str) -> None:
+    """Key tables are built for UNet families; SD3's and Flux's LoRAs are read in the kohya spelling only."""
     unit = get_family(family)
     if unit.denoiser_folder != "unet":
-        raise ModelError(f"{unit.label} LoRAs in the kohya spelling (lora_unet_…, lora_te1_…) can be resized and "
-                         f"merged with each other; merging one into a checkpoint, starting training from one and "
-                         f"reading the diffusers spelling are not supported for them yet.")
+        raise ModelError(f"{unit.label} LoRAs are read in the kohya spelling only (lora_unet_…, lora_te1_…): they "
+                         f"can be resized, merged with each other and merged into a checkpoint; starting training "
+                         f"from one and reading the diffusers/peft spelling are not supported for them yet.")
+
+
+def key_table(family: str, unet: Any, text_encoders: list[Any]) -> KeyTable:
+    """The table of a model's layers (plain diffusers/transformers modules; meta tensors are fine)."""
+    check_table_family(family)
     unet_aliases, unet_targets = _unet_aliases(family, unet)
     te_aliases, te_targets = _te_aliases(family, list(text_encoders))
     aliases = {**unet_aliases, **te_aliases}
@@ -200,6 +205,7 @@ def full_size_components(family: str) -> SimpleNamespace:
 @functools.cache
 def family_key_table(family: str) -> KeyTable:
     """The table of the full-size model of `family`, built on the meta device from the shipped configs."""
+    check_table_family(family)
     return components_key_table(full_size_components(family))
 
 
