@@ -41,7 +41,7 @@ KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
 COMFY_TE_NAMES = {0: ("clip_l", "clip_h"), 1: ("clip_g",)}
 # SD3's transformer keys in the original (kohya) and diffusers spellings.
 SD3_KEY_PREFIXES = ("lora_unet_joint_blocks_", "transformer.transformer_blocks.")
-FLUX_KEY_PREFIXES = ("lora_unet_double_blocks_", "lora_unet_single_blocks_")
+FLUX_KEY_PREFIXES = ("lora_unet_double_blocks_", "lora_unet_single_blocks_", "transformer.single_transformer_blocks.")
 
 
 @dataclass
@@ -269,11 +269,14 @@ def needs_table(tensors: dict[str, torch.Tensor]) -> bool:
 def guess_family(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> str | None:
     """The family a LoRA was made for, from its metadata or its keys; None when nothing tells."""
     version = metadata.get("ss_base_model_version", "") + metadata.get("modelspec.architecture", "")
-    # Before SDXL's test: SD3 LoRAs name a second CLIP too (lora_te2_).
-    if version.lower().startswith(("sd3", "stable-diffusion-3")) or any(k.startswith(SD3_KEY_PREFIXES) for k in tensors):
+    # Before SDXL's test: SD3 LoRAs name a second CLIP too (lora_te2_). Flux's before SD3's keys: diffusers names
+    # Flux's double blocks `transformer_blocks` as well.
+    if version.lower().startswith(("sd3", "stable-diffusion-3")):
         return "sd3"
     if "flux" in version.lower() or any(k.startswith(FLUX_KEY_PREFIXES) for k in tensors):
         return "flux-schnell" if "schnell" in version.lower() else "flux-dev"
+    if any(k.startswith(SD3_KEY_PREFIXES) for k in tensors):
+        return "sd3"
     says_v = metadata.get("ss_v_parameterization") == "True" or metadata.get("modelspec.prediction_type") == "v"
     prediction = "v_prediction" if says_v else "epsilon"
     if "xl" in version.lower() or any(k.startswith(("lora_te2_", "text_encoder_2.")) for k in tensors):

@@ -156,6 +156,33 @@ def test_cli_merges_an_sd3_lora_into_its_checkpoint(sd3_world: Any, capsys: pyte
     assert all(torch.equal(made[key], api[key]) for key in api)
 
 
+def test_rest_api_merges_an_sd3_lora_and_reports_a_family_mismatch(sd3_world: Any) -> None:
+    fastapi = pytest.importorskip("fastapi")
+    from fake_host import FakeHost
+    from fastapi.testclient import TestClient
+
+    from dreambooth.service import TrainingService
+    from dreambooth.store import ModelStore
+    from dreambooth.ui.api import register_api
+
+    layout, _ = sd3_world
+    store = ModelStore(layout)
+    app = fastapi.FastAPI()
+    register_api(app, TrainingService(FakeHost(layout), store), store)
+    client = TestClient(app)
+    answer = client.post("/dreambooth/lora/merge", json={"loras": [{"name": "sd3-lora.safetensors", "weight": WEIGHT}],
+                                                        "into": "sd3-fp16.safetensors", "out": "sd3-api"})
+    assert answer.status_code == 201, answer.text
+    made = load_file(answer.json()["path"])
+    job = load_file(str(merge_to_checkpoint(layout, "sd3-fp16.safetensors", [("sd3-lora.safetensors", WEIGHT)],
+                                            "sd3-api-job").path))
+    assert all(torch.equal(made[key], job[key]) for key in job)
+    write_transformer_lora(layout.lora_dir / "flux-into-sd3.safetensors", seed=2, family="flux-dev", text=False)
+    refused = client.post("/dreambooth/lora/merge", json={"loras": [{"name": "flux-into-sd3.safetensors"}],
+                                                         "into": "sd3-fp16.safetensors"})
+    assert refused.status_code == 400 and "is a Flux.1 dev LoRA, but sd3-fp16.safetensors" in refused.json()["detail"]
+
+
 def test_sd3_fp8_text_encoder_is_copied_as_it_is(sd3_world: Any) -> None:
     """Stability's SD3 file with T5 in fp8: the LoRA names no T5 weight, so the fp8 tensors are copied unchanged."""
     layout, _ = sd3_world
@@ -271,3 +298,13 @@ def test_a_lora_of_another_family_is_refused(flux_layout: Layout, tmp_path: Path
               str(flux_layout.lora_dir / "sd1-lora.safetensors"), metadata={"ss_base_model_version": "sd_v1"})
     with pytest.raises(ModelError, match="is a SD 1.x LoRA, but flux-bare.safetensors is a Flux.1 dev"):
         merge_to_checkpoint(flux_layout, "flux-bare.safetensors", [("sd1-lora.safetensors", 1.0)])
+
+
+def test_a_flux_lora_in_the_diffusers_spelling_says_what_is_read(flux_layout: Layout) -> None:
+    """Only the kohya spelling names the file's layers; a diffusers/peft Flux file (it has `transformer_blocks` as
+    SD3's do) is told apart by its metadata and refused with the reason."""
+    save_file({"transformer.transformer_blocks.0.attn.to_q.lora_A.weight": torch.zeros(1, 16),
+               "transformer.transformer_blocks.0.attn.to_q.lora_B.weight": torch.zeros(16, 1)},
+              str(flux_layout.lora_dir / "peft.safetensors"), metadata={"ss_base_model_version": "flux1"})
+    with pytest.raises(ModelError, match="Flux.1 dev LoRAs are read in the kohya spelling only"):
+        merge_to_checkpoint(flux_layout, "flux-bare.safetensors", [("peft.safetensors", 1.0)])
