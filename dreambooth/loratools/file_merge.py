@@ -70,11 +70,14 @@ def read_header(path: Path) -> tuple[list[FileTensor], dict[str, str]]:
                        for key in handle.keys()]  # noqa: SIM118 - not a dict
     except Exception as error:  # safetensors raises its own error types for damaged files
         raise ModelError(f"{path} cannot be read ({error}); the file is damaged or incomplete - copy it again.") from None
+    return tensors, metadata
+
+
+def _check_known(tensors: Sequence[FileTensor], source: Path) -> None:
     unknown = next((tensor for tensor in tensors if tensor.dtype not in ITEM_BYTES), None)
     if unknown is not None:
-        raise ModelError(f"{path}: tensor {unknown.key} has the storage type {unknown.dtype}, which this tool does "
-                         "not know; merge into a bf16/fp16/fp32 file.")
-    return tensors, metadata
+        raise ModelError(f"{source.name}: tensor {unknown.key} has the storage type {unknown.dtype}, which this tool "
+                         "cannot copy; merge into the bf16/fp16 version of the file.")
 
 
 def file_family(keys: Iterable[str]) -> str | None:
@@ -225,6 +228,7 @@ def merge_into_file(source: Path, loras: Weighted, target: Path, precision: str,
     from safetensors import safe_open
 
     tensors, own_metadata = read_header(source)
+    _check_known(tensors, source)
     unit = _check_families(file_family(tensor.key for tensor in tensors), loras, source)
     changes = plan_changes(tensors, loras, unit, source)
     dtype = PRECISIONS[precision]
