@@ -6,79 +6,46 @@ with '_' (`lora_unet_joint_blocks_0_x_block_attn_qkv` is `model.diffusion_model.
 .weight`; Forge's transformer-only Flux files carry no prefix), `lora_te1_`/`lora_te2_` + a text encoder's
 transformers path under `text_encoders.<clip_l|clip_g|…>.transformer.`. A1111, Forge and ComfyUI build the same
 map from the loaded model's keys, so the merge works on the file itself: each weight a LoRA names gets
-strength * change added in fp32 and rounded once; every other tensor is copied. The output is written as it is
-read (a safetensors header, then each tensor's bytes), so neither the model (Flux dev: 24 GB in bf16) nor an fp32
-copy of it is ever held in memory.
+strength * change added in fp32 and rounded once; every other tensor is copied byte for byte (or rounded to the
+output precision). The output is written as the source is read, one tensor at a time (`safetensors_stream`), so
+neither the model (Flux dev: 24 GB in bf16) nor an fp32 copy of it is ever held in memory.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import struct
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
+from typing import Any, BinaryIO
 
 import torch
 
-from ..atomic import atomic_path
 from ..errors import ModelError
 from ..families import all_families, get_family
 from ..families.base import ModelFamily
 from ..models.export import PRECISIONS
 from .merge import Weighted, host_change
 from .read import LoraFile, LoraModule, guess_family
+from .safetensors_stream import (
+    FLOAT_DTYPES,
+    FileTensor,
+    check_stored,
+    copy_bytes,
+    read_header,
+    read_tensor,
+    write_streamed,
+    write_tensor,
+)
 
 DENOISER_PREFIX = "model.diffusion_model."
-# safetensors' dtype names: the floats a LoRA is merged into (and the output precision applies to), and the size
-# of every element type a checkpoint may hold (fp8 and 4-bit packs are copied as they are).
-PLAIN_FLOATS = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}
-SAFETENSORS_NAMES = {dtype: name for name, dtype in PLAIN_FLOATS.items()}
-ITEM_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I64": 8, "I32": 4, "I16": 2,
-              "I8": 1, "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1}
+SAFETENSORS_NAMES = {dtype: name for name, dtype in FLOAT_DTYPES.items()}
 # Metadata that describes the source's bytes, wrong for the merged file.
 STALE_METADATA = ("modelspec.hash_sha256",)
-
-
-@dataclass(frozen=True)
-class FileTensor:
-    """One tensor of a safetensors file, from its header: key, safetensors dtype name, shape."""
-
-    key: str
-    dtype: str
-    shape: tuple[int, ...]
-
-    @property
-    def nbytes(self) -> int:
-        return ITEM_BYTES[self.dtype] * math.prod(self.shape)
-
 
 Changes = dict[str, list[tuple[LoraModule, float]]]  # file key -> the LoRA layers (and strengths) landing on it
 
 
-# --- reading headers and families ---------------------------------------------------------------------------
-
-def read_header(path: Path) -> tuple[list[FileTensor], dict[str, str]]:
-    """The tensors (in the file's order) and metadata of a .safetensors file, without reading any weight."""
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt", device="cpu") as handle:
-            metadata = dict(handle.metadata() or {})
-            tensors = [FileTensor(key, handle.get_slice(key).get_dtype(), tuple(handle.get_slice(key).get_shape()))
-                       for key in handle.keys()]  # noqa: SIM118 - not a dict
-    except Exception as error:  # safetensors raises its own error types for damaged files
-        raise ModelError(f"{path} cannot be read ({error}); the file is damaged or incomplete - copy it again.") from None
-    return tensors, metadata
-
-
-def _check_known(tensors: Sequence[FileTensor], source: Path) -> None:
-    unknown = next((tensor for tensor in tensors if tensor.dtype not in ITEM_BYTES), None)
-    if unknown is not None:
-        raise ModelError(f"{source.name}: tensor {unknown.key} has the storage type {unknown.dtype}, which this tool "
-                         "cannot copy; merge into the bf16/fp16 version of the file.")
-
+# --- families ---------------------------------------------------------------------------------------------------
 
 def file_family(keys: Iterable[str]) -> str | None:
     """The family merged in the file's own layout (SD3, Flux dev/schnell) whose weights a file holds, else None."""
@@ -137,7 +104,7 @@ def _missing_layer(lora: LoraFile, layer: str, source: Path) -> ModelError:
 
 
 def _check_target(lora: LoraFile, layer: str, module: LoraModule, tensor: FileTensor, source: Path) -> None:
-    if tensor.dtype not in PLAIN_FLOATS:
+    if tensor.dtype not in FLOAT_DTYPES:
         raise ModelError(f"{source.name}: {tensor.key} (LoRA layer {layer}) is stored quantized ({tensor.dtype}: "
                          "fp8, or NF4/FP4 packed in bytes); a LoRA merges into full weights only - merge into the "
                          "bf16/fp16 version of the file.")
@@ -166,14 +133,12 @@ def plan_changes(tensors: Sequence[FileTensor], loras: Weighted, family: ModelFa
 
 def output_dtype(tensor: FileTensor, dtype: torch.dtype) -> str:
     """Floating tensors take the output precision; fp8, integer and packed tensors keep their own type."""
-    return SAFETENSORS_NAMES[dtype] if tensor.dtype in PLAIN_FLOATS else tensor.dtype
+    return SAFETENSORS_NAMES[dtype] if tensor.dtype in FLOAT_DTYPES else tensor.dtype
 
 
 def merged_tensor(key: str, value: torch.Tensor, layers: list[tuple[LoraModule, float]],
                   dtype: torch.dtype) -> torch.Tensor:
-    """The file's tensor with its layers' changes added in fp32, rounded once to `dtype` (floats only)."""
-    if value.dtype not in SAFETENSORS_NAMES:
-        return value
+    """A floating tensor of the file with its layers' changes added in fp32, rounded once to `dtype`."""
     result = value
     if layers:
         result = value.float()
@@ -185,25 +150,18 @@ def merged_tensor(key: str, value: torch.Tensor, layers: list[tuple[LoraModule, 
     return converted
 
 
-def write_streamed(target: Path, tensors: Sequence[FileTensor], produce: Callable[[str], torch.Tensor],
-                   metadata: Mapping[str, str]) -> None:
-    """A safetensors file written atomically as its tensors are produced, one at a time (the header first: every
-    tensor's type and shape are known before its bytes are). safetensors' own writer needs all tensors at once."""
-    header: dict[str, object] = {"__metadata__": dict(metadata)}
-    offset = 0
-    for tensor in tensors:
-        header[tensor.key] = {"dtype": tensor.dtype, "shape": list(tensor.shape),
-                              "data_offsets": [offset, offset + tensor.nbytes]}
-        offset += tensor.nbytes
-    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
-    raw += b" " * (-len(raw) % 8)  # the format's 8-byte alignment of the data
-    with atomic_path(target) as tmp, open(tmp, "wb") as out:
-        out.write(struct.pack("<Q", len(raw)) + raw)
-        for tensor in tensors:
-            data = produce(tensor.key).contiguous().reshape(-1).view(torch.uint8)
-            if data.numel() != tensor.nbytes:
-                raise ModelError(f"{tensor.key}: {data.numel()} bytes produced, {tensor.nbytes} announced.")
-            out.write(memoryview(data.numpy()))
+def _writer(handle: BinaryIO, tensors: Sequence[FileTensor], changes: Changes, dtype: torch.dtype) -> Any:
+    """write_one for write_streamed: a tensor whose bytes stay (not changed, already in the output type) is copied
+    as bytes; the others are read, merged and rounded."""
+    def write_one(index: int, out: BinaryIO) -> None:
+        tensor = tensors[index]
+        layers = changes.get(tensor.key, [])
+        if tensor.dtype not in FLOAT_DTYPES or (not layers and FLOAT_DTYPES[tensor.dtype] == dtype):
+            copy_bytes(handle, tensor, out)
+        else:
+            write_tensor(out, merged_tensor(tensor.key, read_tensor(handle, tensor), layers, dtype))
+
+    return write_one
 
 
 # --- the job ----------------------------------------------------------------------------------------------------
@@ -225,19 +183,13 @@ def merge_into_file(source: Path, loras: Weighted, target: Path, precision: str,
                     metadata: Mapping[str, str]) -> int:
     """Write `source` with the LoRAs merged at their weights to `target` in `precision` (floating tensors; see
     output_dtype), with the source's metadata plus `metadata`; returns the number of weights changed."""
-    from safetensors import safe_open
-
     tensors, own_metadata = read_header(source)
-    _check_known(tensors, source)
+    check_stored(tensors, source)
     unit = _check_families(file_family(tensor.key for tensor in tensors), loras, source)
     changes = plan_changes(tensors, loras, unit, source)
     dtype = PRECISIONS[precision]
     written = [FileTensor(tensor.key, output_dtype(tensor, dtype), tensor.shape) for tensor in tensors]
     kept = {key: value for key, value in own_metadata.items() if key not in STALE_METADATA}
-    with safe_open(str(source), framework="pt", device="cpu") as handle:
-        def produce(key: str) -> torch.Tensor:
-            return merged_tensor(key, handle.get_tensor(key), changes.get(key, []), dtype)
-
-        with torch.no_grad():
-            write_streamed(target, written, produce, {**kept, **metadata})
+    with open(source, "rb") as handle, torch.no_grad():
+        write_streamed(target, written, _writer(handle, tensors, changes, dtype), {**kept, **metadata})
     return len(changes)

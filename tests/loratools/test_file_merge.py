@@ -158,12 +158,13 @@ def test_cli_merges_an_sd3_lora_into_its_checkpoint(sd3_world: Any, capsys: pyte
 
 def test_rest_api_merges_an_sd3_lora_and_reports_a_family_mismatch(sd3_world: Any) -> None:
     fastapi = pytest.importorskip("fastapi")
-    from fake_host import FakeHost
     from fastapi.testclient import TestClient
 
     from dreambooth.service import TrainingService
     from dreambooth.store import ModelStore
     from dreambooth.ui.api import register_api
+
+    from fake_host import FakeHost
 
     layout, _ = sd3_world
     store = ModelStore(layout)
