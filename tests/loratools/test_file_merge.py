@@ -24,6 +24,7 @@ from dreambooth import cli
 from dreambooth.errors import ModelError
 from dreambooth.families import get_family
 from dreambooth.families.flux_names import inner_dim
+from dreambooth.loratools.file_merge import layer_names
 from dreambooth.loratools.jobs import merge_to_checkpoint
 from dreambooth.models.export import export_checkpoint, model_to_ldm, text_encoder_to_ldm
 from dreambooth.models.loading import load_source
@@ -63,6 +64,8 @@ def sd3_world(tmp_path_factory: pytest.TempPathFactory) -> Any:
     CLIPs."""
     layout = Layout.under(tmp_path_factory.mktemp("sd3-merge") / "models").ensure()
     base = tiny_components("sd3", seed=0)
+    if base.text_encoders[2] is None:
+        pytest.skip("no sentencepiece here: the tiny T5 tokenizer cannot be built")
     copy_t5_tokenizer(base.tokenizers[2], layout.checkpoints_dir / "tokenizer_3")  # read when the merge loads back
     for precision in ("fp16", "fp32"):
         export_checkpoint(base, layout.checkpoints_dir / f"sd3-{precision}.safetensors", precision)
@@ -309,3 +312,43 @@ def test_a_flux_lora_in_the_diffusers_spelling_says_what_is_read(flux_layout: La
               str(flux_layout.lora_dir / "peft.safetensors"), metadata={"ss_base_model_version": "flux1"})
     with pytest.raises(ModelError, match="Flux.1 dev LoRAs are read in the kohya spelling only"):
         merge_to_checkpoint(flux_layout, "flux-bare.safetensors", [("peft.safetensors", 1.0)])
+
+
+# --- released layouts: every layer our writers produce lands where Forge puts it (meta tensors) -------------------
+
+@pytest.mark.parametrize("variant", ["sd3-medium", "sd3.5-medium", "sd3.5-large"])
+def test_every_sd3_layer_of_the_released_layouts_lands_where_forge_puts_it(variant: str) -> None:
+    from dreambooth.families.sd3 import SD3
+
+    config = SD3.variant_configs()[variant]
+    with torch.device("meta"):
+        denoiser = diffusers.SD3Transformer2DModel.from_config(config)
+    modules = dict(denoiser.named_modules())
+    factors = {name: (torch.zeros(1, modules[name].in_features), torch.zeros(modules[name].out_features, 1))
+               for name in SD3.denoiser_lora_targets(denoiser, False)}
+    layers = {key.split(".")[0] for key in SD3.denoiser_lora_tensors(factors, denoiser, "original")}
+    keys = list(SD3.denoiser_to_original(denoiser.state_dict(), denoiser.config))
+    forge = sd3_loader_rules.comfy_key_map(keys, config["num_layers"], forge=True)
+    names = layer_names(keys, SD3)
+    assert layers and {layer: names.get(layer) for layer in layers} == {layer: forge[layer] for layer in layers}
+
+
+@pytest.mark.parametrize("variant", ["dev", "schnell"])
+@pytest.mark.parametrize("prefix", ["model.diffusion_model.", ""])
+def test_every_flux_layer_of_the_released_layouts_lands_where_forge_puts_it(variant: str, prefix: str) -> None:
+    from accelerate import init_empty_weights
+
+    from dreambooth.families import flux_names
+
+    unit = get_family(f"flux-{variant}")
+    with init_empty_weights():
+        model = diffusers.FluxTransformer2DModel.from_config(unit.shipped_configs()["transformer"])
+    slots = flux_names.module_table(model.config)
+    layers = {flux_names.lora_key(slots[name].original) for name in flux_names.lora_target_names(model)}
+    original = list(flux_names.to_original(model.state_dict(), model.config))
+    forge = flux_loader_rules.unet_key_map(original, model.config.num_layers, model.config.num_single_layers,
+                                           inner_dim(model.config), model.config.guidance_embeds)
+    names = layer_names([prefix + key for key in original], unit)
+    assert len(layers) == 19 * 10 + 38 * 3
+    assert {layer: names.get(layer) for layer in layers} == {
+        layer: prefix + forge[layer][0].removeprefix("diffusion_model.") for layer in layers}
