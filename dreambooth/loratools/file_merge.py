@@ -20,6 +20,7 @@ from typing import Any, BinaryIO
 
 import torch
 
+from ..atomic import free_bytes
 from ..errors import ModelError
 from ..families import all_families, get_family
 from ..families.base import ModelFamily
@@ -179,6 +180,18 @@ def _check_families(checkpoint_family: str | None, loras: Weighted, source: Path
     return unit
 
 
+def _check_space(target: Path, needed: int) -> None:
+    """Before minutes of writing (Flux dev: 24 GB in bf16), not at the end of them."""
+    free = free_bytes(target.parent)
+    if free is not None and free < needed:
+        raise ModelError(f"The merged checkpoint needs {_size(needed)}, but {target.parent} has {_size(free)} free; "
+                         "free space there or choose a smaller precision.")
+
+
+def _size(count: int) -> str:
+    return f"{count / 2**30:.1f} GiB" if count >= 2**30 else f"{count / 2**20:.1f} MiB"
+
+
 def merge_into_file(source: Path, loras: Weighted, target: Path, precision: str,
                     metadata: Mapping[str, str]) -> int:
     """Write `source` with the LoRAs merged at their weights to `target` in `precision` (floating tensors; see
@@ -189,6 +202,7 @@ def merge_into_file(source: Path, loras: Weighted, target: Path, precision: str,
     changes = plan_changes(tensors, loras, unit, source)
     dtype = PRECISIONS[precision]
     written = [FileTensor(tensor.key, output_dtype(tensor, dtype), tensor.shape) for tensor in tensors]
+    _check_space(target, sum(tensor.nbytes for tensor in written))
     kept = {key: value for key, value in own_metadata.items() if key not in STALE_METADATA}
     with open(source, "rb") as handle, torch.no_grad():
         write_streamed(target, written, _writer(handle, tensors, changes, dtype), {**kept, **metadata})

@@ -352,3 +352,13 @@ def test_every_flux_layer_of_the_released_layouts_lands_where_forge_puts_it(vari
     assert len(layers) == 19 * 10 + 38 * 3
     assert {layer: names.get(layer) for layer in layers} == {
         layer: prefix + forge[layer][0].removeprefix("diffusion_model.") for layer in layers}
+
+
+def test_too_little_free_space_is_said_before_writing(flux_layout: Layout, monkeypatch: pytest.MonkeyPatch) -> None:
+    from dreambooth.loratools import file_merge
+
+    source = flux_layout.checkpoints_dir / "flux-bare.safetensors"
+    monkeypatch.setattr(file_merge, "free_bytes", lambda folder: source.stat().st_size // 2)
+    with pytest.raises(ModelError, match=r"needs \d+\.\d MiB, but .*Stable-diffusion has \d+\.\d MiB free"):
+        merge_to_checkpoint(flux_layout, "flux-bare.safetensors", [("transformer.safetensors", 1.0)], precision="bf16")
+    assert sorted(path.name for path in flux_layout.checkpoints_dir.iterdir()) == ["flux-bare.safetensors"]
