@@ -362,3 +362,24 @@ def test_too_little_free_space_is_said_before_writing(flux_layout: Layout, monke
     with pytest.raises(ModelError, match=r"needs \d+\.\d MiB, but .*Stable-diffusion has \d+\.\d MiB free"):
         merge_to_checkpoint(flux_layout, "flux-bare.safetensors", [("transformer.safetensors", 1.0)], precision="bf16")
     assert sorted(path.name for path in flux_layout.checkpoints_dir.iterdir()) == ["flux-bare.safetensors"]
+
+
+def test_the_tab_merges_a_flux_lora_into_its_transformer_file(flux_layout: Layout) -> None:
+    pytest.importorskip("gradio")
+    from dreambooth.service import TrainingService
+    from dreambooth.store import ModelStore
+    from dreambooth.ui.tab import DreamboothTab
+
+    from fake_host import FakeHost
+
+    store = ModelStore(flux_layout)
+    tab = DreamboothTab(FakeHost(flux_layout), TrainingService(FakeHost(flux_layout), store), store)
+    tab.blocks = tab.build()
+    assert "flux-bare.safetensors" in tab.lora_tools.checkpoints()
+    report, notice = tab.lora_tools.on_merge(["transformer.safetensors"], str(WEIGHT), "flux-bare.safetensors",
+                                             "fixed", 8, 128, "tabbed", "bf16")
+    assert "weights changed" in report and "Merged" in notice
+    job = merge_to_checkpoint(flux_layout, "flux-bare.safetensors", [("transformer.safetensors", WEIGHT)],
+                              "job", precision="bf16")
+    made, expected = load_file(str(flux_layout.checkpoints_dir / "tabbed.safetensors")), load_file(str(job.path))
+    assert made.keys() == expected.keys() and all(torch.equal(made[key], expected[key]) for key in expected)
