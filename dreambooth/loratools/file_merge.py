@@ -14,9 +14,9 @@ neither the model (Flux dev: 24 GB in bf16) nor an fp32 copy of it is ever held 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import BinaryIO
 
 import torch
 
@@ -151,7 +151,8 @@ def merged_tensor(key: str, value: torch.Tensor, layers: list[tuple[LoraModule, 
     return converted
 
 
-def _writer(handle: BinaryIO, tensors: Sequence[FileTensor], changes: Changes, dtype: torch.dtype) -> Any:
+def _writer(handle: BinaryIO, tensors: Sequence[FileTensor], changes: Changes,
+            dtype: torch.dtype) -> Callable[[int, BinaryIO], None]:
     """write_one for write_streamed: a tensor whose bytes stay (not changed, already in the output type) is copied
     as bytes; the others are read, merged and rounded."""
     def write_one(index: int, out: BinaryIO) -> None:
