@@ -153,6 +153,17 @@ def embedded_configs(metadata: Mapping[str, str]) -> dict[str, dict[str, Any]] |
     return json.loads(raw) if raw else None
 
 
+def _with_optional_configs(configs: dict[str, dict[str, Any]] | None,
+                           unit: ModelFamily) -> dict[str, dict[str, Any]] | None:
+    """Embedded configs leave out an optional encoder (SD3's T5) the model was exported without; the shipped
+    config stands in, so its weights are still looked for beside the file, and it stays out when none are."""
+    if configs is None:
+        return None
+    missing = [spec.folder for spec in unit.text_encoders if spec.optional and spec.folder not in configs]
+    shipped = unit.shipped_configs() if missing else {}
+    return {**configs, **{folder: shipped[folder] for folder in missing}}
+
+
 def write_config_dir(configs: Mapping[str, Mapping[str, Any]], folder: Path) -> Path:
     for name, config in configs.items():
         write_json(folder / name / "config.json", dict(config))
@@ -283,7 +294,7 @@ def load_checkpoint(path: str | Path, family: str | None = None, prediction_type
     dtype = stored_dtype(state) if dtype is None else dtype
     family, prediction = resolve_family(path, state, metadata, family, prediction_type)
     unit = get_family(family)
-    configs = embedded_configs(metadata) or unit.configs_for(state)
+    configs = _with_optional_configs(embedded_configs(metadata), unit) or unit.configs_for(state)
     rescaled = zero_terminal_snr_of(unit, state, metadata)
     state = with_ema_unet(state, family, configs[unit.denoiser_folder], path)
     state = with_separate_text_encoders(state, unit, configs, text_encoder_folders(path, models_dir),

@@ -174,6 +174,16 @@ def test_without_t5_the_model_loads_and_conditions_on_zeros(tmp_path: Path) -> N
     assert encoded.hidden[:, :77, :80].any()
 
 
+def test_a_model_exported_without_t5_loads_back_from_its_own_configs(tmp_path: Path) -> None:
+    """The export embeds the configs of the encoders the model has: none for T5, which is optional."""
+    components = tiny(with_t5=False)
+    path = export_checkpoint(components, tmp_path / "sd3.safetensors")
+    loaded = load_checkpoint(path)
+    assert loaded.text_encoders[2] is None
+    before, after = checkpoint_state_dict(components), checkpoint_state_dict(loaded)
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
 def test_t5_weights_without_a_tokenizer_name_the_missing_files(tmp_path: Path) -> None:
     path = _export(tiny(), tmp_path, with_tokenizer=False)
     with pytest.raises(ModelError, match=r"T5's tokenizer is missing: none of .*tokenizer_3.* holds tokenizer.json "
