@@ -112,7 +112,7 @@ def write_components(components: Components, folder: Path) -> None:
     for encoder, tokenizer, spec in pairs:
         if encoder is None:
             continue
-        encoder.save_pretrained(folder / spec.folder, safe_serialization=True)
+        save_encoder(encoder, folder / spec.folder)
         if spec.layout == "t5":
             copy_t5_tokenizer(tokenizer, folder / spec.tokenizer_folder)
         else:
@@ -123,6 +123,20 @@ def write_components(components: Components, folder: Path) -> None:
     (folder / FAMILY_FILE).write_text(json.dumps({"family": components.family,
                                                   "prediction_type": components.prediction_type}))
     (folder / "model_index.json").write_text(json.dumps(model_index(components), indent=2))
+
+
+def save_encoder(encoder: Any, folder: Path) -> None:
+    """`encoder` as transformers saves it. A T5-XXL kept in its file's fp8 is written by safetensors directly:
+    older transformers (A1111's 4.30) cannot size fp8 tensors in save_pretrained, and read them back fine."""
+    fp8 = {getattr(torch, name) for name in ("float8_e4m3fn", "float8_e5m2") if hasattr(torch, name)}
+    if not any(param.dtype in fp8 for param in encoder.parameters()):
+        encoder.save_pretrained(folder, safe_serialization=True)
+        return
+    from safetensors.torch import save_model
+
+    folder.mkdir(parents=True, exist_ok=True)
+    encoder.config.save_pretrained(folder)
+    save_model(encoder, str(folder / "model.safetensors"), metadata={"format": "pt"})
 
 
 def _old_name(working: Path) -> Path:
