@@ -10,6 +10,9 @@ Pure functions over state dicts and models (import from the submodules):
 - ``resize``: ``resize_lora(lora, rule)``, ``resize_module``, ``product_svd``.
 - ``merge``: ``merge_into_components(components, [(lora, weight)], table)``, ``merge_loras([(lora, weight)], rule)``,
   ``host_change``.
+- ``file_merge``: ``merge_into_file(source, [(lora, weight)], target, precision, metadata)`` (SD3 / Flux: the LoRAs
+  merged into the checkpoint's own file, streamed), ``merges_in_file(checkpoint, lora_paths)``, ``layer_names``.
+- ``safetensors_stream``: ``read_header``, ``read_tensor``, ``copy_bytes``, ``write_streamed`` (one tensor at a time).
 - ``files``: ``lora_tensors(lora)``, ``save_lora(lora, path, family, metadata, precision)``.
 - ``report``: ``RetainedReport`` (retained fraction per block and in total).
 - ``jobs``: the operations on the host's folders, used by the CLI, the service/API and the tab.

@@ -8,6 +8,7 @@ checkpoint file or a diffusers folder; LoRAs come from the LoRA folder. Outputs 
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +17,7 @@ from typing import Any
 from ..errors import ConfigError, ModelError
 from ..store import Layout, ModelStore, check_model_name, unused_path
 from .extract import RankRule, extract_lora
+from .file_merge import merge_into_file, merges_in_file
 from .files import save_lora
 from .merge import merge_into_components, merge_loras
 from .read import LoraFile, components_key_table, guess_family, load_lora
@@ -153,15 +155,27 @@ def _weighted(layout: Layout, loras: Sequence[tuple[str, float]], restrict: bool
     return [(load_lora(lora_path(layout, name, restrict), table, family), float(weight)) for name, weight in loras]
 
 
+def _merge_metadata(source: Path, weighted: Sequence[tuple[LoraFile, float]]) -> dict[str, Any]:
+    return {"dreambooth_tool": "merge", "dreambooth_base": source.name,
+            "dreambooth_merged_loras": [{"name": lora.name, "weight": weight} for lora, weight in weighted]}
+
+
+def _merged_names(weighted: Sequence[tuple[LoraFile, float]]) -> str:
+    return ", ".join(f"{lora.name} x {weight:g}" for lora, weight in weighted)
+
+
 def merge_to_checkpoint(layout: Layout, checkpoint: str, loras: Sequence[tuple[str, float]],
                         out_name: str | None = None, precision: str = "fp16", restrict: bool = True) -> ToolResult:
-    """Merge the LoRAs at their weights into a checkpoint, exported in the host's single-file format."""
+    """Merge the LoRAs at their weights into a checkpoint, exported in the host's single-file format (SD3 and
+    Flux: the checkpoint's own file, merged tensor by tensor: see file_merge)."""
     from ..models.export import PRECISIONS as DTYPES
     from ..models.export import export_checkpoint
     from ..models.loading import file_precision, load_source
 
     check_precision(precision)
     source = checkpoint_path(layout, checkpoint, restrict)
+    if merges_in_file(source, [lora_path(layout, name, restrict) for name, _ in loras]):
+        return _merge_in_file(layout, source, loras, out_name, precision, restrict)
     # A file already in the output's half precision merges in it: each changed weight is still added in fp32 and
     # rounded once, so the result is the same as through fp32, in half the memory (SDXL: 7 GiB, not 14)
     same = file_precision(source) == DTYPES[precision]
@@ -170,11 +184,24 @@ def merge_to_checkpoint(layout: Layout, checkpoint: str, loras: Sequence[tuple[s
     weighted = _weighted(layout, loras, restrict, table)
     changed = merge_into_components(components, weighted, table)
     target = unused_path(layout.checkpoints_dir, output_stem(out_name, f"{source.stem}-merged"))
-    metadata = {"dreambooth_tool": "merge", "dreambooth_base": source.name,
-                "dreambooth_merged_loras": [{"name": lora.name, "weight": weight} for lora, weight in weighted]}
-    export_checkpoint(components, target, precision, metadata={**_source_configs(source), **metadata})
-    names = ", ".join(f"{lora.name} x {weight:g}" for lora, weight in weighted)
-    return ToolResult(target, f"Merged {names} into {source.name} ({changed} layers changed): {target}")
+    metadata = {**_source_configs(source), **_merge_metadata(source, weighted)}
+    export_checkpoint(components, target, precision, metadata=metadata)
+    return ToolResult(target, f"Merged {_merged_names(weighted)} into {source.name} ({changed} layers changed): {target}")
+
+
+def _merge_in_file(layout: Layout, source: Path, loras: Sequence[tuple[str, float]], out_name: str | None,
+                   precision: str, restrict: bool) -> ToolResult:
+    """SD3 / Flux: the LoRAs (kohya spelling) merged into the checkpoint's own file, every other tensor copied."""
+    if source.suffix.lower() != ".safetensors":
+        raise ModelError(f"Checkpoint {source.name}: SD3 and Flux LoRAs merge into .safetensors files only; "
+                         "choose the .safetensors version of the checkpoint.")
+    weighted = _weighted(layout, loras, restrict)
+    target = unused_path(layout.checkpoints_dir, output_stem(out_name, f"{source.stem}-merged"))
+    metadata = {key: value if isinstance(value, str) else json.dumps(value)
+                for key, value in _merge_metadata(source, weighted).items()}
+    changed = merge_into_file(source, weighted, target, precision, metadata)
+    return ToolResult(target, f"Merged {_merged_names(weighted)} into {source.name} ({changed} weights changed, "
+                              f"floating tensors saved in {precision}, the file's layout kept): {target}")
 
 
 def _source_configs(source: Path) -> dict[str, str]:

@@ -41,7 +41,7 @@ KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
 COMFY_TE_NAMES = {0: ("clip_l", "clip_h"), 1: ("clip_g",)}
 # SD3's transformer keys in the original (kohya) and diffusers spellings.
 SD3_KEY_PREFIXES = ("lora_unet_joint_blocks_", "transformer.transformer_blocks.")
-FLUX_KEY_PREFIXES = ("lora_unet_double_blocks_", "lora_unet_single_blocks_")
+FLUX_KEY_PREFIXES = ("lora_unet_double_blocks_", "lora_unet_single_blocks_", "transformer.single_transformer_blocks.")
 
 
 @dataclass
@@ -160,13 +160,18 @@ def _te_aliases(family: str, encoders: list[Any]) -> tuple[dict[str, str], dict[
     return aliases, targets
 
 
-def key_table(family: str, unet: Any, text_encoders: list[Any]) -> KeyTable:
-    """The table of a model's layers (plain diffusers/transformers modules; meta tensors are fine)."""
+def check_table_family(family: str) -> None:
+    """Key tables are built for UNet families; SD3's and Flux's LoRAs are read in the kohya spelling only."""
     unit = get_family(family)
     if unit.denoiser_folder != "unet":
-        raise ModelError(f"{unit.label} LoRAs in the kohya spelling (lora_unet_…, lora_te1_…) can be resized and "
-                         f"merged with each other; merging one into a checkpoint, starting training from one and "
-                         f"reading the diffusers spelling are not supported for them yet.")
+        raise ModelError(f"{unit.label} LoRAs are read in the kohya spelling only (lora_unet_…, lora_te1_…): they "
+                         f"can be resized, merged with each other and merged into a checkpoint; starting training "
+                         f"from one and reading the diffusers/peft spelling are not supported for them yet.")
+
+
+def key_table(family: str, unet: Any, text_encoders: list[Any]) -> KeyTable:
+    """The table of a model's layers (plain diffusers/transformers modules; meta tensors are fine)."""
+    check_table_family(family)
     unet_aliases, unet_targets = _unet_aliases(family, unet)
     te_aliases, te_targets = _te_aliases(family, list(text_encoders))
     aliases = {**unet_aliases, **te_aliases}
@@ -200,6 +205,7 @@ def full_size_components(family: str) -> SimpleNamespace:
 @functools.cache
 def family_key_table(family: str) -> KeyTable:
     """The table of the full-size model of `family`, built on the meta device from the shipped configs."""
+    check_table_family(family)
     return components_key_table(full_size_components(family))
 
 
@@ -263,11 +269,14 @@ def needs_table(tensors: dict[str, torch.Tensor]) -> bool:
 def guess_family(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> str | None:
     """The family a LoRA was made for, from its metadata or its keys; None when nothing tells."""
     version = metadata.get("ss_base_model_version", "") + metadata.get("modelspec.architecture", "")
-    # Before SDXL's test: SD3 LoRAs name a second CLIP too (lora_te2_).
-    if version.lower().startswith(("sd3", "stable-diffusion-3")) or any(k.startswith(SD3_KEY_PREFIXES) for k in tensors):
+    # Before SDXL's test: SD3 LoRAs name a second CLIP too (lora_te2_). Flux's before SD3's keys: diffusers names
+    # Flux's double blocks `transformer_blocks` as well.
+    if version.lower().startswith(("sd3", "stable-diffusion-3")):
         return "sd3"
     if "flux" in version.lower() or any(k.startswith(FLUX_KEY_PREFIXES) for k in tensors):
         return "flux-schnell" if "schnell" in version.lower() else "flux-dev"
+    if any(k.startswith(SD3_KEY_PREFIXES) for k in tensors):
+        return "sd3"
     says_v = metadata.get("ss_v_parameterization") == "True" or metadata.get("modelspec.prediction_type") == "v"
     prediction = "v_prediction" if says_v else "epsilon"
     if "xl" in version.lower() or any(k.startswith(("lora_te2_", "text_encoder_2.")) for k in tensors):

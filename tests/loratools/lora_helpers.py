@@ -78,3 +78,19 @@ def add_known_changes(components: Any, rank: int, with_conv: bool, seed: int = 3
             weight.add_(change)
             changes[key] = change
     return changes
+
+
+def write_transformer_lora(path: Path, seed: int, family: str = "sd3", text: bool = True) -> Any:
+    """A LoRA of ours on the tiny SD3 or Flux model (transformer, and its CLIPs with `text`) with random adapters,
+    alpha != rank; returns the adapted model (pristine tiny_components(family, seed=0) plus the adapters)."""
+    components = tiny_components(family, seed=0, optional_encoders=False)
+    config = TrainingConfig(model_family=family, prediction_type="flow_matching", method="lora", lora_rank=2,
+                            lora_alpha=3.0, train_text_encoder=text, save_precision="fp32", model_name="tiny")
+    params = lora.add_lora(components, config)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for group in params.values():
+            for param in group:
+                param.add_(0.1 * torch.randn(param.shape, generator=generator))
+    lora.export_lora(components, config, path, {})
+    return components

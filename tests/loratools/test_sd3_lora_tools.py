@@ -1,7 +1,8 @@
 """The LoRA tools on SD3 LoRA files in the original (kohya) spelling: extract writes them from a trained model
 (q/k/v fused as training writes them), resize and LoRA-to-LoRA merge read them without a model, and all write them
 as SD3's loaders need (no `.alpha` keys: A1111 1.10 fails on them; the strength folded into the up weights),
-keeping each layer's change; the tools that need the model's key table say that they do not support SD3 yet."""
+keeping each layer's change; the tools that need the model's key table say that they do not support SD3 yet
+(merging into a checkpoint does not need it: test_file_merge.py)."""
 
 from __future__ import annotations
 
@@ -9,32 +10,22 @@ from pathlib import Path
 
 import pytest
 import torch
+from lora_helpers import write_transformer_lora
 from safetensors import safe_open
 
-from dreambooth.config.schema import TrainingConfig
 from dreambooth.errors import ModelError
 from dreambooth.loratools.extract import RankRule
 from dreambooth.loratools.jobs import merge_to_lora, resize
 from dreambooth.loratools.read import components_key_table, guess_family, load_lora
 from dreambooth.models.tiny import tiny_components
 from dreambooth.store import Layout
-from dreambooth.train import lora
 
 pytest.importorskip("diffusers")
 
 
 def write_sd3_lora(path: Path, seed: int, family: str = "sd3") -> Path:
     """A LoRA of ours on the tiny SD3 model (transformer, CLIP-L, CLIP-G) with random adapters, alpha != rank."""
-    components = tiny_components(family, seed=0, optional_encoders=False)
-    config = TrainingConfig(model_family=family, prediction_type="flow_matching", method="lora", lora_rank=2,
-                            lora_alpha=3.0, train_text_encoder=True, save_precision="fp32", model_name="tiny")
-    params = lora.add_lora(components, config)
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for group in params.values():
-            for param in group:
-                param.add_(0.1 * torch.randn(param.shape, generator=generator))
-    lora.export_lora(components, config, path, {})
+    write_transformer_lora(path, seed, family)
     return path
 
 
@@ -124,6 +115,15 @@ def test_a_flux_lora_resizes_with_its_alphas_and_markers(tmp_path: Path) -> None
         torch.testing.assert_close(resized[key].delta(), module.delta(), atol=1e-5, rtol=1e-4)
 
 
-def test_tools_that_need_the_key_table_say_sd3_is_not_supported_yet() -> None:
-    with pytest.raises(ModelError, match="can be resized and merged with each other; merging one into a checkpoint"):
+def test_tools_that_need_the_key_table_say_sd3_is_read_in_the_kohya_spelling_only(tmp_path: Path) -> None:
+    """Starting training from an SD3 LoRA and the diffusers spelling need the key table, which SD3 has not got:
+    the message says so (and that merging into a checkpoint works), for the table and for a diffusers file."""
+    from safetensors.torch import save_file
+
+    with pytest.raises(ModelError, match="kohya spelling only.*merged into a checkpoint; starting training"):
         components_key_table(tiny_components("sd3", seed=0, optional_encoders=False))
+    diffusers_file = tmp_path / "diffusers.safetensors"
+    save_file({"transformer.transformer_blocks.0.attn.to_q.lora_A.weight": torch.zeros(1, 4),
+               "transformer.transformer_blocks.0.attn.to_q.lora_B.weight": torch.zeros(4, 1)}, str(diffusers_file))
+    with pytest.raises(ModelError, match="diffusers/peft spelling are not supported"):
+        load_lora(diffusers_file)
