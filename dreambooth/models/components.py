@@ -23,6 +23,7 @@ from ..atomic import fsync_path, fsync_tree
 from ..errors import ModelError
 from ..families import FAMILY_NAMES, ModelFamily, all_families, get_family
 from ..families.base import DENOISER_PART
+from .flux_files import FP8_DTYPES
 from .tokenizer import (
     BOS,
     EOS,
@@ -112,7 +113,7 @@ def write_components(components: Components, folder: Path) -> None:
     for encoder, tokenizer, spec in pairs:
         if encoder is None:
             continue
-        encoder.save_pretrained(folder / spec.folder, safe_serialization=True)
+        save_encoder(encoder, folder / spec.folder)
         if spec.layout == "t5":
             copy_t5_tokenizer(tokenizer, folder / spec.tokenizer_folder)
         else:
@@ -123,6 +124,19 @@ def write_components(components: Components, folder: Path) -> None:
     (folder / FAMILY_FILE).write_text(json.dumps({"family": components.family,
                                                   "prediction_type": components.prediction_type}))
     (folder / "model_index.json").write_text(json.dumps(model_index(components), indent=2))
+
+
+def save_encoder(encoder: Any, folder: Path) -> None:
+    """`encoder` as transformers saves it. A T5-XXL kept in its file's fp8 is written by safetensors directly:
+    older transformers (A1111's 4.30) cannot size fp8 tensors in save_pretrained, and read them back fine."""
+    if not any(param.dtype in FP8_DTYPES for param in encoder.parameters()):
+        encoder.save_pretrained(folder, safe_serialization=True)
+        return
+    from safetensors.torch import save_model
+
+    folder.mkdir(parents=True, exist_ok=True)
+    encoder.config.save_pretrained(folder)
+    save_model(encoder, str(folder / "model.safetensors"), metadata={"format": "pt"})
 
 
 def _old_name(working: Path) -> Path:
@@ -177,9 +191,18 @@ def load_text_encoders(working: Path, family: ModelFamily, index: dict[str, Any]
         if cls is None and not spec.optional:
             raise ModelError(f"{working} lacks the text encoder {spec.folder} its model family needs; create the "
                              "model again from its checkpoint.")
-        encoders.append(None if cls is None else getattr(transformers, cls).from_pretrained(
-            str(working / spec.folder), torch_dtype=dtypes[spec.folder], local_files_only=True))
+        encoders.append(None if cls is None else without_fp8(getattr(transformers, cls).from_pretrained(
+            str(working / spec.folder), torch_dtype=dtypes[spec.folder], local_files_only=True), dtypes[spec.folder]))
     return encoders
+
+
+def without_fp8(encoder: Any, dtype: torch.dtype) -> Any:
+    """`encoder` with weights stored in fp8 cast to `dtype`: transformers 4.4x-4.5x keep a checkpoint's fp8
+    tensors as they are whatever torch_dtype says (for its fp8 quantizers), and T5 cannot run on them."""
+    for param in encoder.parameters():
+        if param.dtype in FP8_DTYPES:
+            param.data = param.data.to(dtype)
+    return encoder
 
 
 def load_tokenizers(working: Path, family: ModelFamily, encoders: list[Any]) -> list[Any]:

@@ -100,6 +100,12 @@ def full_precision(tensors: dict[str, torch.Tensor], source: str) -> dict[str, t
     return upcast_fp8(dequantize_4bit(tensors, source))
 
 
+def plain_fp8(tensors: Mapping[str, torch.Tensor]) -> bool:
+    """fp8-stored weights without ComfyUI's scales: usable as stored (a cast is all a reader needs)."""
+    scaled = any(key == "scaled_fp8" or key.endswith((".scale_weight", ".scale_input")) for key in tensors)
+    return not scaled and any(value.dtype in FP8_DTYPES for value in tensors.values())
+
+
 # --- parts of a file ----------------------------------------------------------------------------------------
 
 def _role_of_bare(keys: Iterable[str]) -> str | None:

@@ -21,13 +21,18 @@ from .loading import CONFIGS_METADATA_KEY, read_safetensors
 from .tokenizer import load_t5_tokenizer, missing_t5_tokenizer, t5_search_dirs
 
 
-def read_parts(files: flux_files.FluxFiles) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, Any]]:
-    """(role -> its weights in full-precision dtypes, configs embedded in our own files), each file read once."""
+def read_parts(files: flux_files.FluxFiles, keep_fp8: tuple[str, ...] = ()
+               ) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, Any]]:
+    """(role -> its weights in full-precision dtypes, configs embedded in our own files), each file read once.
+    A file holding only roles in `keep_fp8`, stored in plain fp8, keeps its fp8 weights."""
     parts: dict[str, dict[str, torch.Tensor]] = {}
     embedded: dict[str, Any] = {}
     for path in dict.fromkeys(files.parts.values()):
         tensors, metadata = read_safetensors(path)
-        roles = flux_files.split_roles(flux_files.full_precision(tensors, str(path)), str(path))
+        held = {role for role, where in files.parts.items() if where == path}
+        if not (held <= set(keep_fp8) and flux_files.plain_fp8(tensors)):
+            tensors = flux_files.full_precision(tensors, str(path))
+        roles = flux_files.split_roles(tensors, str(path))
         parts.update({role: state for role, state in roles.items() if files.parts.get(role) == path})
         if CONFIGS_METADATA_KEY in metadata:
             embedded.update(json.loads(metadata[CONFIGS_METADATA_KEY]))
@@ -95,11 +100,13 @@ def t5_tokenizer(source: Path, family: Any) -> Any:
 
 
 def load_flux_file(source: str | Path, models_dir: Path | None = None, family: str | None = None,
-                   chosen: Mapping[str, Path] | None = None) -> Components:
-    """Components of the Flux model whose transformer (or all-in-one) file is `source`."""
+                   chosen: Mapping[str, Path] | None = None, stored_t5: bool = False) -> Components:
+    """Components of the Flux model whose transformer (or all-in-one) file is `source`. With `stored_t5`, a
+    T5-XXL file in plain fp8 stays fp8 (a created model's copy: 4.8 GB, not 9.5 GB in bf16; T5 never trains
+    and training loads it in its compute dtype)."""
     source = Path(source)
     files = flux_files.find_flux_files(source, models_dir, chosen)
-    parts, embedded = read_parts(files)
+    parts, embedded = read_parts(files, keep_fp8=("t5xxl",) if stored_t5 else ())
     denoiser = transformer(parts["transformer"], embedded.get("transformer"), files.parts["transformer"])
     unit = get_family("flux-dev" if denoiser.config.guidance_embeds else "flux-schnell")
     if family is not None and family != unit.name:

@@ -289,7 +289,7 @@ def load_checkpoint(path: str | Path, family: str | None = None, prediction_type
     if path.suffix.lower() == ".safetensors" and "transformer" in flux_file_roles(path):
         from .flux_loading import load_flux_file
 
-        return load_flux_file(path, models_dir, family)
+        return load_flux_file(path, models_dir, family, stored_t5=dtype is None)
     state, metadata = read_checkpoint(path)
     dtype = stored_dtype(state) if dtype is None else dtype
     family, prediction = resolve_family(path, state, metadata, family, prediction_type)

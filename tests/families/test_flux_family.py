@@ -179,6 +179,32 @@ def test_transformer_file_takes_its_parts_from_the_host_folders(tmp_path: Path) 
     assert all(torch.equal(value, clip[key]) for key, value in loaded.text_encoders[0].state_dict().items())
 
 
+@pytest.mark.skipif(not hasattr(torch, "float8_e4m3fn"), reason="this torch has no float8_e4m3fn")
+def test_fp8_t5_file_stays_fp8_in_the_created_model(tmp_path: Path) -> None:
+    """A t5xxl_fp8_e4m3fn file is copied into the working folder as fp8 (half of bf16's disk and memory; a
+    released T5-XXL is 4.8 GB so), and loads back in the asked dtype with the file's values."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    components = tiny("flux-dev")
+    state = checkpoint_state_dict(components)
+    layout = Layout.under(tmp_path / "models").ensure()
+    (layout.models_dir / "text_encoder").mkdir()
+    prefix = "text_encoders.t5xxl.transformer."
+    t5_file = {key[len(prefix):]: value.to(torch.float8_e4m3fn) for key, value in state.items()
+               if key.startswith(prefix)}
+    save_file(t5_file, str(layout.models_dir / "text_encoder" / "t5xxl_fp8_e4m3fn.safetensors"))
+    others = {key: value for key, value in state.items() if not key.startswith(prefix)}
+    source = with_t5_tokenizer(layout.checkpoints_dir) / "flux1-dev.safetensors"
+    save_file(others, str(source), metadata={CONFIGS_METADATA_KEY: json.dumps(tiny_configs("flux-dev"))})
+    model = create_model(ModelStore(layout), "mine", source)
+    with safe_open(str(model.working / "text_encoder_2" / "model.safetensors"), "pt") as stored:
+        assert {stored.get_slice(key).get_dtype() for key in stored.keys()} == {"F8_E4M3"}
+    loaded = load_components(model.working, torch.bfloat16).text_encoders[1].state_dict()
+    assert {value.dtype for value in loaded.values()} <= {torch.bfloat16, torch.float32}  # T5 may keep `wo` in fp32
+    assert all(torch.equal(loaded[key].float(), value.float()) for key, value in t5_file.items())
+
+
 @pytest.mark.parametrize("name", VARIANTS)
 def test_working_folder_without_family_file_is_detected(name: str, tmp_path: Path) -> None:
     working = save_components(tiny(name), tmp_path / "working")
