@@ -153,6 +153,15 @@ def embedded_configs(metadata: Mapping[str, str]) -> dict[str, dict[str, Any]] |
     return json.loads(raw) if raw else None
 
 
+def file_configs(unit: ModelFamily, state: Mapping[str, torch.Tensor],
+                 metadata: Mapping[str, str]) -> dict[str, dict[str, Any]]:
+    """A single file's component configs: those it embeds (a model of its own size), the family's for the parts
+    it embeds none for: an export without SD3's optional T5 has no T5 config, yet a separate T5 file is looked for
+    by that config's width."""
+    embedded = embedded_configs(metadata)
+    return {**unit.configs_for(state), **embedded} if embedded else unit.configs_for(state)
+
+
 def write_config_dir(configs: Mapping[str, Mapping[str, Any]], folder: Path) -> Path:
     for name, config in configs.items():
         write_json(folder / name / "config.json", dict(config))
@@ -283,7 +292,7 @@ def load_checkpoint(path: str | Path, family: str | None = None, prediction_type
     dtype = stored_dtype(state) if dtype is None else dtype
     family, prediction = resolve_family(path, state, metadata, family, prediction_type)
     unit = get_family(family)
-    configs = embedded_configs(metadata) or unit.configs_for(state)
+    configs = file_configs(unit, state, metadata)
     rescaled = zero_terminal_snr_of(unit, state, metadata)
     state = with_ema_unet(state, family, configs[unit.denoiser_folder], path)
     state = with_separate_text_encoders(state, unit, configs, text_encoder_folders(path, models_dir),
