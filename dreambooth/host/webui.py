@@ -305,7 +305,13 @@ class WebuiHost:
 
     # --- lists ------------------------------------------------------------------------------------
     def refresh_checkpoints(self) -> None:
+        """The host's checkpoint list read again, its selected checkpoint kept: A1111's list_models selects the
+        --ckpt file again, so the next render would silently use another model."""
+        opts = getattr(self.module("shared"), "opts", None)
+        selected = getattr(opts, "sd_model_checkpoint", None)
         self.need(self.module("sd_models"), "list_models")()
+        if selected and getattr(opts, "sd_model_checkpoint", None) != selected:
+            opts.sd_model_checkpoint = selected
 
     def list_checkpoints(self) -> list[Path]:
         sd_models = self.module("sd_models")

@@ -97,6 +97,17 @@ def test_refresh_calls_list_models_and_lora_networks(webui):
     assert "list_models" in names(webui.sd_models.calls) and webui.networks.refreshed == [True]
 
 
+def test_refresh_keeps_the_selected_checkpoint(webui, monkeypatch):
+    """A1111's list_models selects the --ckpt file again; our refresh after a run must not switch the user's
+    model (found in a real A1111 1.10.1 started with --ckpt: the render after an SD3 run came from that SD1.5)."""
+    start = webui.models / "Stable-diffusion" / "base.safetensors"
+    monkeypatch.setattr(webui.shared.cmd_opts, "ckpt", str(start), raising=False)
+    monkeypatch.setattr(webui.shared.opts, "sd_model_checkpoint", "other.ckpt [abc]")
+    WebuiHost().refresh_checkpoints()
+    assert webui.shared.opts.sd_model_checkpoint == "other.ckpt [abc]"
+    assert "list_models" in names(webui.sd_models.calls)
+
+
 def test_api_credentials_from_api_auth(webui):
     webui.shared.cmd_opts.api_auth = "u:p"
     assert WebuiHost().api_credentials() == {"u": "p"}

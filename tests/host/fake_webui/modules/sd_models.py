@@ -46,6 +46,9 @@ def list_models():
                 if name.endswith((".safetensors", ".ckpt")):
                     info = CheckpointInfo(os.path.join(root, name))
                     checkpoints_list[info.title] = info
+    ckpt = getattr(shared.cmd_opts, "ckpt", None)
+    if ckpt and os.path.exists(ckpt):  # as A1111 1.10: every refresh selects the --ckpt file again
+        shared.opts.sd_model_checkpoint = CheckpointInfo(ckpt).title
 
 
 def send_model_to_trash(m):
