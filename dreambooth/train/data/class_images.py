@@ -153,7 +153,9 @@ def generate_class_images(config: TrainingConfig, class_root: Path, host: ImageG
                                         job.size[0], job.size[1], len(run), len(run), checkpoint, model_dir)
             # A host may return fewer images than asked (e.g. interrupted mid-batch): save those.
             for image, seed in zip(host.generate(request), run, strict=False):
-                save_png(_as_pil(image), job.folder / names[seed], _parameters(job, seed))
+                picture = _as_pil(image)
+                _refuse_black(picture, job, seed, host)
+                save_png(picture, job.folder / names[seed], _parameters(job, seed))
                 written += 1
                 if on_progress:
                     on_progress(written, total)
@@ -167,6 +169,17 @@ def _as_pil(image: Any) -> Image.Image:
         return Image.fromarray(image)
     raise DataError(f"The host returned a {type(image).__name__} instead of an image while generating class "
                     "images; update the extension or the web UI.")
+
+
+def _refuse_black(picture: Image.Image, job: ClassImageJob, seed: int, host: ImageGenerator) -> None:
+    """An all-black picture is a failed render (a model that computed NaN, e.g. a half-precision VAE overflowing,
+    comes out black in A1111 and Forge); trained on as a class image it would teach the class to be black."""
+    if any(high > 0 for _, high in picture.convert("RGB").getextrema()):
+        return
+    raise DataError(f"The host ({getattr(host, 'name', 'web UI')}) rendered an all-black picture for the class "
+                    f"prompt {job.prompt!r} (seed {seed}): its model failed to render (NaN, e.g. a half-precision "
+                    "VAE). Make a txt2img with that model work there (A1111/Forge: --no-half-vae or full "
+                    "precision), then generate the class images again; none of the black ones was kept.")
 
 
 def _parameters(job: ClassImageJob, seed: int) -> str:

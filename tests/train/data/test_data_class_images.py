@@ -30,7 +30,7 @@ class FakeHost(NullHostMixin):
 
     def generate(self, request: GenerationRequest) -> list[Any]:
         self.requests.append(request)
-        return [Image.new("RGB", (request.width, request.height), (request.seed + i, 0, 0))
+        return [Image.new("RGB", (request.width, request.height), (request.seed + i + 1, 0, 0))
                 for i in range(request.count)]
 
     def interrupted(self) -> bool:
@@ -78,7 +78,7 @@ def test_generate_writes_missing_images_and_rerun_reuses_them(setup) -> None:
     files = sorted(folder.glob("*.png"))
     assert len(files) == 5 and not list(folder.glob("*.tmp"))
     colours = {Image.open(f).getpixel((0, 0))[0] for f in files}
-    assert colours == {0, 1, 2, 3, 4}                          # seeds 0..4, one file each
+    assert colours == {1, 2, 3, 4, 5}                          # seeds 0..4, one file each
     assert "Seed: " in Image.open(files[0]).info["parameters"]
     mtimes = {f: f.stat().st_mtime_ns for f in files}
     assert generate_class_images(config, root, FakeHost(root)) == 0
@@ -143,3 +143,27 @@ def test_explicit_class_folder_is_created(tmp_path: Path, make_image, config_for
 def test_consecutive_runs() -> None:
     assert consecutive_runs([0, 1, 2, 5, 6, 9], 2) == [[0, 1], [2], [5, 6], [9]]
     assert consecutive_runs([], 4) == []
+
+
+class BlackFromSeed(FakeHost):
+    """Renders black (a model computing NaN) from `seed` on."""
+
+    def __init__(self, root: Path, seed: int) -> None:
+        super().__init__(root)
+        self.black_from = seed
+
+    def generate(self, request: GenerationRequest) -> list[Any]:
+        pictures = super().generate(request)
+        return [Image.new("RGB", picture.size) if request.seed + i >= self.black_from else picture
+                for i, picture in enumerate(pictures)]
+
+
+def test_an_all_black_render_stops_the_class_images_and_is_not_kept(setup) -> None:
+    config, root = setup
+    with pytest.raises(DataError, match=r"all-black picture for the class prompt 'photo of a dog' \(seed 3\)"):
+        generate_class_images(config, root, BlackFromSeed(root, 3), batch_size=2)
+    [folder] = [p for p in root.iterdir() if p.is_dir()]
+    assert sorted(f.name.rsplit("-", 1)[1] for f in folder.glob("*.png")) == ["0.png", "1.png", "2.png"]
+    # A dark but not black picture is a picture.
+    dark = FakeHost(root)
+    assert generate_class_images(config, root, dark) == 2
