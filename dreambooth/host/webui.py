@@ -55,6 +55,10 @@ NETWORKS_MODULES = {A1111: ("networks",), FORGE: ("networks", "modules_forge.lor
 SDNEXT_SLOTS = (("model", "sd_model"), ("refiner", "sd_refiner"))  # unload/reload op, model_data attribute
 PROGRESS_RESOLUTION = 1000
 SCHEDULER = "Automatic"  # the sampler's own schedule, a choice in A1111 >= 1.9 and Forge
+# Forge (dfdcbab) builds the "Automatic" (and "Uniform") schedule of a flow-matching model from t = 999..0 through
+# its SD3 predictor, which gives sigma 0 at t = 0 before the closing 0: Euler's last step divides 0 by 0 and every
+# SD3 render is NaN, black. "Simple" (Forge's default for Flux) ends at one zero.
+FLOW_SCHEDULER = "Simple"
 SETTINGS_SECTION = ("dreambooth", "DreamBooth training")
 # Host-wide defaults shown in the web UI's Settings: (key, default, label, choices or None).
 SETTINGS: tuple[tuple[str, str, str, tuple[str, ...] | None], ...] = (
@@ -220,6 +224,24 @@ def sdnext_credentials(auth: str | None, auth_file: str | None) -> dict[str, str
             raise ConfigError(f"--auth-file {auth_file} cannot be read ({error}).") from None
         credentials.update(parse_api_auth(text, "--auth-file") or {})
     return credentials or None
+
+
+def is_flow_checkpoint(path: Path | None) -> bool:
+    """Whether a checkpoint file is a flow-matching model (SD3, Flux), from its header; False when unreadable."""
+    from safetensors import SafetensorError, safe_open
+
+    from ..families import architecture_of
+    from ..models.flux_files import file_roles
+
+    if path is None or path.suffix.lower() != ".safetensors" or not path.is_file():
+        return False
+    try:
+        if "transformer" in file_roles(path):
+            return True
+        with safe_open(str(path), framework="pt") as handle:
+            return architecture_of(list(handle.keys())).prediction_type == "flow_matching"
+    except (OSError, SafetensorError, DreamboothError):
+        return False
 
 
 class WebuiHost:
@@ -399,14 +421,18 @@ class WebuiHost:
                          f"{self.layout.checkpoints_dir} and press the refresh button.")
 
     @staticmethod
-    def _scheduler_option(txt2img: Any) -> dict[str, str]:
-        """scheduler='Automatic' where the host has the field (A1111 >= 1.9, Forge): without it Forge logs a
+    def _scheduler_option(txt2img: Any, scheduler: str = SCHEDULER) -> dict[str, str]:
+        """scheduler= where the host has the field (A1111 >= 1.9, Forge): without it Forge logs a
         'Sampler Scheduler autocorrection' warning for every image."""
         try:
             parameters = inspect.signature(txt2img).parameters
         except (TypeError, ValueError):
             return {}
-        return {"scheduler": SCHEDULER} if "scheduler" in parameters else {}
+        return {"scheduler": scheduler} if "scheduler" in parameters else {}
+
+    def _scheduler(self, checkpoint: Path | None) -> str:
+        """'Simple' for an SD3 or Flux checkpoint in Forge (see FLOW_SCHEDULER), else 'Automatic'."""
+        return FLOW_SCHEDULER if self.flavour == FORGE and is_flow_checkpoint(checkpoint) else SCHEDULER
 
     def generate(self, request: GenerationRequest) -> list[Any]:
         """Render through the host's txt2img; the caller holds gpu_lock (never taken here)."""
@@ -431,7 +457,8 @@ class WebuiHost:
             sampler_name=self.sampler_name, batch_size=size, n_iter=1, steps=request.steps,
             cfg_scale=request.cfg_scale, width=request.width, height=request.height, seed=seed,
             do_not_save_samples=True, do_not_save_grid=True, override_settings=dict(overrides),
-            override_settings_restore_afterwards=True, **self._scheduler_option(txt2img))
+            override_settings_restore_afterwards=True,
+            **self._scheduler_option(txt2img, self._scheduler(request.checkpoint)))
         try:
             processed = self.need(processing, "process_images")(p)
         finally:

@@ -467,3 +467,34 @@ def test_torch_swaps_sees_a1111_initialize_on_meta(monkeypatch):
     monkeypatch.setattr(torch.nn.Linear, "__init__", lambda *args, **kwargs: original_init(*args, **kwargs))
     monkeypatch.setattr(torch.nn.Module, "to", lambda *args, **kwargs: None)
     assert torch_swaps() == ["torch.nn.Module.to", "torch.nn.Linear.__init__"]
+
+
+def test_forge_renders_flow_models_with_the_simple_schedule(forge, tmp_path, monkeypatch):
+    """Forge's 'Automatic' schedule makes every SD3 render NaN (a 0 -> 0 last step); 'Simple' is asked there."""
+    from dreambooth.host import webui as webui_module
+
+    monkeypatch.setattr(webui_module, "is_flow_checkpoint", lambda path: path is not None)
+    checkpoint = forge.models / "Stable-diffusion" / "base.safetensors"
+    WebuiHost().generate(GenerationRequest("x", count=1, checkpoint=checkpoint))
+    assert forge.processing.created[-1].kwargs["scheduler"] == "Simple"
+    WebuiHost().generate(GenerationRequest("x", count=1))  # the host's own model: nothing known, its default
+    assert forge.processing.created[-1].kwargs["scheduler"] == "Automatic"
+
+
+def test_a1111_keeps_the_automatic_schedule_for_flow_models(webui, monkeypatch):
+    from dreambooth.host import webui as webui_module
+
+    monkeypatch.setattr(webui_module, "is_flow_checkpoint", lambda path: True)
+    assert WebuiHost()._scheduler(Path("sd3.safetensors")) == "Automatic"
+
+
+def test_flow_checkpoints_are_told_from_their_header(tmp_path):
+    from dreambooth.host.webui import is_flow_checkpoint
+    from dreambooth.models.export import export_checkpoint
+    from dreambooth.models.tiny import tiny_components
+
+    sd3 = export_checkpoint(tiny_components("sd3", optional_encoders=False), tmp_path / "sd3.safetensors")
+    sd1 = export_checkpoint(tiny_components("sd1"), tmp_path / "sd1.safetensors")
+    (tmp_path / "broken.safetensors").write_bytes(b"not a file")
+    assert is_flow_checkpoint(sd3) and not is_flow_checkpoint(sd1)
+    assert not is_flow_checkpoint(tmp_path / "broken.safetensors") and not is_flow_checkpoint(None)
