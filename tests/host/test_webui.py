@@ -488,13 +488,26 @@ def test_a1111_keeps_the_automatic_schedule_for_flow_models(webui, monkeypatch):
     assert WebuiHost()._scheduler(Path("sd3.safetensors")) == "Automatic"
 
 
+def _header_only_file(path: Path, family: str) -> Path:
+    """A single file with one tiny tensor under each prefix a checkpoint of `family` has (UNet/VAE, encoders)."""
+    from safetensors.torch import save_file
+
+    from dreambooth.families import get_family
+    from dreambooth.families.tables import UNET_PREFIX
+
+    prefixes = [UNET_PREFIX, "first_stage_model.", *(spec.ldm_prefix for spec in get_family(family).text_encoders
+                                                        if not spec.optional)]
+    if family == "sd3":
+        prefixes.append(f"{UNET_PREFIX}joint_blocks.0.")  # SD3's MMDiT is told from SDXL by its joint blocks
+    save_file({f"{prefix}x.weight": torch.zeros(1) for prefix in prefixes}, str(path))
+    return path
+
+
 def test_flow_checkpoints_are_told_from_their_header(tmp_path):
     from dreambooth.host.webui import is_flow_checkpoint
-    from dreambooth.models.export import export_checkpoint
-    from dreambooth.models.tiny import tiny_components
 
-    sd3 = export_checkpoint(tiny_components("sd3", optional_encoders=False), tmp_path / "sd3.safetensors")
-    sd1 = export_checkpoint(tiny_components("sd1"), tmp_path / "sd1.safetensors")
+    sd3 = _header_only_file(tmp_path / "sd3.safetensors", "sd3")
+    sd1 = _header_only_file(tmp_path / "sd1.safetensors", "sd1")
     (tmp_path / "broken.safetensors").write_bytes(b"not a file")
     assert is_flow_checkpoint(sd3) and not is_flow_checkpoint(sd1)
     assert not is_flow_checkpoint(tmp_path / "broken.safetensors") and not is_flow_checkpoint(None)
