@@ -71,6 +71,14 @@ def _has_prefix(keys: Collection[str], prefix: str) -> bool:
     return any(key.startswith(prefix) for key in keys)
 
 
+def transformer_family_of(keys: Iterable[str]) -> str | None:
+    """The transformer family (SD3, Flux dev/schnell) whose weights a single file's keys hold, else None; also
+    for files of the transformer alone (Forge's Flux files)."""
+    keys = list(keys)
+    found = [family for family in all_families() if family.denoiser_folder != "unet" and family.matches_keys(keys)]
+    return found[0].name if found else None
+
+
 def architecture_of(keys: Iterable[str]) -> ModelFamily:
     """The base family whose text encoders a single file holds (the one with most encoders wins)."""
     keys = list(keys)

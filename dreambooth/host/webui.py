@@ -230,17 +230,14 @@ def is_flow_checkpoint(path: Path | None) -> bool:
     """Whether a checkpoint file is a flow-matching model (SD3, Flux), from its header; False when unreadable."""
     from safetensors import SafetensorError, safe_open
 
-    from ..families import architecture_of
-    from ..models.flux_files import file_roles
+    from ..families import transformer_family_of
 
     if path is None or path.suffix.lower() != ".safetensors" or not path.is_file():
         return False
     try:
-        if "transformer" in file_roles(path):
-            return True
         with safe_open(str(path), framework="pt") as handle:
-            return architecture_of(list(handle.keys())).prediction_type == "flow_matching"
-    except (OSError, SafetensorError, DreamboothError):
+            return transformer_family_of(handle.keys()) is not None
+    except (OSError, SafetensorError):
         return False
 
 

@@ -22,7 +22,7 @@ import torch
 
 from ..atomic import free_bytes
 from ..errors import ModelError
-from ..families import all_families, get_family
+from ..families import get_family, transformer_family_of
 from ..families.base import ModelFamily
 from ..models.export import PRECISIONS
 from .merge import Weighted, host_change
@@ -48,13 +48,6 @@ Changes = dict[str, list[tuple[LoraModule, float]]]  # file key -> the LoRA laye
 
 # --- families ---------------------------------------------------------------------------------------------------
 
-def file_family(keys: Iterable[str]) -> str | None:
-    """The family merged in the file's own layout (SD3, Flux dev/schnell) whose weights a file holds, else None."""
-    keys = list(keys)
-    found = [family for family in all_families() if family.denoiser_folder != "unet" and family.matches_keys(keys)]
-    return found[0].name if found else None
-
-
 def lora_family(path: Path) -> str | None:
     """The family a LoRA file was made for, from its header alone (None when it does not tell; the LoRA reader
     reports a file that is not .safetensors)."""
@@ -68,7 +61,7 @@ def merges_in_file(checkpoint: Path, loras: Sequence[Path]) -> bool:
     """Whether this merge is done on the file: the checkpoint or a LoRA is of a family merged that way."""
     families = [lora_family(path) for path in loras]
     if checkpoint.suffix.lower() == ".safetensors" and checkpoint.is_file():
-        families.append(file_family(tensor.key for tensor in read_header(checkpoint)[0]))
+        families.append(transformer_family_of(tensor.key for tensor in read_header(checkpoint)[0]))
     return any(name is not None and get_family(name).denoiser_folder != "unet" for name in families)
 
 
@@ -199,7 +192,7 @@ def merge_into_file(source: Path, loras: Weighted, target: Path, precision: str,
     output_dtype), with the source's metadata plus `metadata`; returns the number of weights changed."""
     tensors, own_metadata = read_header(source)
     check_stored(tensors, source)
-    unit = _check_families(file_family(tensor.key for tensor in tensors), loras, source)
+    unit = _check_families(transformer_family_of(tensor.key for tensor in tensors), loras, source)
     changes = plan_changes(tensors, loras, unit, source)
     dtype = PRECISIONS[precision]
     written = [FileTensor(tensor.key, output_dtype(tensor, dtype), tensor.shape) for tensor in tensors]
